@@ -1,0 +1,63 @@
+"""Which implementation runs a call: ``"torch"`` or ``"triton"``, and why."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_warned_reasons: set[str] = set()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_unsupported_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``x``, or None when they can."""
+    if not _triton_importable():
+        return "triton is not installed (pip install triton; Linux only)"
+    if x.device.type != "cuda" and not interpreting():
+        return (f"x is on {x.device.type}; the Triton kernels need a CUDA tensor "
+                f"(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
+    if x.dtype == torch.float64:
+        return "float64 has no Triton kernels here (float32, float16 and bfloat16 do)"
+    if x.dtype == torch.bfloat16 and interpreting():
+        return "Triton's interpreter has no bfloat16 arithmetic"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (7, 5):
+        return f"{torch.cuda.get_device_name(x.device)} is older than Turing (compute capability 7.5)"
+    return None
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, x: torch.Tensor) -> str:
+    """The backend that runs ``x``: explicit choices are honoured or refused, ``"auto"`` falls back."""
+    if backend == "torch":
+        return "torch"
+    reason = triton_unsupported_reason(x)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run this input: {reason}")
+        return "triton"
+    if reason is None and x.device.type == "cuda":
+        return "triton"
+    reason = reason or "CPU tensors run on the torch path unless backend='triton' is asked for"
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=3)
+    return "torch"

@@ -1,0 +1,76 @@
+"""BatchNorm bookkeeping shared by every path, mirroring ``nn.BatchNorm2d.forward`` exactly.
+
+The fast paths compute batch statistics inside kernels; these helpers make sure the
+module's buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) then move
+exactly as ``nn.BatchNorm2d`` would move them, ``momentum=None`` (cumulative average)
+included.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """True when ``bn`` normalises with the statistics of the batch it sees."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def tracks_running_stats(bn: nn.BatchNorm2d) -> bool:
+    """True when a forward of ``bn`` would update its running statistics."""
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+def step_momentum(bn: nn.BatchNorm2d) -> float:
+    """Advance ``num_batches_tracked`` as ``nn.BatchNorm2d`` does; return the averaging factor."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool = True) -> torch.Tensor:
+    """``bn`` applied to a (B, C, L) tensor, as ``bn(z.unsqueeze(-1)).squeeze(-1)`` would.
+
+    With ``update_running_stats=False`` a train-mode call normalises with batch statistics
+    but leaves every buffer alone (used when backward recomputes the forward).
+    """
+    batch_stats = uses_batch_stats(bn)
+    update = update_running_stats and tracks_running_stats(bn)
+    factor = step_momentum(bn) if update else 0.0
+    keep_running = update or not batch_stats
+    return F.batch_norm(
+        z,
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        bn.weight, bn.bias, batch_stats, factor, bn.eps,
+    )
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """Fold one batch's ``mean`` and biased ``var`` (over ``count`` values) into ``bn``'s buffers."""
+    if not tracks_running_stats(bn):
+        return
+    factor = step_momentum(bn)
+    unbiased = var * (count / (count - 1))
+    bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def check_batch_size(count: int, shape) -> None:
+    """Raise the error ``F.batch_norm`` raises when a channel sees a single value in training."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+
+
+def scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor):
+    """Per-channel (scale, shift) in float32 with bn(z) == z * scale + shift."""
+    inv_std = torch.rsqrt(var.float() + bn.eps)
+    scale = inv_std if bn.weight is None else bn.weight.float() * inv_std
+    shift = -mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale.contiguous(), shift.contiguous()

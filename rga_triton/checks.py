@@ -1,0 +1,73 @@
+"""Argument checks with errors that name the argument, the expected and the actual value."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio):
+    """Check the constructor arguments; return (inter_channel, inter_spatial).
+
+    The authors' module crashes inside a conv when an embedding or a W network would
+    have zero channels; here that is a ValueError naming the ratio and the smallest size
+    that works.
+    """
+    for name, value in (("in_channel", in_channel), ("in_spatial", in_spatial), ("cha_ratio", cha_ratio),
+                        ("spa_ratio", spa_ratio), ("down_ratio", down_ratio)):
+        positive_int(name, value)
+    for name, value in (("use_spatial", use_spatial), ("use_channel", use_channel)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    if not (use_spatial or use_channel):
+        raise ValueError("use_spatial and use_channel are both False: the block would compute nothing "
+                         "(the authors' module returns None); enable at least one branch")
+    inter_channel, inter_spatial = in_channel // cha_ratio, in_spatial // spa_ratio
+    if inter_channel < 1:
+        raise ValueError(f"in_channel // cha_ratio must be >= 1 (in_channel >= cha_ratio = {cha_ratio}), "
+                         f"got in_channel={in_channel}, cha_ratio={cha_ratio}")
+    if inter_spatial < 1:
+        raise ValueError(f"in_spatial // spa_ratio must be >= 1 (in_spatial >= spa_ratio = {spa_ratio}), "
+                         f"got in_spatial={in_spatial}, spa_ratio={spa_ratio}")
+    # The W networks have (1 + width) // down_ratio hidden channels.
+    for used, width, width_name, size_name, ratio_name, ratio in (
+        (use_spatial, inter_spatial, "in_spatial // spa_ratio", "in_spatial", "spa_ratio", spa_ratio),
+        (use_channel, inter_channel, "in_channel // cha_ratio", "in_channel", "cha_ratio", cha_ratio),
+    ):
+        if used and (1 + width) // down_ratio < 1:
+            raise ValueError(
+                f"down_ratio={down_ratio} leaves the W network with (1 + {width_name}) // down_ratio = 0 hidden "
+                f"channels: need {width_name} >= down_ratio - 1 = {down_ratio - 1} "
+                f"({size_name} >= {ratio * (down_ratio - 1)} at {ratio_name}={ratio}) or down_ratio <= {1 + width}")
+    return inter_channel, inter_spatial
+
+
+def input_tensor(x, in_channel: int, in_spatial: int, weight: torch.Tensor) -> None:
+    """Check x against the module: (B, in_channel, H, W), H*W == in_spatial, float, same device/dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor (one of float16, bfloat16, float32, float64), "
+                        f"got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, in_channel={in_channel}, H, W) with H*W == in_spatial={in_spatial}, "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channel:
+        raise ValueError(f"x.shape[1] must equal in_channel={in_channel}, got shape {tuple(x.shape)}")
+    if x.shape[2] * x.shape[3] != in_spatial:
+        raise ValueError(f"x's H*W must equal in_spatial={in_spatial}, got H*W = {x.shape[2]}*{x.shape[3]} = "
+                         f"{x.shape[2] * x.shape[3]} (shape {tuple(x.shape)})")
+    if x.device != weight.device:
+        raise ValueError(f"x is on device {x.device} but the module's parameters are on {weight.device}; "
+                         f"move one of them (module.to(x.device))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {x.dtype} but the module's parameters are {weight.dtype}; "
+                        f"cast one of them (module.to({x.dtype})) or run under torch.autocast")

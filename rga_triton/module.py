@@ -1,0 +1,88 @@
+"""``RGAModule``: the drop-in replacement for the authors' ``RGA_Module``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import backend as _backend
+from . import checks
+from .torch_path import Branch, rga_forward as torch_forward
+
+
+def _embed(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv (no bias) -> BatchNorm -> ReLU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+def _attention_net(width: int, down_ratio: int) -> nn.Sequential:
+    """conv -> BN -> ReLU -> conv to one channel -> BN."""
+    hidden = width // down_ratio
+    return nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                         nn.Conv2d(hidden, 1, 1, bias=False), nn.BatchNorm2d(1))
+
+
+class RGAModule(nn.Module):
+    """Relation-Aware Global Attention block (RGA-S, RGA-C or RGA-SC), exact and fast.
+
+    Same constructor arguments, submodules, parameters, buffers and state_dict keys as the
+    authors' ``RGA_Module``; same train/eval semantics (BatchNorm running statistics
+    included). ``backend`` picks the implementation: ``"torch"`` (reassociated PyTorch),
+    ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"auto"``
+    (Triton for CUDA tensors it takes, PyTorch otherwise, warning once per reason).
+
+    x: (B, in_channel, H, W) with H * W == in_spatial. Returns a tensor of x's shape.
+    """
+
+    def __init__(self, in_channel: int, in_spatial: int, use_spatial: bool = True, use_channel: bool = True,
+                 cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, backend: str = "auto"):
+        super().__init__()
+        self.inter_channel, self.inter_spatial = checks.block_sizes(
+            in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
+        self.in_channel, self.in_spatial = in_channel, in_spatial
+        self.use_spatial, self.use_channel = use_spatial, use_channel
+        self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
+        self.backend = _backend.check_backend(backend)
+
+        # Registration order follows the authors' module so state_dict key order matches too.
+        if use_spatial:
+            self.gx_spatial = _embed(in_channel, self.inter_channel)
+        if use_channel:
+            self.gx_channel = _embed(in_spatial, self.inter_spatial)
+        if use_spatial:
+            self.gg_spatial = _embed(2 * in_spatial, self.inter_spatial)
+        if use_channel:
+            self.gg_channel = _embed(2 * in_channel, self.inter_channel)
+        if use_spatial:
+            self.W_spatial = _attention_net(1 + self.inter_spatial, down_ratio)
+        if use_channel:
+            self.W_channel = _attention_net(1 + self.inter_channel, down_ratio)
+        if use_spatial:
+            self.theta_spatial = _embed(in_channel, self.inter_channel)
+            self.phi_spatial = _embed(in_channel, self.inter_channel)
+        if use_channel:
+            self.theta_channel = _embed(in_spatial, self.inter_spatial)
+            self.phi_channel = _embed(in_spatial, self.inter_spatial)
+
+    def branch(self, name: str) -> Branch:
+        """The submodules of the ``"spatial"`` or ``"channel"`` branch."""
+        if name not in ("spatial", "channel"):
+            raise ValueError(f"name must be 'spatial' or 'channel', got {name!r}")
+        return Branch(*(getattr(self, f"{part}_{name}") for part in ("theta", "phi", "gx", "gg", "W")))
+
+    def extra_repr(self) -> str:
+        return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
+                f"use_channel={self.use_channel}, cha_ratio={self.cha_ratio}, spa_ratio={self.spa_ratio}, "
+                f"down_ratio={self.down_ratio}, backend={self.backend!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.backend = _backend.check_backend(self.backend)
+        first = self.branch("spatial" if self.use_spatial else "channel")
+        checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
+        if _backend.resolve(self.backend, x) == "triton":
+            from .triton_path import rga_forward as triton_forward
+            return triton_forward(self, x)
+        return torch_forward(self, x)
+
+
+RGA_Module = RGAModule

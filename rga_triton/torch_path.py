@@ -1,0 +1,76 @@
+"""The ``"torch"`` backend: RGA computed with the reassociated algebra, in plain PyTorch.
+
+Both branches share one shape of computation. A branch sees ``feats`` of shape
+(B, Cin, L): Cin channels over L positions (spatial: x as (B, C, N); channel: x read as
+(B, N, C)). With theta, phi in R^{K x L} the relation embedding's pre-activation is
+
+    Z = W_in G^T + W_out G = (W_in phi^T) theta + (W_out theta^T) phi,   G = theta^T phi,
+
+so no L x L tensor is ever formed, forward or backward (autograd differentiates the
+right-hand side). Every BatchNorm goes through :func:`rga_triton.batchnorm.batch_norm`,
+which behaves exactly as ``nn.BatchNorm2d``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .batchnorm import batch_norm
+
+
+class Branch(NamedTuple):
+    """The five submodules of one RGA branch (spatial or channel)."""
+
+    theta: nn.Sequential
+    phi: nn.Sequential
+    gx: nn.Sequential
+    gg: nn.Sequential
+    W: nn.Sequential
+
+
+def relation_inputs(branch: Branch, feats: torch.Tensor, update: bool = True):
+    """theta, phi (B, K, L) and the channel-mean of the gx embedding (B, 1, L)."""
+    weights = [branch.theta[0].weight, branch.phi[0].weight, branch.gx[0].weight]
+    k = weights[0].shape[0]
+    projected = torch.matmul(torch.cat(weights).flatten(1), feats)   # one read of feats
+    theta, phi, gx = (
+        F.relu(batch_norm(z, seq[1], update))
+        for z, seq in zip(projected.split(k, dim=1), (branch.theta, branch.phi, branch.gx))
+    )
+    return theta, phi, gx.mean(dim=1, keepdim=True)
+
+
+def relation_preactivation(gg_weight: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """Z = (W_in phi^T) theta + (W_out theta^T) phi, shape (B, R, L), without forming G."""
+    length = theta.shape[-1]
+    w = gg_weight.flatten(1)
+    w_in, w_out = w[:, :length], w[:, length:]
+    a = torch.cat([torch.matmul(w_in, phi.transpose(1, 2)), torch.matmul(w_out, theta.transpose(1, 2))], dim=2)
+    return torch.matmul(a, torch.cat([theta, phi], dim=1))
+
+
+def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torch.Tensor:
+    """Pre-sigmoid attention logit (B, L) of one branch for ``feats`` (B, Cin, L)."""
+    theta, phi, pooled = relation_inputs(branch, feats, update)
+    z = relation_preactivation(branch.gg[0].weight, theta, phi)
+    relation = F.relu(batch_norm(z, branch.gg[1], update))
+    conv1, bn1, _, conv2, bn2 = branch.W
+    y = torch.cat([pooled, relation], dim=1)
+    hidden = F.relu(batch_norm(torch.matmul(conv1.weight.flatten(1), y), bn1, update))
+    return batch_norm(torch.matmul(conv2.weight.flatten(1), hidden), bn2, update).squeeze(1)
+
+
+def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
+    """The RGA block's output for x (B, C, H, W): spatial gate, then channel gate on the result."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    if module.use_spatial:
+        spatial_gate = torch.sigmoid(gate_logit(module.branch("spatial"), flat, update))
+        flat = spatial_gate.unsqueeze(1) * flat
+    if module.use_channel:
+        channel_gate = torch.sigmoid(gate_logit(module.branch("channel"), flat.transpose(1, 2), update))
+        flat = channel_gate.unsqueeze(2) * flat
+    return flat.view(b, c, h, w)

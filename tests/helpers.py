@@ -1,0 +1,117 @@
+"""Shared test helpers: module pairs with identical parameters, the error metric, comparisons."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import rga_triton
+from reference import RGA_Module
+
+# DESIGN.md's contract: ||out - ref|| / ||ref|| against the float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+TOLERANCE_TF32 = 1e-4
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; inf if actual has a NaN/inf where expected is finite."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.equal(torch.isfinite(actual), torch.isfinite(expected)):
+        return float("inf")
+    finite = torch.isfinite(expected)
+    diff = (actual[finite] - expected[finite]).norm()
+    scale = expected[finite].norm()
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def randomize_batchnorm(module: torch.nn.Module, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Give every BatchNorm realistic but non-trivial running statistics and affine parameters.
+
+    Running statistics come from one train pass on ``x`` (momentum 1) and are then
+    perturbed, so eval-mode gates are neither saturated nor the batch statistics.
+    """
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=generator, dtype=bn.weight.dtype))
+            bn.bias.copy_(0.2 * torch.randn(bn.bias.shape, generator=generator, dtype=bn.bias.dtype))
+        momenta = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.momentum = 1.0
+        was_training = module.training
+        module.train()(x)
+        module.train(was_training)
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+            std = bn.running_var.sqrt()
+            bn.running_mean.add_(0.2 * std * torch.randn(std.shape, generator=generator, dtype=std.dtype))
+            bn.running_var.mul_(0.7 + 0.6 * torch.rand(std.shape, generator=generator, dtype=std.dtype))
+            bn.num_batches_tracked.fill_(int(torch.randint(0, 5, (1,), generator=generator)))
+
+
+def make_pair(c, h, w, batch=2, use_spatial=True, use_channel=True, cha_ratio=8, spa_ratio=8, down_ratio=8,
+              dtype=torch.float32, device="cpu", backend="torch", seed=0):
+    """(reference in float64 on the CPU, RGAModule in ``dtype`` on ``device``, x in float64) sharing parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    args = (c, h * w, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
+    ref = RGA_Module(*args).double()
+    x = torch.randn(batch, c, h, w, generator=gen, dtype=torch.float64)
+    randomize_batchnorm(ref, x, gen)
+    fast = rga_triton.RGAModule(*args, backend=backend).to(device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict(), strict=True)   # cast from float64 once, no float32 detour
+    return ref, fast, x
+
+
+def step(module, x, grad_out, dtype=None, device="cpu"):
+    """One forward + backward; returns (out, grad_x, {name: grad}) in float64 on the CPU."""
+    xin = x.to(device=device, dtype=dtype or x.dtype).detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(xin)
+    out.backward(grad_out.to(out))
+    grads = {n: p.grad.detach().double().cpu() for n, p in module.named_parameters()}
+    return out.detach().double().cpu(), xin.grad.detach().double().cpu(), grads
+
+
+def assert_close(actual, expected, tol, what):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1):
+    """Run ``steps`` forward/backward steps on both modules; compare everything after each.
+
+    Outputs, grad x and running statistics must meet ``tol``. A parameter gradient must
+    meet ``tol`` too, or, where it is a sum with heavy cancellation (the one-element
+    weight of the last BatchNorm, say), be no worse than 4x the error the reference
+    itself makes when run in ``dtype`` on the same inputs: no implementation in that
+    dtype can do better than its rounding allows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    low = copy.deepcopy(ref).to(dtype) if dtype != torch.float64 else None
+    for module in (ref, fast, low):
+        if module is not None:
+            module.train(train)
+    worst = 0.0
+    for _ in range(steps):
+        grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        r_out, r_gx, r_grads = step(ref, x, grad_out)
+        f_out, f_gx, f_grads = step(fast, x, grad_out, dtype=dtype, device=device)
+        l_grads = step(low, x, grad_out, dtype=dtype)[2] if low is not None else None
+        worst = max(worst, assert_close(f_out, r_out, tol, "output"))
+        worst = max(worst, assert_close(f_gx, r_gx, tol, "grad x"))
+        assert r_grads.keys() == f_grads.keys()
+        for name in r_grads:
+            err = rel_err(f_grads[name], r_grads[name])
+            floor = 4 * rel_err(l_grads[name], r_grads[name]) if l_grads is not None else 0.0
+            assert err <= max(tol, floor), (f"grad {name}: relative error {err:.3e} > {tol:.0e} "
+                                            f"(and > 4x the {dtype} reference's {floor / 4:.3e})")
+            worst = max(worst, min(err, tol))
+    r_state, f_state = ref.state_dict(), fast.state_dict()
+    for name, value in r_state.items():
+        if name.endswith("num_batches_tracked"):
+            assert int(f_state[name]) == int(value), f"{name}: {int(f_state[name])} != {int(value)}"
+        elif "running" in name:
+            worst = max(worst, assert_close(f_state[name], value, tol, name))
+    return worst

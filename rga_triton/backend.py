@@ -7,6 +7,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+ALGORITHMS = ("auto", "reassociated", "tiled")
 _warned_reasons: set[str] = set()
 
 
@@ -43,6 +44,12 @@ def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def check_algorithm(algorithm) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return algorithm
 
 
 def resolve(backend: str, x: torch.Tensor) -> str:

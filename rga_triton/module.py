@@ -30,12 +30,16 @@ class RGAModule(nn.Module):
     included). ``backend`` picks the implementation: ``"torch"`` (reassociated PyTorch),
     ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"auto"``
     (Triton for CUDA tensors it takes, PyTorch otherwise, warning once per reason).
+    ``algorithm`` picks the Triton path's exact algorithm: ``"reassociated"`` (Z from the
+    skinny products W_in phi^T, W_out theta^T; never forms G), ``"tiled"`` (G built block
+    by block on chip and fed straight into the relation embedding), or ``"auto"``.
 
     x: (B, in_channel, H, W) with H * W == in_spatial. Returns a tensor of x's shape.
     """
 
     def __init__(self, in_channel: int, in_spatial: int, use_spatial: bool = True, use_channel: bool = True,
-                 cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, backend: str = "auto"):
+                 cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, backend: str = "auto",
+                 algorithm: str = "auto"):
         super().__init__()
         self.inter_channel, self.inter_spatial = checks.block_sizes(
             in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
@@ -43,6 +47,7 @@ class RGAModule(nn.Module):
         self.use_spatial, self.use_channel = use_spatial, use_channel
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
         self.backend = _backend.check_backend(backend)
+        self.algorithm = _backend.check_algorithm(algorithm)
 
         # Registration order follows the authors' module so state_dict key order matches too.
         if use_spatial:
@@ -73,10 +78,11 @@ class RGAModule(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
                 f"use_channel={self.use_channel}, cha_ratio={self.cha_ratio}, spa_ratio={self.spa_ratio}, "
-                f"down_ratio={self.down_ratio}, backend={self.backend!r}")
+                f"down_ratio={self.down_ratio}, backend={self.backend!r}, algorithm={self.algorithm!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.backend = _backend.check_backend(self.backend)
+        self.algorithm = _backend.check_algorithm(self.algorithm)
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
         if _backend.resolve(self.backend, x) == "triton":

@@ -1,0 +1,171 @@
+"""Projection: one read of a branch's input yields its three 1x1-conv embeddings.
+
+A branch sees X (B, Cin, L), read through strides (spatial: x as (B, C, N); channel: x
+read transposed as (B, N, C), no copy), optionally scaled per input channel by a gate
+already computed (RGA-SC: the spatial gate applied where the channel branch reads x).
+W3 = [W_theta; W_phi; W_gx] is (3K, Cin). For each image:
+
+    P = W3 (X * in_gate)                                  (3K, L)
+    theta, phi = ReLU(P[:K] * scale + shift), ReLU(P[K:2K] * scale + shift)
+    gx_mean[l] = mean_k ReLU(P[2K + k, l] * scale + shift)
+
+BatchNorm enters as a per-row (scale, shift): folded running statistics in eval, batch
+statistics in train, which ``projection_stats`` measures first (Welford within a program,
+Chan's merge across programs, all in float32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .stats import welford_merge
+from .tuning import STAT_SPLIT, configs, dot_precision, n_splits
+
+
+@triton.jit
+def _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+                  stride_xb, stride_xc, stride_xl, stride_gb,
+                  HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_L: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[rows, l] = sum_c W3[rows, c] * X[b, c, l] * in_gate[b, c], float32 (BLOCK_ROWS, BLOCK_L)."""
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_L), dtype=tl.float32)
+    x_base = x_ptr + b * stride_xb
+    for c0 in range(0, Cin, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < Cin
+        w = tl.load(w_ptr + rows[:, None] * Cin + offs_c[None, :],
+                    mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+        xt = tl.load(x_base + offs_c[:, None] * stride_xc + offs_l[None, :] * stride_xl,
+                     mask=c_mask[:, None] & l_mask[None, :], other=0.0)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + b * stride_gb + offs_c, mask=c_mask, other=0.0)
+            xt = (xt.to(tl.float32) * g[:, None]).to(w.dtype)   # rounds as the reference's gated x does
+        acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(
+    configs=configs([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
+                     dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64)]),
+    key=["Cin", "L", "ROWS"],
+)
+@triton.jit
+def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_cols,
+                             stride_xb, stride_xc, stride_xl, stride_gb,
+                             HAS_GATE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """stats[:, rows, b * splits + s] = (mean, M2) of P[rows, l] over the positions of split s.
+
+    Grid: (splits, cdiv(ROWS, BLOCK_ROWS), B). stats: float32 (2, ROWS, n_cols).
+    """
+    pid_s = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < ROWS
+    mean = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    count = 0.0
+    end = tl.minimum(L, (pid_s + 1) * SPLIT)
+    for l0 in range(pid_s * SPLIT, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        l_mask = offs_l < end
+        acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+                            stride_xb, stride_xc, stride_xl, stride_gb,
+                            HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
+        mean, m2, count = welford_merge(acc, l_mask, mean, m2, count)
+    col = b * tl.num_programs(0) + pid_s
+    tl.store(stats_ptr + rows * n_cols + col, mean, mask=row_mask)
+    tl.store(stats_ptr + ROWS * n_cols + rows * n_cols + col, m2, mask=row_mask)
+
+
+@triton.autotune(
+    configs=configs([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
+                     dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
+                     dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)]),
+    key=["Cin", "L", "K"],
+)
+@triton.jit
+def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,
+                             stride_xb, stride_xc, stride_xl, stride_gb,
+                             HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """tp[b] = [theta; phi] (2K, L) in x's dtype and gx_mean[b] (L,) float32.
+
+    Grid: (cdiv(L, BLOCK_L), 2 * cdiv(K, BLOCK_K) + 1, B). The last program row of axis 1
+    reduces the gx section over all K channels (gx itself is never stored).
+    """
+    b = tl.program_id(2).to(tl.int64)
+    pid_r = tl.program_id(1)
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = offs_l < L
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    if pid_r < 2 * k_blocks:
+        section = pid_r // k_blocks
+        offs_k = (pid_r % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        rows = section * K + offs_k
+        acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
+                            stride_xb, stride_xc, stride_xl, stride_gb,
+                            HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
+        scale = tl.load(scale_ptr + rows, mask=k_mask, other=0.0)
+        shift = tl.load(shift_ptr + rows, mask=k_mask, other=0.0)
+        y = tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
+        tl.store(tp_ptr + b * 2 * K * L + rows[:, None] * L + offs_l[None, :], y.to(tp_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & l_mask[None, :])
+    else:
+        total = tl.zeros((BLOCK_L,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            rows = 2 * K + offs_k
+            acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
+                                stride_xb, stride_xc, stride_xl, stride_gb,
+                                HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
+            scale = tl.load(scale_ptr + rows, mask=k_mask, other=0.0)
+            shift = tl.load(shift_ptr + rows, mask=k_mask, other=0.0)
+            y = tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
+            total += tl.sum(tl.where(k_mask[:, None], y, 0.0), axis=0)
+        tl.store(gx_mean_ptr + b * L + offs_l, total / K, mask=l_mask)
+
+
+def _gate_args(in_gate: torch.Tensor | None, x: torch.Tensor):
+    if in_gate is None:
+        return x, 0, False          # dummy pointer, never read
+    return in_gate, in_gate.stride(0), True
+
+
+def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_gate: torch.Tensor | None = None):
+    """Per-split (mean, M2) of P = W3 (X * in_gate) for each of W3's rows: float32 (2, 3K, B * splits).
+
+    x: the tensor X is read from; shape, strides: X's (B, Cin, L) and its strides in x;
+    weight: (3K, Cin) contiguous in x's dtype; in_gate: float32 (B, Cin) or None.
+    """
+    batch, cin, length = shape
+    rows = weight.shape[0]
+    cols = batch * n_splits(length)
+    stats = torch.empty((2, rows, cols), device=x.device, dtype=torch.float32)
+    gate, stride_gb, has_gate = _gate_args(in_gate, x)
+    grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
+    _projection_stats_kernel[grid](x, gate, weight, stats, cin, length, rows, cols, *strides, stride_gb,
+                                   HAS_GATE=has_gate, SPLIT=STAT_SPLIT,
+                                   DOT_PRECISION=dot_precision(x.dtype, x.device))
+    return stats
+
+
+def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scale: torch.Tensor,
+                     shift: torch.Tensor, in_gate: torch.Tensor | None = None):
+    """theta and phi stacked, (B, 2K, L) in x's dtype, and gx's channel mean (B, L) float32.
+
+    scale, shift: float32 (3K,), the BatchNorm of each row of W3 as an affine map.
+    """
+    batch, cin, length = shape
+    k = weight.shape[0] // 3
+    tp = torch.empty((batch, 2 * k, length), device=x.device, dtype=x.dtype)
+    gx_mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
+    gate, stride_gb, has_gate = _gate_args(in_gate, x)
+    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
+    _projection_apply_kernel[grid](x, gate, weight, scale, shift, tp, gx_mean, cin, length, k, *strides, stride_gb,
+                                   HAS_GATE=has_gate, DOT_PRECISION=dot_precision(x.dtype, x.device))
+    return tp, gx_mean
+

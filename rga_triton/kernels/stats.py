@@ -1,0 +1,17 @@
+"""In-kernel statistics: a Welford/Chan merge of one tile into running (mean, M2, count)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def welford_merge(values, col_mask, mean, m2, count):
+    """Fold the valid columns of ``values`` (ROWS, COLS) into per-row (mean, M2) over ``count`` values."""
+    n_new = tl.sum(col_mask.to(tl.float32), axis=0)
+    tile_mean = tl.sum(tl.where(col_mask[None, :], values, 0.0), axis=1) / n_new
+    dev = tl.where(col_mask[None, :], values - tile_mean[:, None], 0.0)
+    tile_m2 = tl.sum(dev * dev, axis=1)
+    total = count + n_new
+    delta = tile_mean - mean
+    mean = mean + delta * (n_new / total)
+    m2 = m2 + tile_m2 + delta * delta * (count * n_new / total)
+    return mean, m2, total

@@ -1,0 +1,53 @@
+"""Autotune helpers shared by the kernels.
+
+Under Triton's interpreter (or with ``RGA_TRITON_PIN_CONFIG=1``) every kernel is pinned to
+the first config of its space, so CPU tests do not run each config through numpy.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..backend import interpreting
+
+STAT_SPLIT = 256
+"""Positions one statistics program reduces. Every BLOCK_L in a config space divides it, so
+the layout of partial statistics does not depend on which config autotune picks."""
+
+
+def pinned() -> bool:
+    return interpreting() or os.environ.get("RGA_TRITON_PIN_CONFIG", "0") not in ("", "0")
+
+
+def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
+    """The cross product of block-size dicts with num_warps and num_stages (first one only when pinned)."""
+    out = [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
+    return out[:1] if pinned() else out
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """'tf32' only for float32 on CUDA with TF32 matmuls allowed; IEEE float32 otherwise."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def n_splits(length: int) -> int:
+    return triton.cdiv(length, STAT_SPLIT)
+
+
+def combine_stats(partial: torch.Tensor, length: int, batch: int):
+    """Merge per-split (mean, M2) partials (2, rows, batch * n_splits) into batch (mean, biased var).
+
+    Chan et al.'s parallel formula: no sum of squares, so no cancellation.
+    """
+    splits = n_splits(length)
+    counts = torch.clamp(length - STAT_SPLIT * torch.arange(splits, device=partial.device), max=STAT_SPLIT)
+    counts = counts.to(torch.float64).repeat(batch)                   # (batch * splits,)
+    mean_i, m2_i = partial[0].double(), partial[1].double()
+    total = counts.sum()
+    mean = (mean_i * counts).sum(1) / total
+    m2 = m2_i.sum(1) + ((mean_i - mean[:, None]) ** 2 * counts).sum(1)
+    return mean.float(), (m2 / total).float()

@@ -1,0 +1,136 @@
+"""The ``"triton"`` backend: orchestration of the kernels for one RGA block, and its autograd wiring.
+
+Eval forward of RGA-SC reads x three times and writes the output once: the spatial
+projection reads x; the channel projection reads x scaled by the spatial gate on the fly
+(no gated copy); ``apply_gates`` reads x and writes x * spatial_gate * channel_gate. Train
+mode adds one statistics pass per projection, and recomputes Z from the small A and
+[theta; phi] for the statistics of the relation and hidden BatchNorms. Everything the
+kernels hand each other is O(K L + R K) per image, never O(L^2).
+
+Backward recomputes through the ``"torch"`` path (reassociated, exact) with the BatchNorm
+buffers left alone; the backward-kernel issue replaces it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batchnorm import check_batch_size, scale_shift, update_running_stats, uses_batch_stats
+from .kernels.gating import apply_gates
+from .kernels.projection import projection_apply, projection_stats
+from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
+                               z_stats)
+from .kernels.tuning import combine_stats
+from .torch_path import Branch, rga_forward as torch_forward
+
+def _normalizers(bns, measure, count: int, shape):
+    """Float32 (scale, shift) for the rows of ``bns`` (concatenated in order).
+
+    Batch statistics are measured once (``measure() -> (mean, biased var)``) if any of
+    them normalises with the batch; running statistics move as nn.BatchNorm2d moves them.
+    """
+    batch_mean = batch_var = None
+    if any(uses_batch_stats(bn) for bn in bns):
+        check_batch_size(count, shape)
+        batch_mean, batch_var = measure()
+    scales, shifts, start = [], [], 0
+    for bn in bns:
+        rows = slice(start, start + bn.num_features)
+        start += bn.num_features
+        if uses_batch_stats(bn):
+            mean, var = batch_mean[rows], batch_var[rows]
+            update_running_stats(bn, mean, var, count)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        scale, shift = scale_shift(bn, mean, var)
+        scales.append(scale)
+        shifts.append(shift)
+    return torch.cat(scales), torch.cat(shifts)
+
+
+def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
+    """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
+    batch, _, length = shape
+    count = batch * length
+    dtype = x.dtype
+    embeds = (branch.theta, branch.phi, branch.gx)
+    w3 = torch.cat([seq[0].weight for seq in embeds]).flatten(1).to(dtype).contiguous()
+    k = branch.theta[0].weight.shape[0]
+    scale, shift = _normalizers(
+        [seq[1] for seq in embeds],
+        lambda: combine_stats(projection_stats(x, shape, strides, w3, in_gate), length, batch),
+        count, (batch, k, length))
+    tp, gx_mean = projection_apply(x, shape, strides, w3, scale, shift, in_gate)
+
+    wg = branch.gg[0].weight.flatten(1).to(dtype).contiguous()
+    r = wg.shape[0]
+    if algorithm == "tiled":
+        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
+    else:
+        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
+    z_scale, z_shift = _normalizers([branch.gg[1]], lambda: combine_stats(z_stats(ops), length, batch),
+                                    count, (batch, r, length))
+
+    conv1, bn1, _, conv2, bn2 = branch.W
+    w1 = conv1.weight.flatten(1).float().contiguous()
+    h_scale, h_shift = _normalizers(
+        [bn1], lambda: combine_stats(hidden_stats(ops, w1, z_scale, z_shift), length, batch),
+        count, (batch, w1.shape[0], length))
+    w2 = conv2.weight.flatten().float().contiguous()
+    logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
+
+    def logit_stats():
+        var, mean = torch.var_mean(logit, unbiased=False)
+        return mean.view(1), var.view(1)
+
+    out_scale, out_shift = _normalizers([bn2], logit_stats, count, (batch, 1, length))
+    return torch.sigmoid(logit * out_scale + out_shift)
+
+
+def fused_forward(module, x: torch.Tensor, algorithm: str = "reassociated") -> torch.Tensor:
+    """The block's output (B, C, H, W) from the kernels; updates BatchNorm buffers in train mode."""
+    b, c, h, w = x.shape
+    if x.stride(2) != w * x.stride(3):           # H and W must merge into one position axis
+        x = x.contiguous()
+    sb, sc, sn = x.stride(0), x.stride(1), x.stride(3)
+    spatial = channel = None
+    if module.use_spatial:
+        spatial = branch_gate(module.branch("spatial"), x, (b, c, h * w), (sb, sc, sn), None, algorithm)
+    if module.use_channel:
+        channel = branch_gate(module.branch("channel"), x, (b, h * w, c), (sb, sn, sc), spatial, algorithm)
+    return apply_gates(x, spatial, channel)
+
+
+class _RGATritonFunction(torch.autograd.Function):
+    """Forward through the kernels; backward by recomputing the exact torch path (buffers untouched)."""
+
+    @staticmethod
+    def forward(ctx, x, module, algorithm, *params):
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return fused_forward(module, x, algorithm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        params = list(ctx.module.parameters())
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            out = torch_forward(ctx.module, xd, update=False)
+            inputs = [xd] + [params[i] for i in wanted]
+            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        param_grads = [None] * len(params)
+        for i, g in zip(wanted, grads[1:]):
+            param_grads[i] = g
+        return (grads[0] if ctx.needs_input_grad[0] else None, None, None, *param_grads)
+
+
+def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Entry point of the ``"triton"`` backend for ``RGAModule.forward``."""
+    if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
+        return torch_forward(module, x)
+    algorithm = "tiled" if module.algorithm == "tiled" else "reassociated"
+    params = list(module.parameters())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _RGATritonFunction.apply(x, module, algorithm, *params)
+    return fused_forward(module, x, algorithm)

@@ -86,7 +86,8 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
     meet ``tol`` too, or, where it is a sum with heavy cancellation (the one-element
     weight of the last BatchNorm, say), be no worse than 4x the error the reference
     itself makes when run in ``dtype`` on the same inputs: no implementation in that
-    dtype can do better than its rounding allows.
+    dtype can do better than its rounding allows. A gradient under 1e-3 of the whole
+    parameter gradient is measured against that 1e-3 instead of its own norm.
     """
     gen = torch.Generator().manual_seed(seed)
     low = copy.deepcopy(ref).to(dtype) if dtype != torch.float64 else None
@@ -102,9 +103,15 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
         worst = max(worst, assert_close(f_out, r_out, tol, "output"))
         worst = max(worst, assert_close(f_gx, r_gx, tol, "grad x"))
         assert r_grads.keys() == f_grads.keys()
+        whole = torch.cat([g.flatten() for g in r_grads.values()]).norm()
         for name in r_grads:
-            err = rel_err(f_grads[name], r_grads[name])
-            floor = 4 * rel_err(l_grads[name], r_grads[name]) if l_grads is not None else 0.0
+            # A gradient under 1e-3 of the whole parameter gradient lies along a direction the
+            # loss is (almost) invariant to, e.g. a conv feeding a train-mode BatchNorm of
+            # width 1 (exactly invariant but for eps): its value is a cancellation residue, so
+            # its error is measured against 1e-3 of the whole gradient instead of itself.
+            scale = max(float(r_grads[name].norm()), 1e-3 * float(whole))
+            err = float((f_grads[name] - r_grads[name]).norm()) / scale
+            floor = 4 * float((l_grads[name] - r_grads[name]).norm()) / scale if l_grads is not None else 0.0
             assert err <= max(tol, floor), (f"grad {name}: relative error {err:.3e} > {tol:.0e} "
                                             f"(and > 4x the {dtype} reference's {floor / 4:.3e})")
             worst = max(worst, min(err, tol))

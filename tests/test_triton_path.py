@@ -1,0 +1,149 @@
+"""The "triton" backend against the float64 reference: on CUDA when present, else through
+Triton's interpreter on the CPU (TRITON_INTERPRET=1, as CI runs it)."""
+import warnings
+
+import pytest
+import torch
+
+import rga_triton
+from helpers import TOLERANCE, TOLERANCE_TF32, compare_steps, make_pair, rel_err
+from rga_triton import backend as backend_mod
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
+                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # interpreter: no bf16
+
+BRANCHES = [(True, True), (True, False), (False, True)]
+# Tails everywhere: N, C, K, R and the hidden width are not multiples of any block size.
+TAIL_SHAPES = [
+    (20, 6, 10, 3, 3, 8, 4),     # C=20, N=60: K=6, R=7, hidden 2 / 1
+    (37, 7, 5, 2, 4, 3, 4),      # C=37, N=35: K=9, R=11, hidden 3 / 2
+]
+
+
+def _pair(shape, use_spatial=True, use_channel=True, dtype=torch.float32, algorithm="auto", seed=0):
+    c, h, w, b, cr, sr, dr = shape
+    ref, fast, x = make_pair(c, h, w, b, use_spatial, use_channel, cr, sr, dr, dtype=dtype, device=DEVICE,
+                             backend="triton", seed=seed)
+    fast.algorithm = algorithm
+    return ref, fast, x
+
+
+@pytest.mark.parametrize("algorithm", ["reassociated", "tiled"])
+@pytest.mark.parametrize("use_spatial,use_channel", BRANCHES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", TAIL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_matches_reference(shape, train, use_spatial, use_channel, algorithm):
+    ref, fast, x = _pair(shape, use_spatial, use_channel, algorithm=algorithm)
+    compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, device=DEVICE, steps=3)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_half_precision_matches_reference(dtype, train):
+    ref, fast, x = _pair(TAIL_SHAPES[0], dtype=dtype)
+    compare_steps(ref, fast, x, train, TOLERANCE[dtype], dtype, device=DEVICE, steps=2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA GPUs only")
+def test_tf32_when_allowed():
+    torch.backends.cuda.matmul.allow_tf32 = True      # the autouse fixture restores it
+    ref, fast, x = _pair((64, 16, 8, 4, 8, 8, 8))
+    compare_steps(ref, fast, x, True, TOLERANCE_TF32, torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("c,h,w", [(256, 64, 32), (2048, 16, 8)], ids=["stage1", "stage4"])
+def test_rga_net_stage_shapes(c, h, w):
+    ref, fast, x = make_pair(c, h, w, batch=2, device=DEVICE, backend="triton")
+    for train in (True, False):
+        ref.train(train), fast.train(train)
+        with torch.no_grad():
+            assert rel_err(fast(x.float().to(DEVICE)), ref(x)) <= TOLERANCE[torch.float32]
+
+
+def test_momentum_none_and_batch_of_one():
+    ref, fast, x = _pair((16, 8, 8, 1, 2, 8, 4))
+    for m in (ref, fast):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = None
+    compare_steps(ref, fast, x, True, TOLERANCE[torch.float32], torch.float32, device=DEVICE, steps=3)
+
+
+def test_strided_and_channels_last_inputs():
+    ref, fast, x = _pair(TAIL_SHAPES[0])
+    ref.eval(), fast.eval()
+    expected = ref(x)
+    xd = x.float().to(DEVICE)
+    wide = torch.zeros(3, 40, 6, 10, device=DEVICE)
+    wide[:, ::2] = xd
+    for view in (xd.to(memory_format=torch.channels_last), wide[:, ::2], xd.transpose(2, 3).contiguous()
+                 .transpose(2, 3)):
+        assert rel_err(fast(view), expected) <= TOLERANCE[torch.float32]
+
+
+def test_tiled_and_reassociated_agree():
+    _, fast, x = _pair(TAIL_SHAPES[1])
+    fast.eval()
+    x = x.float().to(DEVICE)
+    fast.algorithm = "reassociated"
+    a = fast(x)
+    fast.algorithm = "tiled"
+    assert rel_err(fast(x), a) <= TOLERANCE[torch.float32]
+
+
+def test_affinity_matches_matmul():
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(2, 9, 70, generator=gen, dtype=torch.float64)
+    phi = torch.randn(2, 9, 45, generator=gen, dtype=torch.float64)
+    g = rga_triton.affinity(theta.float().to(DEVICE), phi.float().to(DEVICE), backend="triton")
+    assert g.shape == (2, 70, 45)
+    assert rel_err(g, theta.transpose(1, 2) @ phi) <= TOLERANCE[torch.float32]
+    # strided operands are read through their strides
+    g_t = rga_triton.affinity(theta.float().to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2),
+                              phi.float().to(DEVICE), backend="triton")
+    assert rel_err(g_t, theta.transpose(1, 2) @ phi) <= TOLERANCE[torch.float32]
+
+
+def test_relation_maps_match_reference_affinity():
+    ref, fast, x = _pair((16, 6, 10, 2, 2, 8, 4))
+    ref.eval(), fast.eval()
+    b, c, h, w = x.shape
+    theta = ref.theta_spatial(x).view(b, -1, h * w)
+    phi = ref.phi_spatial(x).view(b, -1, h * w)
+    g = theta.transpose(1, 2) @ phi
+    positions = [0, 17, (5, 9)]
+    rows, cols = rga_triton.relation_maps(fast, x.float().to(DEVICE), positions)
+    flat = [0, 17, 5 * w + 9]
+    assert rows.shape == cols.shape == (b, 3, h, w)
+    assert rel_err(rows, g[:, flat, :].reshape(b, 3, h, w)) <= TOLERANCE[torch.float32]
+    assert rel_err(cols, g[:, :, flat].transpose(1, 2).reshape(b, 3, h, w)) <= TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="outside"):
+        rga_triton.relation_maps(fast, x.float().to(DEVICE), [h * w])
+
+
+def test_explicit_triton_refuses_float64():
+    _, fast, x = _pair(TAIL_SHAPES[0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        fast(x.to(DEVICE))
+
+
+def test_auto_falls_back_once_per_reason(monkeypatch):
+    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    _, fast, x = _pair(TAIL_SHAPES[0], dtype=torch.float64)
+    fast.backend = "auto"
+    x = x.to(DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast(x)
+        fast(x)
+    messages = [str(w.message) for w in caught if "rga_triton" in str(w.message)]
+    assert len(messages) == 1, messages
+
+
+def test_triton_without_gpu_or_interpreter_says_so(monkeypatch):
+    monkeypatch.setattr(backend_mod, "interpreting", lambda: False)
+    _, fast, x = _pair(TAIL_SHAPES[0])
+    with pytest.raises(ValueError, match="CUDA"):
+        fast(x.float())     # a CPU tensor

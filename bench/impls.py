@@ -1,0 +1,216 @@
+"""The implementations under test, built from one shared state_dict, and the float64 oracle."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+
+import rga_triton
+from bench.cost_model import BRANCHES
+from reference import RGA_Module
+
+IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled")
+DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")
+FAST_IMPLS = ("torch", "triton", "triton-tiled")     # the rga_triton ones
+# float64 for the oracle; the DESIGN.md contract for the others (float32: TF32-safe bound).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+class Unavailable(Exception):
+    """The implementation cannot run this case here (recorded as status 'skipped')."""
+
+
+@dataclass(frozen=True)
+class Case:
+    c: int
+    h: int
+    w: int
+    batch: int
+    branch: str
+    mode: str
+    dtype: str
+    input_hw: str = ""      # e.g. "256x128" for RGA-Net stage shapes
+    stage: int | str = ""
+    cha_ratio: int = 8
+    spa_ratio: int = 8
+    down_ratio: int = 8
+
+    @property
+    def n(self) -> int:
+        return self.h * self.w
+
+    @property
+    def shape(self) -> str:
+        return f"{self.c}x{self.h}x{self.w}"
+
+    @property
+    def ratios(self) -> dict:
+        return {"cha_ratio": self.cha_ratio, "spa_ratio": self.spa_ratio, "down_ratio": self.down_ratio}
+
+    def module_args(self) -> tuple:
+        use_spatial, use_channel = BRANCHES[self.branch]
+        return (self.c, self.n, use_spatial, use_channel, self.cha_ratio, self.spa_ratio, self.down_ratio)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 on the CPU; inf on a NaN/inf mismatch."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.equal(torch.isfinite(actual), torch.isfinite(expected)):
+        return float("inf")
+    finite = torch.isfinite(expected)
+    diff = (actual[finite] - expected[finite]).norm()
+    scale = expected[finite].norm()
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def master_state(case: Case, device: torch.device, seed: int = 0) -> dict:
+    """A float32 CPU state_dict shared by every implementation of this shape and branch.
+
+    Conv weights: PyTorch's default init. BatchNorm: random affine parameters, running
+    statistics from one train pass (momentum 1, torch path, on ``device``) then perturbed,
+    so eval-mode gates are neither saturated nor equal to the batch statistics.
+    """
+    gen = torch.Generator().manual_seed(seed + 7919 * case.c + 104729 * case.n + list(BRANCHES).index(case.branch))
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen)))
+    ref = RGA_Module(*case.module_args())
+    bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=gen))
+            bn.bias.copy_(0.2 * torch.randn(bn.bias.shape, generator=gen))
+    stats = rga_triton.RGAModule(*case.module_args(), backend="torch").to(device)
+    stats.load_state_dict(ref.state_dict())
+    for bn in stats.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = 1.0
+    x = torch.randn(2, case.c, case.h, case.w, generator=gen).to(device)
+    with torch.no_grad():
+        stats.train()(x)
+    state = {k: v.detach().cpu().clone() for k, v in stats.state_dict().items()}
+    del stats, x
+    for name in [k for k in state if k.endswith("running_var")]:
+        mean = name[: -len("running_var")] + "running_mean"
+        std = state[name].sqrt()
+        state[mean] += 0.2 * std * torch.randn(std.shape, generator=gen)
+        state[name] *= 0.7 + 0.6 * torch.rand(std.shape, generator=gen)
+    for name in [k for k in state if k.endswith("num_batches_tracked")]:
+        state[name].fill_(int(torch.randint(0, 5, (1,), generator=gen)))
+    return state
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and grad_out in the case's dtype on ``device`` (drawn in float32 from a seeded generator)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    dtype = getattr(torch, case.dtype)
+    shape = (case.batch, case.c, case.h, case.w)
+    x = torch.randn(shape, generator=gen, device=device).to(dtype)
+    grad_out = torch.randn(shape, generator=gen, device=device).to(dtype)
+    return x, grad_out
+
+
+def make_step(module, x: torch.Tensor, grad_out: torch.Tensor, train: bool):
+    """(fn, tensors whose .grad to reset between calls, leaf x): one eval forward or train forward+backward."""
+    if not train:
+        def fn():
+            with torch.no_grad():
+                return module(x)
+        return fn, None, x
+    leaf = x.detach().requires_grad_(True)
+
+    def fn():
+        out = module(leaf)
+        out.backward(grad_out)
+        return out
+    return fn, [leaf] + [p for p in module.parameters() if p.requires_grad], leaf
+
+
+@dataclass
+class Oracle:
+    out: torch.Tensor          # float64, CPU
+    grad_x: torch.Tensor | None
+    against: str               # what produced it, e.g. "reference-float64@cuda"
+
+
+def oracle(case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor, device: torch.device) -> Oracle | None:
+    """The float64 answer for the case's inputs: the reference on ``device``; if that runs out of
+    memory, rga_triton's torch path (the same function, tested against the reference) in float64;
+    None if both run out of memory."""
+    train = case.mode == "train"
+    for name in ("reference", "torch"):
+        module = fn = leaf = None
+        try:
+            if name == "reference":
+                module = RGA_Module(*case.module_args())
+            else:
+                module = rga_triton.RGAModule(*case.module_args(), backend="torch")
+            module.load_state_dict(state)
+            module.to(device=device, dtype=torch.float64).train(train)
+            fn, _, leaf = make_step(module, x.double(), grad_out.double(), train)
+            out = fn().detach().cpu()
+            grad = leaf.grad.detach().cpu() if train else None
+            return Oracle(out, grad, f"{name}-float64@{device.type}")
+        except Exception as exc:   # noqa: BLE001
+            if not is_oom(exc):
+                raise
+        finally:
+            del module, fn, leaf
+            free_memory(device)
+    return None
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why rga_triton's Triton path cannot run here, or None."""
+    if device.type != "cuda":
+        return f"the Triton path needs a CUDA tensor (this run is on {device.type})"
+    try:
+        import rga_triton.triton_path  # noqa: F401
+    except Exception as exc:   # noqa: BLE001 - any import failure means: not available
+        return f"import rga_triton.triton_path failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def build(impl: str, case: Case, state: dict, device: torch.device):
+    """(callable module with the shared parameters in the case's dtype on ``device``, algorithm label)."""
+    dtype = getattr(torch, case.dtype)
+    train = case.mode == "train"
+    if impl in ("reference", "compile", "compile-max-autotune"):
+        module = RGA_Module(*case.module_args())
+        module.load_state_dict(state)
+        module.to(device=device, dtype=dtype).train(train)
+        if impl == "reference":
+            return module, "materialised"
+        torch._dynamo.reset()    # a fresh cache per case: no recompile limit, no dynamic-shape graphs
+        mode = "max-autotune" if impl == "compile-max-autotune" else None
+        return torch.compile(module, mode=mode, dynamic=False), "materialised"
+    if impl in ("torch", "triton", "triton-tiled"):
+        backend = "torch" if impl == "torch" else "triton"
+        if backend == "triton":
+            reason = triton_unavailable(device)
+            if reason:
+                raise Unavailable(reason)
+        module = rga_triton.RGAModule(*case.module_args(), backend=backend)
+        algorithm = "reassociated"
+        if backend == "triton":
+            algorithm = getattr(module, "algorithm", "default")
+            if impl == "triton-tiled":
+                if not hasattr(module, "algorithm"):
+                    raise Unavailable("rga_triton.RGAModule has no 'algorithm' attribute yet")
+                module.algorithm = algorithm = "tiled"
+        module.load_state_dict(state)
+        module.to(device=device, dtype=dtype).train(train)
+        return module, algorithm
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")

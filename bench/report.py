@@ -1,0 +1,154 @@
+"""summary.md from a sweep CSV: headline ratios per implementation and per shape."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from bench.plots import impls_in, load_rows
+
+FAST = ("torch", "triton", "triton-tiled")   # rga_triton's implementations
+
+
+def _case(row) -> tuple:
+    return (row["C"], row["H"], row["W"], row["batch"], row["branch"], row["mode"], row["dtype"])
+
+
+def _good(row) -> bool:
+    """Timed and not failing its correctness check (unchecked rows count; they are flagged elsewhere)."""
+    return row is not None and row["status"] == "ok" and row["correct"] is not False
+
+
+def _geomean(values) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"x{value:.3g}"
+
+
+def _cell(row) -> str:
+    if row is None:
+        return ""
+    if row["status"] == "ok":
+        text = f"{row['time_ms_median']:.3g}"
+        return text + (" (wrong)" if row["correct"] is False else "")
+    return {"oom": "OOM", "skipped": "skip", "error": "ERR"}.get(row["status"], row["status"])
+
+
+def best_fast(by_impl: dict) -> dict | None:
+    """The fastest correct rga_triton row of a case."""
+    rows = [by_impl[i] for i in FAST if _good(by_impl.get(i))]
+    return min(rows, key=lambda r: r["time_ms_median"]) if rows else None
+
+
+def _time_ratio(a, b) -> float | None:
+    return a["time_ms_median"] / b["time_ms_median"] if _good(a) and _good(b) else None
+
+
+def _mem_ratio(a, b) -> float | None:
+    if _good(a) and _good(b) and a["peak_mem_mb"] and b["peak_mem_mb"]:
+        return a["peak_mem_mb"] / b["peak_mem_mb"]
+    return None
+
+
+def write_summary(csv_path: str, md_path: str) -> str:
+    rows = load_rows(csv_path)
+    cases: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        cases[_case(r)][r["impl"]] = r
+    names = impls_in(rows)
+    lines = []
+    first = rows[0] if rows else {}
+    lines.append(f"# RGA sweep: {first.get('device', '?')}\n")
+    if rows:
+        lines.append(f"torch {first['torch']}, triton {first['triton'] or '-'}, python {first['python']}, "
+                     f"driver {first['driver'] or '-'}, TF32 {first['tf32'] or '-'}, git {first['git_commit'] or '-'}; "
+                     f"{len(rows)} rows from `{csv_path}`.\n")
+        counts = defaultdict(int)
+        for r in rows:
+            counts[r["status"]] += 1
+        failed = [r for r in rows if r["correct"] is False]
+        unchecked = [r for r in rows if r["status"] == "ok" and r["correct"] is None]
+        lines.append("Status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                     + f"; correctness failures {len(failed)}; unchecked {len(unchecked)}.\n")
+        ceil = [f"copy {first['ceiling_gbps']:.0f} GB/s"] if first["ceiling_gbps"] else []
+        by_dtype = {r["dtype"]: r["ceiling_tflops"] for r in rows if r["ceiling_tflops"]}
+        ceil += [f"{d} matmul {t:.1f} TFLOP/s" for d, t in by_dtype.items()]
+        lines.append("Measured ceilings: " + ", ".join(ceil) + ".")
+        if first.get("spec_label"):
+            spec = {r["dtype"]: r["spec_tflops"] for r in rows if r["spec_tflops"]}
+            lines.append(f"{first['spec_label']}: {first['spec_gbps']:.0f} GB/s, "
+                         + ", ".join(f"{d} {t:g} TFLOP/s" for d, t in spec.items()) + " (dense).")
+        lines.append("")
+
+    # Headline: geometric means over cases where both sides ran and passed.
+    lines.append("## Headline\n")
+    lines.append("Geometric mean over every case (shape x batch x branch x mode x dtype) where both rows ran and "
+                 "passed the correctness check. `xK vs Y` = time of Y / time of the implementation (higher is "
+                 "better); memory = peak of the reference / peak of the implementation. `rga_triton best` is the "
+                 "fastest correct of torch, triton, triton-tiled per case.\n")
+    lines.append("| implementation | vs reference | vs compile | vs torch | memory vs reference | cases |")
+    lines.append("|---|---|---|---|---|---|")
+    for name in [n for n in names if n != "reference"] + ["rga_triton best"]:
+        pairs = []
+        for by_impl in cases.values():
+            row = best_fast(by_impl) if name == "rga_triton best" else by_impl.get(name)
+            if _good(row):
+                pairs.append((row, by_impl))
+        if not pairs:
+            continue
+        vs = [None if other == name else _geomean([_time_ratio(b.get(other), r) for r, b in pairs])
+              for other in ("reference", "compile", "torch")]
+        mem = _geomean([_mem_ratio(b.get("reference"), r) for r, b in pairs])
+        lines.append(f"| {name} | {_ratio(vs[0])} | {_ratio(vs[1])} | {_ratio(vs[2])} | {_ratio(mem)} | {len(pairs)} |")
+    lines.append("")
+
+    # Per shape, for each (mode, dtype, branch).
+    groups = defaultdict(list)
+    for key in cases:
+        groups[(key[5], key[6], key[4])].append(key)
+    for (mode, dtype, branch), keys in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        lines.append(f"## {mode}{' (forward + backward)' if mode == 'train' else ' (forward)'}, {dtype}, {branch}\n")
+        lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation.\n")
+        head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
+               ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for key in keys:
+            by_impl = cases[key]
+            any_row = next(iter(by_impl.values()))
+            best = best_fast(by_impl)
+            cells = [f"{key[0]}x{key[1]}x{key[2]}",
+                     f"{any_row['input_hw']} s{any_row['stage']}" if any_row.get("input_hw") else "", str(key[3])]
+            cells += [_cell(by_impl.get(n)) for n in names]
+            if best:
+                cells += [best["impl"]] + [_ratio(_time_ratio(by_impl.get(o), best))
+                                           for o in ("reference", "compile", "torch")]
+                cells.append(_ratio(_mem_ratio(by_impl.get("reference"), best)))
+            else:
+                cells += ["-"] * 5
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    problems = [r for r in rows if r["correct"] is False or r["status"] in ("error", "oom")]
+    if problems:
+        lines.append("## Failures, errors and out-of-memory rows\n")
+        for r in problems[:200]:
+            what = "WRONG" if r["correct"] is False else r["status"].upper()
+            err = f" rel err {r['rel_err']:.2e}" if r["rel_err"] is not None else ""
+            if r["rel_err_grad_x"] is not None:
+                err += f", grad x {r['rel_err_grad_x']:.2e}"
+            lines.append(f"- {what} {r['impl']} {r['branch']} {r['C']}x{r['H']}x{r['W']} B={r['batch']} "
+                         f"{r['mode']} {r['dtype']}:{err} {r.get('note') or ''}".rstrip())
+        if len(problems) > 200:
+            lines.append(f"- ... and {len(problems) - 200} more (see the CSV)")
+        lines.append("")
+    skipped = sorted({(r["impl"], r.get("note") or "") for r in rows if r["status"] == "skipped"})
+    if skipped:
+        lines.append("## Skipped\n")
+        lines += [f"- {impl}: {note}" for impl, note in skipped]
+        lines.append("")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return md_path

@@ -1,0 +1,133 @@
+"""Timing and peak memory of one step.
+
+GPU: ``triton.testing.do_bench`` (L2 flushed before every run, gradients reset outside the
+timed region) asked for quantiles (0.5, 0.2, 0.8); the same signature works on Triton 3.0
+through 3.9. Without Triton, or if its signature lacks ``quantiles``, CUDA events.
+CPU: ``time.perf_counter`` after a warm-up call.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+# No row spends much more than this timing (slow reference cases); at least MIN_RUNS runs.
+BUDGET_S = 10.0
+MIN_RUNS = 3
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def _reset(tensors: Sequence[torch.Tensor] | None) -> None:
+    for t in tensors or ():
+        t.grad = None
+
+
+def _summary(times_ms: list[float]) -> Timing:
+    a = np.asarray(times_ms, dtype=np.float64)
+    return Timing(float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80)), len(a))
+
+
+def _do_bench():
+    """``triton.testing.do_bench`` if it takes ``quantiles`` and ``grad_to_none``, else None."""
+    try:
+        from triton.testing import do_bench
+    except Exception:   # noqa: BLE001 - no Triton, or a broken install: fall back to CUDA events
+        return None
+    params = inspect.signature(do_bench).parameters
+    return do_bench if {"quantiles", "grad_to_none", "warmup", "rep"} <= params.keys() else None
+
+
+def _runs(repeat: int, estimate_ms: float) -> int:
+    """How many timed runs: ``repeat``, fewer for slow steps (time budget), never under MIN_RUNS."""
+    return max(MIN_RUNS, min(repeat, int(BUDGET_S * 1e3 / max(estimate_ms, 1e-3))))
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, repeat: int,
+            grad_to_none: Sequence[torch.Tensor] | None = None, estimate_ms: float | None = None) -> Timing:
+    """Median, 20th and 80th percentile wall time of ``fn()`` in ms; ``fn`` is called at least once first.
+
+    ``estimate_ms`` (a previous measurement of one call) saves an estimation call on the CPU.
+    """
+    if device.type == "cuda":
+        return _time_cuda(fn, repeat, grad_to_none, estimate_ms)
+    if estimate_ms is None:
+        _reset(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        estimate_ms = (time.perf_counter() - start) * 1e3
+    _reset(grad_to_none)
+    fn()   # warm-up (caches, allocator)
+    times = []
+    for _ in range(_runs(repeat, estimate_ms)):
+        _reset(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return _summary(times)
+
+
+def _time_cuda(fn, repeat, grad_to_none, estimate_ms) -> Timing:
+    if estimate_ms is None:
+        _reset(grad_to_none)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        estimate_ms = (time.perf_counter() - start) * 1e3
+    runs = _runs(repeat, estimate_ms)
+    do_bench = _do_bench()
+    if do_bench is not None:
+        # do_bench re-estimates the time itself and runs about rep / estimate times.
+        rep = max(1.0, runs * estimate_ms)
+        q = do_bench(fn, warmup=min(25.0, max(1.0, 2 * estimate_ms)), rep=rep,
+                     grad_to_none=list(grad_to_none) if grad_to_none else None, quantiles=[0.5, 0.2, 0.8])
+        return Timing(float(q[0]), float(q[1]), float(q[2]), runs)
+    _reset(grad_to_none)
+    fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    for s, e in zip(starts, ends):
+        _reset(grad_to_none)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device,
+                grad_to_none: Sequence[torch.Tensor] | None = None) -> tuple[float | None, float]:
+    """(peak MB the step allocates beyond what was allocated before it, wall ms of the call).
+
+    On CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the call (inputs,
+    parameters and anything else alive). Gradients are reset first, so a train step's
+    peak includes the gradients it creates. On the CPU the peak is None.
+    """
+    _reset(grad_to_none)
+    gc.collect()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return None, (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize(device)
+    elapsed = (time.perf_counter() - start) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak / 2 ** 20, elapsed

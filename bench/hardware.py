@@ -5,7 +5,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 
 import torch
 
@@ -137,7 +136,3 @@ def measure_ceilings(device: torch.device, dtypes: list[str]) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {"copy_gbps": copy_gbps, "matmul_tflops": matmul, "matmul_n": n, "copy_bytes": nbytes}
-
-
-def python_version() -> str:
-    return sys.version.split()[0]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 import rga_triton
+from bench import cost_model
 from bench.cost_model import BRANCHES
 from reference import RGA_Module
 
@@ -15,6 +16,9 @@ DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")
 FAST_IMPLS = ("torch", "triton", "triton-tiled")     # the rga_triton ones
 # float64 for the oracle; the DESIGN.md contract for the others (float32: TF32-safe bound).
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+# Above this (analytic FLOPs of the materialised algorithm) the float64 oracle is the torch path:
+# float64 runs far below the tensor-core rates, and the reference would take minutes per case.
+ORACLE_REFERENCE_MAX_FLOPS = 4e12
 
 
 class Unavailable(Exception):
@@ -122,16 +126,23 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[torch.
     return x, grad_out
 
 
-def make_step(module, x: torch.Tensor, grad_out: torch.Tensor, train: bool):
-    """(fn, tensors whose .grad to reset between calls, leaf x): one eval forward or train forward+backward."""
+def make_step(module, x: torch.Tensor, grad_out: torch.Tensor, train: bool, cudagraphs: bool = False):
+    """(fn, tensors whose .grad to reset between calls, leaf x): one eval forward or train forward+backward.
+
+    ``cudagraphs``: the module is compiled with CUDA graphs (mode="max-autotune"); each call
+    starts a new step so outputs of the previous one may be overwritten.
+    """
+    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
     if not train:
         def fn():
+            mark()
             with torch.no_grad():
                 return module(x)
         return fn, None, x
     leaf = x.detach().requires_grad_(True)
 
     def fn():
+        mark()
         out = module(leaf)
         out.backward(grad_out)
         return out
@@ -147,10 +158,13 @@ class Oracle:
 
 def oracle(case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor, device: torch.device) -> Oracle | None:
     """The float64 answer for the case's inputs: the reference on ``device``; if that runs out of
-    memory, rga_triton's torch path (the same function, tested against the reference) in float64;
-    None if both run out of memory."""
+    memory or would cost more than ORACLE_REFERENCE_MAX_FLOPS, rga_triton's torch path (the same
+    function, tested against the reference in tests/) in float64; None if both run out of memory."""
     train = case.mode == "train"
-    for name in ("reference", "torch"):
+    ref_flops = cost_model.flops(case.c, case.h, case.w, case.batch, case.branch, case.mode, "materialised",
+                                 **case.ratios)
+    candidates = ("reference", "torch") if ref_flops <= ORACLE_REFERENCE_MAX_FLOPS else ("torch",)
+    for name in candidates:
         module = fn = leaf = None
         try:
             if name == "reference":

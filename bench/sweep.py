@@ -278,7 +278,8 @@ class Sweep:
         train = case.mode == "train"
         module, algorithm = impls.build(impl, case, state, self.device)
         row.update(self.base_row(impl, case, algorithm))
-        fn, resets, leaf = impls.make_step(module, x, grad_out, train)
+        fn, resets, leaf = impls.make_step(module, x, grad_out, train,
+                                           cudagraphs=impl == "compile-max-autotune" and self.device.type == "cuda")
         start = time.perf_counter()
         try:
             out = fn()
@@ -331,6 +332,8 @@ class Sweep:
                 with open(self.errors_path, "a") as f:
                     f.write(f"=== {impl} {case}\n{traceback.format_exc()}\n")
         finally:
+            if impl.startswith("compile"):
+                torch._dynamo.reset()    # drop compiled graphs (and CUDA-graph pools) before the next row
             impls.free_memory(self.device)
         return row
 

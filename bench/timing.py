@@ -2,7 +2,8 @@
 
 GPU: ``triton.testing.do_bench`` (L2 flushed before every run, gradients reset outside the
 timed region) asked for quantiles (0.5, 0.2, 0.8); the same signature works on Triton 3.0
-through 3.9. Without Triton, or if its signature lacks ``quantiles``, CUDA events.
+through 3.9. Without Triton, if its signature lacks ``quantiles``, or for steps slower than
+DO_BENCH_MAX_MS, CUDA events around each call.
 CPU: ``time.perf_counter`` after a warm-up call.
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 
 # No row spends much more than this timing (slow reference cases); at least MIN_RUNS runs.
-BUDGET_S = 10.0
+BUDGET_S = 3.0
 MIN_RUNS = 3
+# Slower steps skip do_bench (its 5 estimation calls and L2 flush cost time and change nothing there).
+DO_BENCH_MAX_MS = 100.0
 
 
 @dataclass
@@ -87,7 +90,7 @@ def _time_cuda(fn, repeat, grad_to_none, estimate_ms) -> Timing:
         torch.cuda.synchronize()
         estimate_ms = (time.perf_counter() - start) * 1e3
     runs = _runs(repeat, estimate_ms)
-    do_bench = _do_bench()
+    do_bench = _do_bench() if estimate_ms < DO_BENCH_MAX_MS else None
     if do_bench is not None:
         # do_bench re-estimates the time itself and runs about rep / estimate times.
         rep = max(1.0, runs * estimate_ms)

@@ -1,0 +1,239 @@
+"""bench/sweep.py end to end on tiny CPU shapes, and the cost model against hand counts."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+import rga_triton
+from bench import cost_model, impls, plots, sweep
+from reference import RGA_Module
+
+REQUIRED_COLUMNS = {
+    "impl", "C", "H", "W", "N", "batch", "branch", "mode", "dtype", "status", "correct", "rel_err",
+    "time_ms_median", "time_ms_p20", "time_ms_p80", "peak_mem_mb", "flops", "min_bytes", "tflops", "gbps",
+    "device", "driver", "torch", "triton", "python",
+}
+TINY = ["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--dtypes", "float32", "--repeat", "2", "--quiet"]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    status = sweep.main(TINY + ["--impls", "reference,torch,triton", "--modes", "eval,train",
+                                "--branches", "RGA-S,RGA-C,RGA-SC", "--out", str(out)])
+    return status, out
+
+
+def test_sweep_rows_columns_and_correctness(tiny_sweep):
+    status, out = tiny_sweep
+    assert status == 0
+    rows = read_csv(out / "sweep.csv")
+    assert REQUIRED_COLUMNS <= set(rows[0])
+    # 3 implementations x 3 branches x 2 modes, one shape, batch and dtype.
+    assert len(rows) == 18
+    assert {(r["impl"], r["branch"], r["mode"]) for r in rows} == {
+        (i, b, m) for i in ("reference", "torch", "triton") for b in ("RGA-S", "RGA-C", "RGA-SC")
+        for m in ("eval", "train")}
+    for r in rows:
+        assert (r["C"], r["H"], r["W"], r["N"], r["batch"], r["dtype"]) == ("64", "8", "8", "64", "2", "float32")
+        if r["impl"] == "triton":   # no CUDA here: skipped cleanly, with the reason
+            assert r["status"] == "skipped" and "CUDA" in r["note"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["correct"] == "True", r
+        assert float(r["rel_err"]) <= 1e-4
+        if r["mode"] == "train":
+            assert float(r["rel_err_grad_x"]) <= 1e-4
+        assert r["checked_against"] == "reference-float64@cpu"
+        t20, t50, t80 = (float(r[k]) for k in ("time_ms_p20", "time_ms_median", "time_ms_p80"))
+        assert 0 < t20 <= t50 <= t80
+        assert r["peak_mem_mb"] == ""          # CPU: not measured
+        assert int(r["flops"]) > 0 and int(r["min_bytes"]) > 0
+        assert float(r["tflops"]) == pytest.approx(int(r["flops"]) / (t50 * 1e-3) / 1e12, rel=1e-3)
+        if r["impl"] == "torch":
+            assert float(r["speedup_vs_reference"]) > 0
+
+
+def test_sweep_plots_and_summary(tiny_sweep):
+    _, out = tiny_sweep
+    for kind in ("speedup", "memory", "roofline", "time_vs_n"):
+        for mode in ("eval", "train"):
+            png = out / f"{kind}_{mode}_float32.png"
+            assert png.exists() and png.stat().st_size > 10_000, png
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "## Headline" in summary and "| torch |" in summary and "64x8x8" in summary
+
+
+def test_plots_standalone_on_existing_csv(tiny_sweep, tmp_path):
+    _, out = tiny_sweep
+    assert plots.main([str(out / "sweep.csv"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "speedup_train_float32.png").stat().st_size > 10_000
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_resume_runs_only_missing_rows(tiny_sweep, tmp_path):
+    _, out = tiny_sweep
+    csv_path = tmp_path / "sweep.csv"
+    rows = read_csv(out / "sweep.csv")
+    keep = [r for r in rows if not (r["impl"] == "torch" and r["branch"] == "RGA-S" and r["mode"] == "eval")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+    status = sweep.main(TINY + ["--impls", "reference,torch,triton", "--modes", "eval,train", "--no-plots",
+                                "--branches", "RGA-S,RGA-C,RGA-SC", "--out", str(tmp_path), "--resume"])
+    assert status == 0
+    again = read_csv(csv_path)
+    assert len(again) == len(rows)
+    assert (again[-1]["impl"], again[-1]["branch"], again[-1]["mode"]) == ("torch", "RGA-S", "eval")
+
+
+def test_out_of_memory_is_a_result(tmp_path, monkeypatch):
+    real_build = impls.build
+
+    def build(impl, case, state, device):
+        if impl == "torch":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return real_build(impl, case, state, device)
+
+    monkeypatch.setattr(impls, "build", build)
+    status = sweep.main(["--device", "cpu", "--shapes", "64x8x8", "--batch", "1,2", "--impls", "reference,torch",
+                         "--modes", "eval", "--branches", "RGA-SC", "--repeat", "2", "--quiet", "--out",
+                         str(tmp_path)])
+    assert status == 0
+    rows = {(r["impl"], r["batch"]): r for r in read_csv(tmp_path / "sweep.csv")}
+    assert rows[("reference", "1")]["status"] == rows[("reference", "2")]["status"] == "ok"
+    assert rows[("torch", "1")]["status"] == "oom"
+    assert rows[("torch", "2")]["status"] == "oom" and "B=1" in rows[("torch", "2")]["note"]
+    assert (tmp_path / "memory_eval_float32.png").stat().st_size > 0
+
+
+def test_tune_missing_exits_2(monkeypatch, capsys):
+    monkeypatch.delattr(rga_triton, "tune", raising=False)
+    assert sweep.main(TINY + ["--tune"]) == 2
+    assert "rga_triton.tune" in capsys.readouterr().err
+
+
+def test_tune_prints_where_it_wrote(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def tune(shapes, dtypes, device, **kwargs):
+        seen.update(shapes=shapes, dtypes=dtypes, device=device)
+        return str(tmp_path / "cpu.json")
+
+    monkeypatch.setattr(rga_triton, "tune", tune, raising=False)
+    assert sweep.main(TINY + ["--tune"]) == 0
+    assert str(tmp_path / "cpu.json") in capsys.readouterr().out
+    assert seen["shapes"] == [(64, 8, 8)] and seen["dtypes"] == [torch.float32]
+
+
+def test_paper_preset_shapes():
+    parser = sweep.build_parser()
+    args = parser.parse_args(["--device", "cpu", "--preset", "paper", "--quiet"])
+    _, names, cases = sweep.resolve_args(args, parser)
+    assert names[0] == "reference"
+    shapes = {(c.input_hw, c.stage): (c.c, c.h, c.w) for c in cases}
+    assert shapes[("256x128", 1)] == (256, 64, 32)
+    assert shapes[("256x128", 2)] == (512, 32, 16)
+    assert shapes[("256x128", 3)] == (1024, 16, 8)
+    assert shapes[("256x128", 4)] == (2048, 16, 8)
+    assert shapes[("512x256", 1)] == (256, 128, 64)
+    assert len(shapes) == 12
+    # CPU: float32 only; 12 shapes x 3 batch sizes x 3 branches x 2 modes.
+    assert len(cases) == 12 * 3 * 3 * 2
+
+
+# ---- cost model against hand counts --------------------------------------------------------------
+# C = 64, H = 8, W = 16 (N = 128), B = 2, RGA-SC, ratios 8/8/8.
+#   spatial: Cin = 64, L = 128, K = 64/8 = 8, R = 128/8 = 16, Hd = (1+16)//8 = 2
+#   channel: Cin = 128, L = 64, K = 128/8 = 16, R = 64/8 = 8, Hd = (1+8)//8 = 1
+SHAPE = dict(c=64, h=8, w=16)
+
+
+def test_flops_hand_count():
+    # spatial, materialised: projections 3*8*64*128 = 196608; G 8*128^2 = 131072;
+    #   gg conv 2*16*128^2 = 524288; W net 2*17*128 + 2*128 = 4608              -> 856576 MACs
+    # channel, materialised: projections 3*16*128*64 = 393216; G 16*64^2 = 65536;
+    #   gg conv 2*8*64^2 = 65536; W net 1*9*64 + 1*64 = 640                     -> 524928 MACs
+    # per image 1381504 MACs; B = 2, 2 FLOPs per MAC -> 5526016 FLOPs forward.
+    assert cost_model.flops(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm="materialised") == 5526016
+    assert cost_model.flops(**SHAPE, batch=2, branch="RGA-SC", mode="train", algorithm="materialised") == 3 * 5526016
+    assert cost_model.flops(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm="tiled") == 5526016
+    # reassociated: relation 4*R*K*L instead of G + gg conv:
+    #   spatial 196608 + 4*16*8*128 (= 65536) + 4608 = 266752; channel 393216 + 4*8*16*64 (= 32768) + 640 = 426624
+    #   per image 693376 MACs -> 2 * 2 * 693376 = 2773504 FLOPs.
+    for algorithm in ("reassociated", "reassociated-unfused"):
+        assert cost_model.flops(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm=algorithm) == 2773504
+    # one branch: spatial only, materialised: 2 * 2 * 856576.
+    assert cost_model.flops(**SHAPE, batch=2, branch="RGA-S", mode="eval", algorithm="materialised") == 3426304
+
+
+def test_state_elements_hand_count_and_module():
+    # spatial: weights 3*8*64 + 16*256 + 2*17 + 2 = 5668; BN channels 3*8 + 16 + 2 + 1 = 43 -> 4*43 = 172
+    # channel: weights 3*16*128 + 8*128 + 1*9 + 1 = 7178; BN channels 3*16 + 8 + 1 + 1 = 58 -> 232
+    assert cost_model.state_elements(**SHAPE, branch="RGA-SC") == 5668 + 172 + 7178 + 232
+    for branch, (use_s, use_c) in cost_model.BRANCHES.items():
+        module = RGA_Module(64, 128, use_s, use_c)
+        counted = sum(p.numel() for p in module.parameters()) + sum(
+            b.numel() for n, b in module.named_buffers() if "running" in n)
+        assert cost_model.state_elements(**SHAPE, branch=branch) == counted
+
+
+def test_min_bytes_hand_count():
+    x = 2 * 64 * 128                       # input elements = output elements: 16384
+    p = 13250                              # state elements (test above)
+    # Fused Triton (reassociated or tiled): read x, write out, read the state; float32 = 4 bytes.
+    for algorithm in ("reassociated", "tiled"):
+        assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm=algorithm,
+                                    dtype="float32") == (2 * x + p) * 4 == 184072
+        assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="train", algorithm=algorithm,
+                                    dtype="float32") == (5 * x + 3 * p) * 4
+        assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm=algorithm,
+                                    dtype="bfloat16") == (2 * x + p) * 2
+    # Reference, per image:
+    #   spatial: theta/phi/gx 3*8*128 = 3072; G, its permuted copy, the 2N concat 4*128^2 = 65536;
+    #            gg 16*128 + mean 128 + y 17*128 + hidden 2*128 + logit 128 = 4736      -> 73344
+    #   channel: 3*16*64 = 3072; 4*64^2 = 16384; 8*64 + 64 + 9*64 + 64 + 64 = 1280;
+    #            transposed input copy 128*64 = 8192                                   -> 28928
+    #   spatially gated x between the branches: 64*128 = 8192
+    s_ref = 2 * (73344 + 28928 + 8192)
+    assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm="materialised",
+                                dtype="float32") == (2 * x + p + 2 * s_ref) * 4 == 1951496
+    assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="train", algorithm="materialised",
+                                dtype="float32") == (5 * x + 3 * p + 5 * s_ref) * 4
+    # torch path (reassociated, unfused), per image:
+    #   spatial: projection + BN/ReLU 6*8*128 = 6144; A 2*16*8 = 256; [theta; phi] 2*8*128 = 2048;
+    #            Z 16*128 = 2048; relation/mean/y/hidden/logit as above 4736             -> 15232
+    #   channel: 6*16*64 = 6144; 2*8*16 = 256; 2*16*64 = 2048; 8*64 = 512; 1280         -> 10240
+    #   gated x 8192
+    s_torch = 2 * (15232 + 10240 + 8192)
+    assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm="reassociated-unfused",
+                                dtype="float32") == (2 * x + p + 2 * s_torch) * 4
+    # compile: the reference without the permuted copy of G and the transposed-input copy.
+    s_compiled = s_ref - 2 * (128 ** 2 + 64 ** 2 + 8192)
+    assert cost_model.min_bytes(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm="compiled",
+                                dtype="float32") == (2 * x + p + 2 * s_compiled) * 4
+
+
+def test_impl_algorithms():
+    assert cost_model.algorithm_for("reference") == "materialised"
+    assert cost_model.algorithm_for("triton", "auto") == "reassociated"
+    assert cost_model.algorithm_for("triton", "tiled") == "tiled"
+    assert cost_model.algorithm_for("triton-tiled") == "tiled"
+
+
+def test_results_dir_names_are_normalised():
+    from bench import hardware
+    name = hardware.results_dir_name(torch.device("cpu"))
+    assert name.startswith("cpu_") and name == name.lower()
+    assert all(ch.isalnum() or ch == "_" for ch in name)
+    assert os.path.basename(name) == name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -186,10 +187,20 @@ def oracle(case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor, dev
     return None
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU through Triton's interpreter (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_unavailable(device: torch.device) -> str | None:
-    """Why rga_triton's Triton path cannot run here, or None."""
-    if device.type != "cuda":
-        return f"the Triton path needs a CUDA tensor (this run is on {device.type})"
+    """Why rga_triton's Triton path cannot run here, or None.
+
+    It needs a CUDA tensor, except under TRITON_INTERPRET=1, where it takes CPU tensors and
+    runs through Triton's interpreter: a functional check (timings are meaningless).
+    """
+    if device.type != "cuda" and not interpreting():
+        return (f"the Triton path needs a CUDA tensor (this run is on {device.type}; "
+                f"TRITON_INTERPRET=1 runs it through Triton's interpreter)")
     try:
         import rga_triton.triton_path  # noqa: F401
     except Exception as exc:   # noqa: BLE001 - any import failure means: not available
@@ -198,7 +209,10 @@ def triton_unavailable(device: torch.device) -> str | None:
 
 
 def build(impl: str, case: Case, state: dict, device: torch.device):
-    """(callable module with the shared parameters in the case's dtype on ``device``, algorithm label)."""
+    """(callable module with the shared parameters in the case's dtype on ``device``, algorithm setting).
+
+    The algorithm setting is the Triton module's ``algorithm`` attribute ("auto", "tiled", ...), else None.
+    """
     dtype = getattr(torch, case.dtype)
     train = case.mode == "train"
     if impl in ("reference", "compile", "compile-max-autotune"):
@@ -206,10 +220,10 @@ def build(impl: str, case: Case, state: dict, device: torch.device):
         module.load_state_dict(state)
         module.to(device=device, dtype=dtype).train(train)
         if impl == "reference":
-            return module, "materialised"
+            return module, None
         torch._dynamo.reset()    # a fresh cache per case: no recompile limit, no dynamic-shape graphs
         mode = "max-autotune" if impl == "compile-max-autotune" else None
-        return torch.compile(module, mode=mode, dynamic=False), "materialised"
+        return torch.compile(module, mode=mode, dynamic=False), None
     if impl in ("torch", "triton", "triton-tiled"):
         backend = "torch" if impl == "torch" else "triton"
         if backend == "triton":
@@ -217,7 +231,7 @@ def build(impl: str, case: Case, state: dict, device: torch.device):
             if reason:
                 raise Unavailable(reason)
         module = rga_triton.RGAModule(*case.module_args(), backend=backend)
-        algorithm = "reassociated"
+        algorithm = None
         if backend == "triton":
             algorithm = getattr(module, "algorithm", "default")
             if impl == "triton-tiled":

@@ -202,7 +202,10 @@ def plot_speedup(mode, dtype, branch, batch, rows, out_dir) -> str:
     _skip_note(fig, rows)
 
     def speedup(row):
-        return row["speedup_vs_reference"]
+        ref = _by(rows, "reference", (row["C"], row["H"], row["W"]))
+        if ref is None or ref["status"] != "ok" or not row["time_ms_median"]:
+            return None
+        return ref["time_ms_median"] / row["time_ms_median"]
 
     _grouped_bars(ax, rows, shapes, names, speedup, "speed-up over the eager reference (x, log scale)",
                   f"RGA speed-up over the reference: {branch}, {mode}"

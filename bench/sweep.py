@@ -11,7 +11,8 @@ Implementations (same inputs, same parameters: one state_dict loaded into each):
                         compile-max-autotune)
   torch                 rga_triton.RGAModule(backend="torch"): reassociated, plain PyTorch
   triton, triton-tiled  rga_triton.RGAModule(backend="triton") with its default algorithm and
-                        with algorithm="tiled" (CUDA only; skipped elsewhere)
+                        with algorithm="tiled" (CUDA; skipped on a CPU unless TRITON_INTERPRET=1,
+                        which runs them through Triton's interpreter: a check, not a timing)
 
 Every timed row is preceded by a correctness check against the reference run in float64
 on the same inputs (output, and grad of x in train mode). Results go to
@@ -234,6 +235,7 @@ class Sweep:
         self.oom_at: dict[tuple, int] = {}       # (impl, shape, branch, mode, dtype) -> batch that ran out
         self.triton_reason = impls.triton_unavailable(device)
         self.done: set[tuple] = set()
+        self.previous_reference_ms: dict[tuple, float] = {}   # --resume: reference times already in the CSV
         self.failures = 0
 
     def log(self, text: str) -> None:
@@ -261,8 +263,9 @@ class Sweep:
         flops = cost_model.flops(case.c, case.h, case.w, case.batch, case.branch, case.mode, algo, **case.ratios)
         nbytes = cost_model.min_bytes(case.c, case.h, case.w, case.batch, case.branch, case.mode, algo,
                                       case.dtype, **case.ratios)
+        label = algo if algorithm in (None, algo) else f"{algo} ({algorithm})"   # e.g. "reassociated (auto)"
         row = {k: None for k in COLUMNS}
-        row.update(impl=impl, algorithm=algorithm or algo, branch=case.branch, mode=case.mode, dtype=case.dtype,
+        row.update(impl=impl, algorithm=label, branch=case.branch, mode=case.mode, dtype=case.dtype,
                    batch=case.batch, C=case.c, H=case.h, W=case.w, N=case.n, input_hw=case.input_hw,
                    stage=case.stage, tolerance=impls.TOLERANCE[case.dtype], flops=flops, min_bytes=nbytes,
                    intensity=flops / nbytes, ceiling_tflops=self.ceilings["matmul_tflops"].get(case.dtype),
@@ -342,7 +345,15 @@ class Sweep:
         os.makedirs(self.out_dir, exist_ok=True)
         if self.args.resume and os.path.exists(self.csv_path):
             with open(self.csv_path, newline="") as f:
-                self.done = {_key(r) for r in csv.DictReader(f)}
+                previous = list(csv.DictReader(f))
+            self.done = {_key(r) for r in previous}
+            for r in previous:
+                case_key = _key(dict(r, impl=""))
+                if r["impl"] == "reference" and r["status"] == "ok":
+                    self.previous_reference_ms[case_key] = float(r["time_ms_median"])
+                if r["status"] == "oom":
+                    oom_key = (r["impl"], f"{r['C']}x{r['H']}x{r['W']}", r["branch"], r["mode"], r["dtype"])
+                    self.oom_at[oom_key] = min(int(r["batch"]), self.oom_at.get(oom_key, 1 << 30))
             mode = "a"
         else:
             mode = "w"
@@ -351,6 +362,9 @@ class Sweep:
         self.measure_ceilings()
         total = len(self.cases) * len(self.names)
         self.log(f"{len(self.cases)} cases x {len(self.names)} implementations = {total} rows -> {self.csv_path}")
+        if self.device.type != "cuda" and impls.interpreting() and any(n.startswith("triton") for n in self.names):
+            self.log("note: TRITON_INTERPRET=1: the triton rows run through Triton's interpreter; their correctness "
+                     "checks count, their times do not")
         start, counter, timed = time.perf_counter(), 0, 0
         with open(self.csv_path, mode, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -386,7 +400,9 @@ class Sweep:
                     self.log(f"oracle failed for {case}: {type(exc).__name__}: {exc}")
             return cache["value"]
 
-        reference_ms = None
+        reference_ms = self.previous_reference_ms.get(
+            _key({"impl": "", "branch": case.branch, "mode": case.mode, "dtype": case.dtype, "batch": case.batch,
+                  "C": case.c, "H": case.h, "W": case.w}))
         done = len(self.names) - len(todo)
         for impl in todo:
             row = self.run_row(impl, case, state, x, grad_out, get_oracle)
@@ -419,7 +435,7 @@ class Sweep:
         if row["status"] == "ok":
             text = f"{row['time_ms_median']:.3g} ms"
             if row["speedup_vs_reference"] and row["impl"] != "reference":
-                text += f" (x{row['speedup_vs_reference']:.1f} vs reference)"
+                text += f" (x{row['speedup_vs_reference']:.3g} vs reference)"
             if row["peak_mem_mb"] is not None:
                 text += f", {row['peak_mem_mb']:.0f} MB"
             if row["correct"] is False:

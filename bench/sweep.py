@@ -279,6 +279,7 @@ class Sweep:
     def measure(self, impl: str, case: Case, state, x, grad_out, get_oracle, row: dict) -> None:
         """Build, check against the float64 oracle, measure peak memory, time. Fills ``row``."""
         train = case.mode == "train"
+        ref = get_oracle()     # before the implementation holds any memory
         module, algorithm = impls.build(impl, case, state, self.device)
         row.update(self.base_row(impl, case, algorithm))
         fn, resets, leaf = impls.make_step(module, x, grad_out, train,
@@ -293,7 +294,6 @@ class Sweep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         row["first_call_s"] = time.perf_counter() - start
-        ref = get_oracle()
         if ref is not None:
             row["checked_against"] = ref.against
             row["rel_err"] = impls.rel_err(out, ref.out)
@@ -303,7 +303,7 @@ class Sweep:
                 errors.append(row["rel_err_grad_x"])
             row["correct"] = all(e <= row["tolerance"] for e in errors)
         else:
-            row["note"] = "not checked: the float64 oracle ran out of memory"
+            row["note"] = f"not checked: {get_oracle.why}"
         del out
         row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets)
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
@@ -393,8 +393,10 @@ class Sweep:
             if "value" not in cache:
                 try:
                     cache["value"] = impls.oracle(case, state, x, grad_out, self.device)
-                except Exception as exc:   # noqa: BLE001
+                    get_oracle.why = "the float64 oracle ran out of memory"
+                except Exception as exc:   # noqa: BLE001 - the rows still get timed, marked unchecked
                     cache["value"] = None
+                    get_oracle.why = f"the float64 oracle failed: {type(exc).__name__}: {exc}"[:200]
                     with open(self.errors_path, "a") as log:
                         log.write(f"=== oracle {case}\n{traceback.format_exc()}\n")
                     self.log(f"oracle failed for {case}: {type(exc).__name__}: {exc}")

@@ -79,12 +79,12 @@ def assert_close(actual, expected, tol, what):
     return err
 
 
-def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1):
+def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1, grads=True):
     """Run ``steps`` forward/backward steps on both modules; compare everything after each.
 
-    Outputs, grad x and running statistics must meet ``tol``. A parameter gradient must
-    meet ``tol`` too, or, where it is a sum with heavy cancellation (the one-element
-    weight of the last BatchNorm, say), be no worse than 4x the error the reference
+    Outputs and running statistics must meet ``tol``. Gradients must meet ``tol`` too,
+    or, where rounding dominates (a sum with heavy cancellation such as the one-element
+    weight of the last BatchNorm, or bfloat16 gradients through the gates), be no worse than 4x the error the reference
     itself makes when run in ``dtype`` on the same inputs: no implementation in that
     dtype can do better than its rounding allows. A gradient under 1e-3 of the whole
     parameter gradient is measured against that 1e-3 instead of its own norm.
@@ -99,12 +99,14 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
         grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         r_out, r_gx, r_grads = step(ref, x, grad_out)
         f_out, f_gx, f_grads = step(fast, x, grad_out, dtype=dtype, device=device)
-        l_grads = step(low, x, grad_out, dtype=dtype)[2] if low is not None else None
+        _, l_gx, l_grads = step(low, x, grad_out, dtype=dtype) if low is not None else (None, None, None)
         worst = max(worst, assert_close(f_out, r_out, tol, "output"))
-        worst = max(worst, assert_close(f_gx, r_gx, tol, "grad x"))
+        gx_floor = 4 * rel_err(l_gx, r_gx) if l_gx is not None else 0.0
+        if grads:
+            worst = max(worst, assert_close(f_gx, r_gx, max(tol, gx_floor), "grad x"))
         assert r_grads.keys() == f_grads.keys()
         whole = torch.cat([g.flatten() for g in r_grads.values()]).norm()
-        for name in r_grads:
+        for name in (r_grads if grads else ()):
             # A gradient under 1e-3 of the whole parameter gradient lies along a direction the
             # loss is (almost) invariant to, e.g. a conv feeding a train-mode BatchNorm of
             # width 1 (exactly invariant but for eps): its value is a cancellation residue, so

@@ -13,8 +13,7 @@ def affinity(theta: torch.Tensor, phi: torch.Tensor, backend: str = "auto") -> t
     """G = theta^T phi per image: theta (B, K, M), phi (B, K, N) -> (B, M, N).
 
     Computed tile by tile by a Triton kernel where Triton takes the tensors (float32
-    accumulation; TF32 only when ``torch.backends.cuda.matmul.allow_tf32``), else by
-    ``torch.matmul``.
+    accumulation; float32 inputs keep float32 accuracy), else by ``torch.matmul``.
     """
     for name, t in (("theta", theta), ("phi", phi)):
         if not isinstance(t, torch.Tensor):

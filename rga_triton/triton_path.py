@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .cache import memo
 from .batchnorm import check_batch_size, scale_shift, update_running_stats, uses_batch_stats
 from .kernels.gating import apply_gates
 from .kernels.projection import projection_apply, projection_stats
@@ -32,6 +33,14 @@ def _normalizers(bns, measure, count: int, shape):
     if any(uses_batch_stats(bn) for bn in bns):
         check_batch_size(count, shape)
         batch_mean, batch_var = measure()
+    else:       # eval: fold the running statistics once per change of parameters or buffers
+        sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+        return memo(bns[0], ("affine", len(bns)), sources, lambda: _affines(bns, None, None, count))
+    return _affines(bns, batch_mean, batch_var, count)
+
+
+@torch.no_grad()
+def _affines(bns, batch_mean, batch_var, count: int):
     scales, shifts, start = [], [], 0
     for bn in bns:
         rows = slice(start, start + bn.num_features)
@@ -47,13 +56,19 @@ def _normalizers(bns, measure, count: int, shape):
     return torch.cat(scales), torch.cat(shifts)
 
 
+def _weight(owner, tag, dtype, weights):
+    """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, memoised."""
+    return memo(owner, (tag, dtype), weights,
+                lambda: torch.cat([w.detach() for w in weights]).flatten(1).to(dtype).contiguous())
+
+
 def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
     """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
     batch, _, length = shape
     count = batch * length
     dtype = x.dtype
     embeds = (branch.theta, branch.phi, branch.gx)
-    w3 = torch.cat([seq[0].weight for seq in embeds]).flatten(1).to(dtype).contiguous()
+    w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
     k = branch.theta[0].weight.shape[0]
     scale, shift = _normalizers(
         [seq[1] for seq in embeds],
@@ -61,7 +76,7 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
         count, (batch, k, length))
     tp, gx_mean = projection_apply(x, shape, strides, w3, scale, shift, in_gate)
 
-    wg = branch.gg[0].weight.flatten(1).to(dtype).contiguous()
+    wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
     r = wg.shape[0]
     if algorithm == "tiled":
         ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
@@ -71,11 +86,14 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
                                     count, (batch, r, length))
 
     conv1, bn1, _, conv2, bn2 = branch.W
-    w1 = conv1.weight.flatten(1).float().contiguous()
+    w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
     h_scale, h_shift = _normalizers(
         [bn1], lambda: combine_stats(hidden_stats(ops, w1, z_scale, z_shift), length, batch),
         count, (batch, w1.shape[0], length))
-    w2 = conv2.weight.flatten().float().contiguous()
+    w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
+    if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
+        out_scale, out_shift = _normalizers([bn2], None, count, (batch, 1, length))
+        return gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
     logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
 
     def logit_stats():

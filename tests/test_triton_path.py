@@ -51,7 +51,7 @@ def test_half_precision_matches_reference(dtype, train):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA GPUs only")
-def test_tf32_when_allowed():
+def test_float32_accuracy_holds_when_tf32_is_allowed():
     torch.backends.cuda.matmul.allow_tf32 = True      # the autouse fixture restores it
     ref, fast, x = _pair((64, 16, 8, 4, 8, 8, 8))
     compare_steps(ref, fast, x, True, TOLERANCE_TF32, torch.float32, device=DEVICE)
@@ -149,5 +149,21 @@ def test_auto_falls_back_once_per_reason(monkeypatch):
 def test_triton_without_gpu_or_interpreter_says_so(monkeypatch):
     monkeypatch.setattr(backend_mod, "interpreting", lambda: False)
     _, fast, x = _pair(TAIL_SHAPES[0])
-    with pytest.raises(ValueError, match="CUDA"):
-        fast(x.float())     # a CPU tensor
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        fast.cpu()(x.float())     # a CPU tensor, no interpreter
+
+
+def test_memoised_constants_follow_parameter_and_buffer_updates():
+    ref, fast, x = _pair(TAIL_SHAPES[0])
+    ref.eval(), fast.eval()
+    xd = x.float().to(DEVICE)
+    with torch.no_grad():
+        fast(xd)                                   # fills the memo
+        for m in (ref, fast):                      # in-place updates, as optimizers and BN do
+            m.gg_spatial[1].running_var.mul_(1.5)
+            m.theta_channel[0].weight.mul_(0.9)
+            m.W_spatial[4].bias.add_(0.3)
+        assert rel_err(fast(xd), ref(x)) <= TOLERANCE[torch.float32]
+        ref.load_state_dict(make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, seed=7)[0].state_dict())
+        fast.load_state_dict(ref.state_dict())
+        assert rel_err(fast(xd), ref(x)) <= TOLERANCE[torch.float32]

@@ -38,8 +38,7 @@ def _affinity_kernel(theta_ptr, phi_ptr, g_ptr, M, N, K,
 def affinity(theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """G = theta^T phi per image: theta (B, K, M), phi (B, K, N) -> (B, M, N) in theta's dtype.
 
-    Accumulates in float32; float32 inputs use TF32 only when
-    ``torch.backends.cuda.matmul.allow_tf32`` is on.
+    Accumulates in float32; float32 inputs keep float32 accuracy (see ``dot_precision``).
     """
     if theta.dim() != 3 or phi.dim() != 3:
         raise ValueError(f"theta and phi must be 3-D (B, K, M) and (B, K, N), got shapes "

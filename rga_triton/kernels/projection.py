@@ -82,7 +82,7 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_
 @triton.autotune(
     configs=configs([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
                      dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
-                     dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)]),
+                     dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)]),
     key=["Cin", "L", "K"],
 )
 @triton.jit

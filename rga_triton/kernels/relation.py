@@ -203,13 +203,14 @@ def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr,
     tl.store(stats_ptr + HIDDEN * n_cols + offs_h * n_cols + col, m2, mask=h_mask)
 
 
-@triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY"])
+@triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE"])
 @triton.jit
 def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr,
-                       h_scale_ptr, h_shift_ptr, w2_ptr, logit_ptr, R, K2, L, HIDDEN,
-                       Z_IN_MEMORY: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
-    """logit[b, l] = conv2 ReLU(h * h_scale + h_shift), before the last BatchNorm. Grid: (cdiv(L, BLOCK_L), B)."""
+                       h_scale_ptr, h_shift_ptr, w2_ptr, out_scale_ptr, out_shift_ptr, logit_ptr, R, K2, L, HIDDEN,
+                       Z_IN_MEMORY: tl.constexpr, APPLY_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    """logit[b, l] = conv2 ReLU(h * h_scale + h_shift), before the last BatchNorm; with APPLY_GATE
+    (eval) the gate sigmoid(logit * out_scale + out_shift) instead. Grid: (cdiv(L, BLOCK_L), B)."""
     b = tl.program_id(1).to(tl.int64)
     offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
@@ -222,6 +223,8 @@ def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, g
     w2 = tl.load(w2_ptr + offs_h, mask=h_mask, other=0.0)
     hidden = tl.maximum(h * scale[:, None] + shift[:, None], 0.0)
     logit = tl.sum(w2[:, None] * hidden, axis=0)
+    if APPLY_GATE:
+        logit = tl.sigmoid(logit * tl.load(out_scale_ptr) + tl.load(out_shift_ptr))
     tl.store(logit_ptr + b * L + offs_l, logit, mask=l_mask)
 
 
@@ -257,9 +260,8 @@ class RelationOperands:
         self.a = a if a is not None else gx_mean     # dummy pointer when unused
         self.z = z if z is not None else gx_mean
         self.batch, self.k2, self.length = tp.shape
-        # The gate kernels multiply float32 operands whatever x's dtype: full float32
-        # accuracy (as for float32 x) costs them little.
-        self.precision = dot_precision(torch.float32, tp.device)
+        # The gate kernels multiply float32 operands whatever x's dtype.
+        self.precision = dot_precision(tp.dtype, tp.device)
 
 
 def _block_h(hidden: int) -> int:
@@ -288,12 +290,19 @@ def hidden_stats(ops: RelationOperands, w1: torch.Tensor, z_scale: torch.Tensor,
     return stats
 
 
-def gate_logit(ops: RelationOperands, w1, z_scale, z_shift, h_scale, h_shift, w2) -> torch.Tensor:
-    """The gate logit before the last BatchNorm: float32 (B, L). w2: float32 (Hd,)."""
+def gate_logit(ops: RelationOperands, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale=None, out_shift=None):
+    """The gate logit before the last BatchNorm, float32 (B, L); w2: float32 (Hd,).
+
+    Given the last BatchNorm as (out_scale, out_shift) (eval), the sigmoid gate instead.
+    """
+    apply_gate = out_scale is not None
+    if not apply_gate:
+        out_scale = out_shift = w2      # dummy pointers, never read
     hidden = w1.shape[0]
     logit = torch.empty((ops.batch, ops.length), device=ops.tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(ops.length, meta["BLOCK_L"]), ops.batch)  # noqa: E731
-    _gate_logit_kernel[grid](ops.a, ops.tp, ops.z, w1, z_scale, z_shift, ops.gx_mean, h_scale, h_shift, w2, logit,
-                             ops.r, ops.k2, ops.length, hidden, Z_IN_MEMORY=ops.z_in_memory,
+    _gate_logit_kernel[grid](ops.a, ops.tp, ops.z, w1, z_scale, z_shift, ops.gx_mean, h_scale, h_shift, w2,
+                             out_scale, out_shift, logit, ops.r, ops.k2, ops.length, hidden,
+                             Z_IN_MEMORY=ops.z_in_memory, APPLY_GATE=apply_gate,
                              DOT_PRECISION=ops.precision, BLOCK_H=_block_h(hidden))
     return logit

@@ -236,6 +236,7 @@ class Sweep:
         self.triton_reason = impls.triton_unavailable(device)
         self.done: set[tuple] = set()
         self.previous_reference_ms: dict[tuple, float] = {}   # --resume: reference times already in the CSV
+        self.reference_grad_err: dict[tuple, float] = {}      # the reference's own grad x error per case
         self.failures = 0
 
     def log(self, text: str) -> None:
@@ -298,10 +299,18 @@ class Sweep:
             row["checked_against"] = ref.against
             row["rel_err"] = impls.rel_err(out, ref.out)
             errors = [row["rel_err"]]
+            tolerances = [row["tolerance"]]
             if train:
+                # Float32 gradients through train-mode BatchNorm and the gates lose ~1e-3 to
+                # rounding even in the reference itself; a grad x no worse than 4x the
+                # reference's own error in this dtype counts as correct.
                 row["rel_err_grad_x"] = impls.rel_err(leaf.grad, ref.grad_x)
                 errors.append(row["rel_err_grad_x"])
-            row["correct"] = all(e <= row["tolerance"] for e in errors)
+                key = (case.shape, case.batch, case.branch, case.mode, case.dtype)
+                if impl == "reference":
+                    self.reference_grad_err[key] = row["rel_err_grad_x"]
+                tolerances.append(max(row["tolerance"], 4 * self.reference_grad_err.get(key, 0.0)))
+            row["correct"] = all(e <= t for e, t in zip(errors, tolerances))
         else:
             row["note"] = f"not checked: {get_oracle.why}"
         del out

@@ -15,28 +15,42 @@ from __future__ import annotations
 import torch
 
 from .cache import memo
-from .batchnorm import check_batch_size, scale_shift, update_running_stats, uses_batch_stats
+from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
+                        uses_batch_stats)
+from .kernels.batchnorm import bn_finalize
 from .kernels.gating import apply_gates
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
                                z_stats)
-from .kernels.tuning import combine_stats
 from .torch_path import Branch, rga_forward as torch_forward
 
-def _normalizers(bns, measure, count: int, shape):
+def _normalizers(bns, partials, count: int, shape, length: int):
     """Float32 (scale, shift) for the rows of ``bns`` (concatenated in order).
 
-    Batch statistics are measured once (``measure() -> (mean, biased var)``) if any of
-    them normalises with the batch; running statistics move as nn.BatchNorm2d moves them.
+    ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
+    it runs only if a BatchNorm normalises with the batch, and one ``bn_finalize`` launch
+    per BatchNorm then merges them and moves its running statistics as nn.BatchNorm2d
+    does. In eval the running statistics fold once per change of parameters or buffers.
     """
-    batch_mean = batch_var = None
-    if any(uses_batch_stats(bn) for bn in bns):
-        check_batch_size(count, shape)
-        batch_mean, batch_var = measure()
-    else:       # eval: fold the running statistics once per change of parameters or buffers
+    if not any(uses_batch_stats(bn) for bn in bns):
         sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
         return memo(bns[0], ("affine", len(bns)), sources, lambda: _affines(bns, None, None, count))
-    return _affines(bns, batch_mean, batch_var, count)
+    check_batch_size(count, shape)
+    stats = partials()
+    rows = sum(bn.num_features for bn in bns)
+    scale = torch.empty(rows, device=stats.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    start = 0
+    for bn in bns:
+        end = start + bn.num_features
+        if uses_batch_stats(bn):
+            update = tracks_running_stats(bn)
+            factor = step_momentum(bn) if update else 0.0
+            bn_finalize(stats, start, bn, length, factor, update, scale[start:end], shift[start:end])
+        else:
+            scale[start:end], shift[start:end] = scale_shift(bn, bn.running_mean, bn.running_var)
+        start = end
+    return scale, shift
 
 
 @torch.no_grad()
@@ -70,10 +84,9 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     embeds = (branch.theta, branch.phi, branch.gx)
     w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
     k = branch.theta[0].weight.shape[0]
-    scale, shift = _normalizers(
-        [seq[1] for seq in embeds],
-        lambda: combine_stats(projection_stats(x, shape, strides, w3, in_gate), length, batch),
-        count, (batch, k, length))
+    scale, shift = _normalizers([seq[1] for seq in embeds],
+                                lambda: projection_stats(x, shape, strides, w3, in_gate),
+                                count, (batch, k, length), length)
     tp, gx_mean = projection_apply(x, shape, strides, w3, scale, shift, in_gate)
 
     wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
@@ -82,25 +95,21 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
         ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
     else:
         ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
-    z_scale, z_shift = _normalizers([branch.gg[1]], lambda: combine_stats(z_stats(ops), length, batch),
-                                    count, (batch, r, length))
+    z_scale, z_shift = _normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W
     w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
-    h_scale, h_shift = _normalizers(
-        [bn1], lambda: combine_stats(hidden_stats(ops, w1, z_scale, z_shift), length, batch),
-        count, (batch, w1.shape[0], length))
+    h_scale, h_shift = _normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
+                                    count, (batch, w1.shape[0], length), length)
     w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
     if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out_scale, out_shift = _normalizers([bn2], None, count, (batch, 1, length))
+        out_scale, out_shift = _normalizers([bn2], None, count, (batch, 1, length), length)
         return gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
     logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
 
-    def logit_stats():
-        var, mean = torch.var_mean(logit, unbiased=False)
-        return mean.view(1), var.view(1)
-
-    out_scale, out_shift = _normalizers([bn2], logit_stats, count, (batch, 1, length))
+    check_batch_size(count, (batch, 1, length))
+    var, mean = torch.var_mean(logit, unbiased=False)     # one channel: a single small reduction
+    out_scale, out_shift = _affines([bn2], mean.view(1), var.view(1), count)
     return torch.sigmoid(logit * out_scale + out_shift)
 
 

@@ -66,6 +66,14 @@ def test_rga_net_stage_shapes(c, h, w):
             assert rel_err(fast(x.float().to(DEVICE)), ref(x)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("use_spatial,use_channel", [(True, False), (False, True)])
+def test_statistics_merge_across_splits(use_spatial, use_channel):
+    """L > STAT_SPLIT with a tail: partial statistics of several splits merge exactly."""
+    ref, fast, x = _pair((300, 24, 20, 2, 16, 16, 8) if use_spatial else (300, 6, 4, 2, 8, 4, 4),
+                         use_spatial, use_channel)
+    compare_steps(ref, fast, x, True, TOLERANCE[torch.float32], torch.float32, device=DEVICE, steps=2)
+
+
 def test_momentum_none_and_batch_of_one():
     ref, fast, x = _pair((16, 8, 8, 1, 2, 8, 4))
     for m in (ref, fast):

@@ -44,18 +44,3 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def n_splits(length: int) -> int:
     return triton.cdiv(length, STAT_SPLIT)
-
-
-def combine_stats(partial: torch.Tensor, length: int, batch: int):
-    """Merge per-split (mean, M2) partials (2, rows, batch * n_splits) into batch (mean, biased var).
-
-    Chan et al.'s parallel formula: no sum of squares, so no cancellation.
-    """
-    splits = n_splits(length)
-    counts = torch.clamp(length - STAT_SPLIT * torch.arange(splits, device=partial.device), max=STAT_SPLIT)
-    counts = counts.to(torch.float64).repeat(batch)                   # (batch * splits,)
-    mean_i, m2_i = partial[0].double(), partial[1].double()
-    total = counts.sum()
-    mean = (mean_i * counts).sum(1) / total
-    m2 = m2_i.sum(1) + ((mean_i - mean[:, None]) ** 2 * counts).sum(1)
-    return mean.float(), (m2 / total).float()

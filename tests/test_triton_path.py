@@ -52,9 +52,12 @@ def test_half_precision_matches_reference(dtype, train):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA GPUs only")
 def test_float32_accuracy_holds_when_tf32_is_allowed():
+    """The kernels keep float32 accuracy (3xTF32) when TF32 is allowed: forward outputs and
+    running statistics. Gradients are left out: backward recomputes through the torch path,
+    whose cuBLAS matmuls then use TF32 as the user asked (grad x ~1e-2 measured on an H100)."""
     torch.backends.cuda.matmul.allow_tf32 = True      # the autouse fixture restores it
     ref, fast, x = _pair((64, 16, 8, 4, 8, 8, 8))
-    compare_steps(ref, fast, x, True, TOLERANCE_TF32, torch.float32, device=DEVICE)
+    compare_steps(ref, fast, x, True, TOLERANCE_TF32, torch.float32, device=DEVICE, grads=False)
 
 
 @pytest.mark.parametrize("c,h,w", [(256, 64, 32), (2048, 16, 8)], ids=["stage1", "stage4"])

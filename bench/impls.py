@@ -71,17 +71,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 on the CPU; inf on a NaN/inf mismatch."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if not torch.equal(torch.isfinite(actual), torch.isfinite(expected)):
-        return float("inf")
-    finite = torch.isfinite(expected)
-    diff = (actual[finite] - expected[finite]).norm()
-    scale = expected[finite].norm()
-    return float(diff / scale) if scale > 0 else float(diff)
-
-
 def master_state(case: Case, device: torch.device, seed: int = 0) -> dict:
     """A float32 CPU state_dict shared by every implementation of this shape and branch.
 

@@ -34,6 +34,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import rga_triton  # noqa: E402
+from rga_triton.testing import rel_err  # noqa: E402
 from bench import cost_model, hardware, impls, timing  # noqa: E402
 from bench.impls import Case  # noqa: E402
 
@@ -297,14 +298,14 @@ class Sweep:
         row["first_call_s"] = time.perf_counter() - start
         if ref is not None:
             row["checked_against"] = ref.against
-            row["rel_err"] = impls.rel_err(out, ref.out)
+            row["rel_err"] = rel_err(out, ref.out)
             errors = [row["rel_err"]]
             tolerances = [row["tolerance"]]
             if train:
                 # Float32 gradients through train-mode BatchNorm and the gates lose ~1e-3 to
                 # rounding even in the reference itself; a grad x no worse than 4x the
                 # reference's own error in this dtype counts as correct.
-                row["rel_err_grad_x"] = impls.rel_err(leaf.grad, ref.grad_x)
+                row["rel_err_grad_x"] = rel_err(leaf.grad, ref.grad_x)
                 errors.append(row["rel_err_grad_x"])
                 key = (case.shape, case.batch, case.branch, case.mode, case.dtype)
                 if impl == "reference":

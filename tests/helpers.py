@@ -6,22 +6,12 @@ import copy
 import torch
 
 import rga_triton
+from rga_triton.testing import rel_err  # noqa: F401  (re-exported for the tests)
 from reference import RGA_Module
 
 # DESIGN.md's contract: ||out - ref|| / ||ref|| against the float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 TOLERANCE_TF32 = 1e-4
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; inf if actual has a NaN/inf where expected is finite."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if not torch.equal(torch.isfinite(actual), torch.isfinite(expected)):
-        return float("inf")
-    finite = torch.isfinite(expected)
-    diff = (actual[finite] - expected[finite]).norm()
-    scale = expected[finite].norm()
-    return float(diff / scale) if scale > 0 else float(diff)
 
 
 def randomize_batchnorm(module: torch.nn.Module, x: torch.Tensor, generator: torch.Generator) -> None:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import welford_merge
+from .stats import store_partials, welford_merge
 from .tuning import STAT_SPLIT, configs, dot_precision, n_splits
 
 
@@ -43,6 +43,20 @@ def _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin
             xt = (xt.to(tl.float32) * g[:, None]).to(w.dtype)   # rounds as the reference's gated x does
         acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+                stride_xb, stride_xc, stride_xl, stride_gb,
+                HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_L: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """ReLU(P[rows, l] * scale[rows] + shift[rows]): the embedding with its BatchNorm as an affine map."""
+    acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+                        stride_xb, stride_xc, stride_xl, stride_gb,
+                        HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
+    return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
 
 
 @triton.autotune(
@@ -74,9 +88,7 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_
                             stride_xb, stride_xc, stride_xl, stride_gb,
                             HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
         mean, m2, count = welford_merge(acc, l_mask, mean, m2, count)
-    col = b * tl.num_programs(0) + pid_s
-    tl.store(stats_ptr + rows * n_cols + col, mean, mask=row_mask)
-    tl.store(stats_ptr + ROWS * n_cols + rows * n_cols + col, m2, mask=row_mask)
+    store_partials(stats_ptr, rows, row_mask, ROWS, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
 @triton.autotune(
@@ -105,12 +117,8 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
         offs_k = (pid_r % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         rows = section * K + offs_k
-        acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
-                            stride_xb, stride_xc, stride_xl, stride_gb,
-                            HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
-        scale = tl.load(scale_ptr + rows, mask=k_mask, other=0.0)
-        shift = tl.load(shift_ptr + rows, mask=k_mask, other=0.0)
-        y = tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
+        y = _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
+                        stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
         tl.store(tp_ptr + b * 2 * K * L + rows[:, None] * L + offs_l[None, :], y.to(tp_ptr.dtype.element_ty),
                  mask=k_mask[:, None] & l_mask[None, :])
     else:
@@ -119,12 +127,9 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             rows = 2 * K + offs_k
-            acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
-                                stride_xb, stride_xc, stride_xl, stride_gb,
-                                HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
-            scale = tl.load(scale_ptr + rows, mask=k_mask, other=0.0)
-            shift = tl.load(shift_ptr + rows, mask=k_mask, other=0.0)
-            y = tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
+            y = _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
+                            stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L,
+                            DOT_PRECISION)
             total += tl.sum(tl.where(k_mask[:, None], y, 0.0), axis=0)
         tl.store(gx_mean_ptr + b * L + offs_l, total / K, mask=l_mask)
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import welford_merge
+from .stats import store_partials, welford_merge
 from .tuning import STAT_SPLIT, configs, dot_precision, n_splits
 
 
@@ -172,9 +172,7 @@ def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
         z = _z_tile(a_ptr, tp_ptr, z_ptr, b, offs_r, r_mask, offs_l, l_mask, R, K2, L,
                     Z_IN_MEMORY, DOT_PRECISION, BLOCK_R, BLOCK_K, BLOCK_L)
         mean, m2, count = welford_merge(z, l_mask, mean, m2, count)
-    col = b * tl.num_programs(0) + pid_s
-    tl.store(stats_ptr + offs_r * n_cols + col, mean, mask=r_mask)
-    tl.store(stats_ptr + R * n_cols + offs_r * n_cols + col, m2, mask=r_mask)
+    store_partials(stats_ptr, offs_r, r_mask, R, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
 @triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY"])
@@ -197,10 +195,7 @@ def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr,
         h = _hidden_tile(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr, b, offs_l, l_mask,
                          R, K2, L, HIDDEN, Z_IN_MEMORY, DOT_PRECISION, BLOCK_H, BLOCK_R, BLOCK_K, BLOCK_L)
         mean, m2, count = welford_merge(h, l_mask, mean, m2, count)
-    col = b * tl.num_programs(0) + pid_s
-    h_mask = offs_h < HIDDEN
-    tl.store(stats_ptr + offs_h * n_cols + col, mean, mask=h_mask)
-    tl.store(stats_ptr + HIDDEN * n_cols + offs_h * n_cols + col, m2, mask=h_mask)
+    store_partials(stats_ptr, offs_h, offs_h < HIDDEN, HIDDEN, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
 @triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE"])

@@ -15,3 +15,10 @@ def welford_merge(values, col_mask, mean, m2, count):
     mean = mean + delta * (n_new / total)
     m2 = m2 + tile_m2 + delta * delta * (count * n_new / total)
     return mean, m2, total
+
+
+@triton.jit
+def store_partials(stats_ptr, rows, row_mask, rows_total, n_cols, col, mean, m2):
+    """Write one program's (mean, M2) into column ``col`` of the partials (2, rows_total, n_cols)."""
+    tl.store(stats_ptr + rows * n_cols + col, mean, mask=row_mask)
+    tl.store(stats_ptr + (rows_total + rows) * n_cols + col, m2, mask=row_mask)

@@ -157,7 +157,8 @@ def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
         return torch_forward(module, x)
     algorithm = "tiled" if module.algorithm == "tiled" else "reassociated"
-    params = list(module.parameters())
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _RGATritonFunction.apply(x, module, algorithm, *params)
+    if torch.is_grad_enabled():
+        params = list(module.parameters())
+        if x.requires_grad or any(p.requires_grad for p in params):
+            return _RGATritonFunction.apply(x, module, algorithm, *params)
     return fused_forward(module, x, algorithm)

@@ -41,12 +41,19 @@ def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool =
     update = update_running_stats and tracks_running_stats(bn)
     factor = step_momentum(bn) if update else 0.0
     keep_running = update or not batch_stats
-    return F.batch_norm(
-        z,
-        bn.running_mean if keep_running else None,
-        bn.running_var if keep_running else None,
-        bn.weight, bn.bias, batch_stats, factor, bn.eps,
-    )
+    mean, var = (bn.running_mean, bn.running_var) if keep_running else (None, None)
+    weight, bias = bn.weight, bn.bias
+    wider = mean is not None and mean.dtype != z.dtype
+    if wider:           # z is computed wider than the module's half-precision buffers
+        mean, var = mean.to(z.dtype), var.to(z.dtype)
+    if weight is not None and weight.dtype != z.dtype:
+        weight, bias = weight.to(z.dtype), bias.to(z.dtype)
+    out = F.batch_norm(z, mean, var, weight, bias, batch_stats, factor, bn.eps)
+    if wider and update:
+        with torch.no_grad():       # rounded once into the buffers, as nn.BatchNorm2d's own update rounds
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return out
 
 
 @torch.no_grad()

@@ -31,11 +31,16 @@ class Branch(NamedTuple):
     W: nn.Sequential
 
 
+def _conv_weight(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv's weight as a (out, in) matrix in ``like``'s dtype (differentiable cast)."""
+    return conv.weight.flatten(1).to(like.dtype)
+
+
 def relation_inputs(branch: Branch, feats: torch.Tensor, update: bool = True):
     """theta, phi (B, K, L) and the channel-mean of the gx embedding (B, 1, L)."""
     weights = [branch.theta[0].weight, branch.phi[0].weight, branch.gx[0].weight]
     k = weights[0].shape[0]
-    projected = torch.matmul(torch.cat(weights).flatten(1), feats)   # one read of feats
+    projected = torch.matmul(torch.cat(weights).flatten(1).to(feats.dtype), feats)   # one read of feats
     theta, phi, gx = (
         F.relu(batch_norm(z, seq[1], update))
         for z, seq in zip(projected.split(k, dim=1), (branch.theta, branch.phi, branch.gx))
@@ -46,7 +51,7 @@ def relation_inputs(branch: Branch, feats: torch.Tensor, update: bool = True):
 def relation_preactivation(gg_weight: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """Z = (W_in phi^T) theta + (W_out theta^T) phi, shape (B, R, L), without forming G."""
     length = theta.shape[-1]
-    w = gg_weight.flatten(1)
+    w = gg_weight.flatten(1).to(theta.dtype)
     w_in, w_out = w[:, :length], w[:, length:]
     a = torch.cat([torch.matmul(w_in, phi.transpose(1, 2)), torch.matmul(w_out, theta.transpose(1, 2))], dim=2)
     return torch.matmul(a, torch.cat([theta, phi], dim=1))
@@ -59,12 +64,23 @@ def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torc
     relation = F.relu(batch_norm(z, branch.gg[1], update))
     conv1, bn1, _, conv2, bn2 = branch.W
     y = torch.cat([pooled, relation], dim=1)
-    hidden = F.relu(batch_norm(torch.matmul(conv1.weight.flatten(1), y), bn1, update))
-    return batch_norm(torch.matmul(conv2.weight.flatten(1), hidden), bn2, update).squeeze(1)
+    hidden = F.relu(batch_norm(torch.matmul(_conv_weight(conv1, y), y), bn1, update))
+    return batch_norm(torch.matmul(_conv_weight(conv2, hidden), hidden), bn2, update).squeeze(1)
 
 
 def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
-    """The RGA block's output for x (B, C, H, W): spatial gate, then channel gate on the result."""
+    """The RGA block's output for x (B, C, H, W): spatial gate, then channel gate on the result.
+
+    float16/bfloat16 inputs are computed in float32 and the output rounded once: the
+    half-precision reference rounds every intermediate, and rounding the reassociated
+    products (whose sums cancel) would cost more than that, forward and above all backward.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return _forward(module, x.float(), update).to(x.dtype)
+    return _forward(module, x, update)
+
+
+def _forward(module, x: torch.Tensor, update: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
     if module.use_spatial:

@@ -33,6 +33,15 @@ def test_float32_matches_float64_reference(train):
     compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, steps=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_half_precision_matches_float64_reference(shape, train, dtype):
+    c, h, w, b, cr, sr, dr = shape
+    ref, fast, x = make_pair(c, h, w, b, True, True, cr, sr, dr, dtype=dtype)
+    compare_steps(ref, fast, x, train, TOLERANCE[dtype], dtype, steps=2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("c,h,w", [(256, 64, 32), (2048, 16, 8)], ids=["stage1", "stage4"])
 def test_rga_net_stage_shapes_float32(c, h, w):

@@ -42,12 +42,8 @@ def test_float32_matches_reference(shape, train, use_spatial, use_channel, algor
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_half_precision_matches_reference(dtype, train):
-    """Outputs and running statistics over two train steps. Gradients in float16/bfloat16
-    are not yet within the contract: backward recomputes through the torch path, whose
-    half-precision gradients are up to ~10x noisier than the reference's own (a known gap,
-    left to the backward-kernel issue, whose kernels accumulate in float32)."""
     ref, fast, x = _pair((64, 16, 8, 4, 8, 8, 8), dtype=dtype)
-    compare_steps(ref, fast, x, train, TOLERANCE[dtype], dtype, device=DEVICE, steps=2, grads=False)
+    compare_steps(ref, fast, x, train, TOLERANCE[dtype], dtype, device=DEVICE, steps=2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA GPUs only")

@@ -35,11 +35,16 @@ def _attention_net(in_channels, down_ratio):
 
 
 class RGA_Module(nn.Module):
-    """RGA-S / RGA-C / RGA-SC block, literal. x: (B, in_channel, H, W) with H*W == in_spatial."""
+    """RGA-S / RGA-C / RGA-SC block, literal. x: (B, in_channel, H, W) with H*W == in_spatial.
+
+    ``order`` composes the two branches: "sc" (default, the authors' forward), "cs", or
+    "parallel" (out = x * sigmoid(a_s) * sigmoid(a_c), both logits from x).
+    """
 
     def __init__(self, in_channel, in_spatial, use_spatial=True, use_channel=True,
-                 cha_ratio=8, spa_ratio=8, down_ratio=8):
+                 cha_ratio=8, spa_ratio=8, down_ratio=8, order="sc"):
         super().__init__()
+        self.order = order      # not in the authors' module: "sc" is theirs; "cs", "parallel" from Table 1
         self.in_channel = in_channel
         self.in_spatial = in_spatial
         self.use_spatial = use_spatial
@@ -67,28 +72,23 @@ class RGA_Module(nn.Module):
             self.theta_channel = _embed(self.in_spatial, self.inter_spatial)
             self.phi_channel = _embed(self.in_spatial, self.inter_spatial)
 
-    def forward(self, x):
+    def spatial_logit(self, x):
+        """W_ys (b, 1, h, w): the spatial branch's gate logit, as the authors compute it."""
         b, c, h, w = x.size()
+        theta_xs = self.theta_spatial(x).view(b, self.inter_channel, -1).permute(0, 2, 1)
+        phi_xs = self.phi_spatial(x).view(b, self.inter_channel, -1)
+        Gs = torch.matmul(theta_xs, phi_xs)                     # (b, N, N)
+        Gs_in = Gs.permute(0, 2, 1).reshape(b, h * w, h, w)     # channel q at p: G[p, q]
+        Gs_out = Gs.reshape(b, h * w, h, w)                     # channel q at p: G[q, p]
+        Gs_joint = self.gg_spatial(torch.cat((Gs_in, Gs_out), 1))
 
-        if self.use_spatial:
-            theta_xs = self.theta_spatial(x).view(b, self.inter_channel, -1).permute(0, 2, 1)
-            phi_xs = self.phi_spatial(x).view(b, self.inter_channel, -1)
-            Gs = torch.matmul(theta_xs, phi_xs)                     # (b, N, N)
-            Gs_in = Gs.permute(0, 2, 1).reshape(b, h * w, h, w)     # channel q at p: G[p, q]
-            Gs_out = Gs.reshape(b, h * w, h, w)                     # channel q at p: G[q, p]
-            Gs_joint = self.gg_spatial(torch.cat((Gs_in, Gs_out), 1))
+        g_xs = torch.mean(self.gx_spatial(x), dim=1, keepdim=True)
+        ys = torch.cat((g_xs, Gs_joint), 1)
+        return self.W_spatial(ys)
 
-            g_xs = torch.mean(self.gx_spatial(x), dim=1, keepdim=True)
-            ys = torch.cat((g_xs, Gs_joint), 1)
-            W_ys = self.W_spatial(ys)
-            x = torch.sigmoid(W_ys.expand_as(x)) * x
-            if not self.use_channel:
-                return x
-
-        if not self.use_channel:   # the authors' forward falls through and returns None
-            return None
-
-        # channel attention: x read as N "channels" over C "positions"
+    def channel_logit(self, x):
+        """W_yc (b, c, 1, 1): the channel branch's gate logit, x read as N "channels" over C "positions"."""
+        b, c, h, w = x.size()
         xc = x.view(b, c, -1).permute(0, 2, 1).unsqueeze(-1)        # (b, N, C, 1)
         theta_xc = self.theta_channel(xc).squeeze(-1).permute(0, 2, 1)
         phi_xc = self.phi_channel(xc).squeeze(-1)
@@ -99,5 +99,19 @@ class RGA_Module(nn.Module):
 
         g_xc = torch.mean(self.gx_channel(xc), dim=1, keepdim=True)
         yc = torch.cat((g_xc, Gc_joint), 1)
-        W_yc = self.W_channel(yc).transpose(1, 2)                   # (b, C, 1, 1)
-        return torch.sigmoid(W_yc) * x
+        return self.W_channel(yc).transpose(1, 2)                   # (b, C, 1, 1)
+
+    def forward(self, x):
+        if not (self.use_spatial or self.use_channel):   # the authors' forward returns None
+            return None
+        if self.use_spatial and self.use_channel and self.order == "parallel":
+            # Both gates from the same input, applied together (the paper's Table 1 variant).
+            return x * torch.sigmoid(self.spatial_logit(x)) * torch.sigmoid(self.channel_logit(x))
+        # "sc" (the authors'): spatial gate, then the channel gate computed on the gated map.
+        branches = ("channel", "spatial") if self.order == "cs" else ("spatial", "channel")
+        for branch in branches:
+            if branch == "spatial" and self.use_spatial:
+                x = torch.sigmoid(self.spatial_logit(x).expand_as(x)) * x
+            elif branch == "channel" and self.use_channel:
+                x = torch.sigmoid(self.channel_logit(x)) * x
+        return x

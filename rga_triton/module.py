@@ -9,6 +9,15 @@ from . import checks
 from .torch_path import Branch, rga_forward as torch_forward
 
 
+ORDERS = ("sc", "cs", "parallel")
+
+
+def check_order(order) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
+
+
 def _embed(in_channels: int, out_channels: int) -> nn.Sequential:
     """1x1 conv (no bias) -> BatchNorm -> ReLU."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
@@ -33,13 +42,16 @@ class RGAModule(nn.Module):
     ``algorithm`` picks the Triton path's exact algorithm: ``"reassociated"`` (Z from the
     skinny products W_in phi^T, W_out theta^T; never forms G), ``"tiled"`` (G built block
     by block on chip and fed straight into the relation embedding), or ``"auto"``.
+    ``order`` composes the branches of RGA-SC: ``"sc"`` (the authors': spatial gate, then
+    the channel gate computed on the gated map), ``"cs"``, or ``"parallel"`` (both gates
+    from x: out = x * sigmoid(a_s) * sigmoid(a_c)), the variants of the paper's Table 1.
 
     x: (B, in_channel, H, W) with H * W == in_spatial. Returns a tensor of x's shape.
     """
 
     def __init__(self, in_channel: int, in_spatial: int, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, backend: str = "auto",
-                 algorithm: str = "auto"):
+                 algorithm: str = "auto", order: str = "sc"):
         super().__init__()
         self.inter_channel, self.inter_spatial = checks.block_sizes(
             in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
@@ -48,6 +60,7 @@ class RGAModule(nn.Module):
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
         self.backend = _backend.check_backend(backend)
         self.algorithm = _backend.check_algorithm(algorithm)
+        self.order = check_order(order)
 
         # Registration order follows the authors' module so state_dict key order matches too.
         if use_spatial:
@@ -78,11 +91,13 @@ class RGAModule(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
                 f"use_channel={self.use_channel}, cha_ratio={self.cha_ratio}, spa_ratio={self.spa_ratio}, "
-                f"down_ratio={self.down_ratio}, backend={self.backend!r}, algorithm={self.algorithm!r}")
+                f"down_ratio={self.down_ratio}, backend={self.backend!r}, algorithm={self.algorithm!r}, "
+                f"order={self.order!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.backend = _backend.check_backend(self.backend)
         self.algorithm = _backend.check_algorithm(self.algorithm)
+        self.order = check_order(self.order)
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
         if _backend.resolve(self.backend, x) == "triton":

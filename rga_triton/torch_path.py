@@ -69,7 +69,7 @@ def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torc
 
 
 def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
-    """The RGA block's output for x (B, C, H, W): spatial gate, then channel gate on the result.
+    """The RGA block's output for x (B, C, H, W), its branches composed in ``module.order``.
 
     float16/bfloat16 inputs are computed in float32 and the output rounded once: the
     half-precision reference rounds every intermediate, and rounding the reassociated
@@ -83,10 +83,23 @@ def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
 def _forward(module, x: torch.Tensor, update: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    if module.use_spatial:
-        spatial_gate = torch.sigmoid(gate_logit(module.branch("spatial"), flat, update))
-        flat = spatial_gate.unsqueeze(1) * flat
-    if module.use_channel:
-        channel_gate = torch.sigmoid(gate_logit(module.branch("channel"), flat.transpose(1, 2), update))
-        flat = channel_gate.unsqueeze(2) * flat
-    return flat.view(b, c, h, w)
+
+    def spatial_gate(feats):
+        return torch.sigmoid(gate_logit(module.branch("spatial"), feats, update)).unsqueeze(1)     # (B, 1, N)
+
+    def channel_gate(feats):
+        return torch.sigmoid(gate_logit(module.branch("channel"), feats.transpose(1, 2), update)).unsqueeze(2)
+
+    both = module.use_spatial and module.use_channel
+    if both and module.order == "parallel":
+        out = flat * spatial_gate(flat) * channel_gate(flat)
+    elif both and module.order == "cs":
+        flat = channel_gate(flat) * flat
+        out = spatial_gate(flat) * flat
+    else:       # "sc", or a single branch
+        if module.use_spatial:
+            flat = spatial_gate(flat) * flat
+        if module.use_channel:
+            flat = channel_gate(flat) * flat
+        out = flat
+    return out.view(b, c, h, w)

@@ -119,11 +119,22 @@ def fused_forward(module, x: torch.Tensor, algorithm: str = "reassociated") -> t
     if x.stride(2) != w * x.stride(3):           # H and W must merge into one position axis
         x = x.contiguous()
     sb, sc, sn = x.stride(0), x.stride(1), x.stride(3)
-    spatial = channel = None
-    if module.use_spatial:
-        spatial = branch_gate(module.branch("spatial"), x, (b, c, h * w), (sb, sc, sn), None, algorithm)
-    if module.use_channel:
-        channel = branch_gate(module.branch("channel"), x, (b, h * w, c), (sb, sn, sc), spatial, algorithm)
+    spatial_view, channel_view = ((b, c, h * w), (sb, sc, sn)), ((b, h * w, c), (sb, sn, sc))
+
+    def spatial_gate(in_gate=None):       # in_gate: channel gate (B, C) applied where x is read
+        return branch_gate(module.branch("spatial"), x, *spatial_view, in_gate, algorithm)
+
+    def channel_gate(in_gate=None):       # in_gate: spatial gate (B, N) applied where x is read
+        return branch_gate(module.branch("channel"), x, *channel_view, in_gate, algorithm)
+
+    if module.use_spatial and module.use_channel and module.order == "parallel":
+        spatial, channel = spatial_gate(), channel_gate()
+    elif module.use_spatial and module.use_channel and module.order == "cs":
+        channel = channel_gate()
+        spatial = spatial_gate(channel)
+    else:       # "sc", or a single branch
+        spatial = spatial_gate() if module.use_spatial else None
+        channel = channel_gate(spatial) if module.use_channel else None
     return apply_gates(x, spatial, channel)
 
 

@@ -40,7 +40,7 @@ def randomize_batchnorm(module: torch.nn.Module, x: torch.Tensor, generator: tor
 
 
 def make_pair(c, h, w, batch=2, use_spatial=True, use_channel=True, cha_ratio=8, spa_ratio=8, down_ratio=8,
-              dtype=torch.float32, device="cpu", backend="torch", seed=0):
+              dtype=torch.float32, device="cpu", backend="torch", seed=0, order="sc"):
     """(reference in float64 on the CPU, RGAModule in ``dtype`` on ``device``, x in float64) sharing parameters.
 
     x and every parameter and buffer are values exactly representable in ``dtype``: both
@@ -50,13 +50,13 @@ def make_pair(c, h, w, batch=2, use_spatial=True, use_channel=True, cha_ratio=8,
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     args = (c, h * w, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
-    ref = RGA_Module(*args).double()
+    ref = RGA_Module(*args, order=order).double()
     x = torch.randn(batch, c, h, w, generator=gen, dtype=torch.float64)
     randomize_batchnorm(ref, x, gen)
     x = x.to(dtype).double()
     ref.load_state_dict({k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
                          for k, v in ref.state_dict().items()})
-    fast = rga_triton.RGAModule(*args, backend=backend).to(device=device, dtype=dtype)
+    fast = rga_triton.RGAModule(*args, backend=backend, order=order).to(device=device, dtype=dtype)
     fast.load_state_dict(ref.state_dict(), strict=True)   # exact: every value is representable
     return ref, fast, x
 

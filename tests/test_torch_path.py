@@ -52,6 +52,13 @@ def test_rga_net_stage_shapes_float32(c, h, w):
         assert rel_err(fast(x.float()), ref(x)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("order", ["cs", "parallel"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_branch_orders_match_reference(order, train):
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, dtype=torch.float64, order=order)
+    compare_steps(ref, fast, x, train, TOLERANCE[torch.float64], torch.float64, steps=2)
+
+
 def test_momentum_none_cumulative_average():
     ref, fast, x = make_pair(16, 8, 8, 2, cha_ratio=2, down_ratio=4, dtype=torch.float64)
     for m in (ref, fast):
@@ -161,6 +168,7 @@ def test_bad_input(x, exc, match):
     (dict(in_channel=16.0), TypeError, "in_channel"),
     (dict(cha_ratio=0), ValueError, "cha_ratio"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(order="cc"), ValueError, "order"),
 ])
 def test_bad_constructor_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):

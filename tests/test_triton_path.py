@@ -22,10 +22,10 @@ TAIL_SHAPES = [
 ]
 
 
-def _pair(shape, use_spatial=True, use_channel=True, dtype=torch.float32, algorithm="auto", seed=0):
+def _pair(shape, use_spatial=True, use_channel=True, dtype=torch.float32, algorithm="auto", seed=0, order="sc"):
     c, h, w, b, cr, sr, dr = shape
     ref, fast, x = make_pair(c, h, w, b, use_spatial, use_channel, cr, sr, dr, dtype=dtype, device=DEVICE,
-                             backend="triton", seed=seed)
+                             backend="triton", seed=seed, order=order)
     fast.algorithm = algorithm
     return ref, fast, x
 
@@ -37,6 +37,13 @@ def _pair(shape, use_spatial=True, use_channel=True, dtype=torch.float32, algori
 def test_float32_matches_reference(shape, train, use_spatial, use_channel, algorithm):
     ref, fast, x = _pair(shape, use_spatial, use_channel, algorithm=algorithm)
     compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, device=DEVICE, steps=3)
+
+
+@pytest.mark.parametrize("order", ["cs", "parallel"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_branch_orders_match_reference(order, train):
+    ref, fast, x = _pair(TAIL_SHAPES[1], order=order)
+    compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, device=DEVICE, steps=2)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

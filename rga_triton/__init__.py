@@ -4,3 +4,10 @@ from .module import RGA_Module, RGAModule
 
 __all__ = ["RGAModule", "RGA_Module", "affinity", "relation_maps"]
 __version__ = "0.1.0"
+
+# Models and ecosystem (issue 7): RGA-Net, convert() for the authors' blocks, their checkpoints.
+from . import models  # noqa: E402
+from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
+from .convert import convert  # noqa: E402
+
+__all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]

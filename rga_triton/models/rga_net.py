@@ -1,0 +1,152 @@
+"""RGA-Net: ResNet-50 with an RGA block after each stage, BNNeck head, as the paper trains it.
+
+The module tree and state_dict keys follow the authors' ``ResNet50_RGA_Model``
+(``backbone.conv1`` .. ``backbone.layer4``, ``backbone.rga_att1`` .. ``backbone.rga_att4``,
+``feat_bn``, ``cls``), so their trained checkpoints load with
+:func:`rga_triton.load_checkpoint`; the ResNet-50 part of ``backbone`` has torchvision's
+``resnet50`` keys, so ImageNet weights load with ``pretrained_backbone``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from ..module import RGAModule
+from .resnet import EXPANSION, WIDTHS, ResNet50, resnet50_keys, stage_sizes
+
+
+class RGABackbone(ResNet50):
+    """ResNet-50 (last stride 1 by default) with ``rga_att{k}`` = RGAModule after stage k.
+
+    Each block's ``in_spatial`` is the H*W of its stage's feature map for a ``height`` x
+    ``width`` input (64*32, 32*16, 16*8, 16*8 at 256 x 128 with last stride 1).
+    """
+
+    def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
+                 cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, last_stride: int = 1,
+                 backend: str = "auto", algorithm: str = "auto"):
+        super().__init__(last_stride=last_stride)
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.height, self.width = height, width
+        for stage, ((h, w), c) in enumerate(zip(stage_sizes(height, width, last_stride), WIDTHS), start=1):
+            try:
+                block = RGAModule(c * EXPANSION, h * w, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
+                                  backend=backend, algorithm=algorithm)
+            except ValueError as err:
+                raise ValueError(f"RGA block after stage {stage} ({c * EXPANSION} channels, {h} x {w} = {h * w} "
+                                 f"positions for a {height} x {width} input): {err}. Use a larger input or smaller "
+                                 f"ratios") from err
+            setattr(self, f"rga_att{stage}", block)
+
+    def stage_inputs(self, x: torch.Tensor, stages=(1, 2, 3, 4)) -> dict[int, torch.Tensor]:
+        """{k: the feature map that enters rga_att{k}} for the requested stages (for relation maps)."""
+        wanted, out = set(stages), {}
+        x = self.stem(x)
+        for k in range(1, max(wanted) + 1):
+            x = getattr(self, f"layer{k}")(x)
+            if k in wanted:
+                out[k] = x
+            if k < max(wanted):
+                x = getattr(self, f"rga_att{k}")(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for k in range(1, 5):
+            x = getattr(self, f"rga_att{k}")(getattr(self, f"layer{k}")(x))
+        return x
+
+
+class RGANet(nn.Module):
+    """RGA-Net (Zhang et al., CVPR 2020) for re-identification.
+
+    backbone (ResNet-50 + four RGA blocks) -> global average pooling -> ``feat_bn``
+    (BatchNorm1d neck, bias frozen: BNNeck) -> ``cls`` (linear, no bias).
+
+    - train mode: returns ``(logits, features)`` with ``features`` the pooled feature *before*
+      the neck, which the authors' triplet loss takes (logits feed the cross-entropy);
+    - eval mode: returns the post-neck feature (B, 2048) that re-ID retrieval compares.
+    """
+
+    num_features = 2048
+
+    def __init__(self, num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
+                 use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
+                 last_stride: int = 1, backend: str = "auto", algorithm: str = "auto"):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
+                                    last_stride, backend, algorithm)
+        self.feat_bn = nn.BatchNorm1d(self.num_features)
+        self.feat_bn.bias.requires_grad_(False)
+        self.cls = nn.Linear(self.num_features, num_classes, bias=False)
+        nn.init.normal_(self.cls.weight, std=0.001)   # the authors' classifier initialisation
+
+    @property
+    def height(self) -> int:
+        return self.backbone.height
+
+    @property
+    def width(self) -> int:
+        return self.backbone.width
+
+    def forward(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, self.height, self.width):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, 3, height={self.height}, width={self.width}) images, got {shape}; the "
+                             f"RGA blocks' in_spatial is fixed by the input size: build the model with "
+                             f"rga_net(..., height=, width=) for another size")
+        pooled = self.backbone(x).mean(dim=(2, 3))
+        features = self.feat_bn(pooled)
+        if self.training:
+            return self.cls(features), pooled
+        return features
+
+
+def load_backbone_weights(backbone: nn.Module, weights, map_location="cpu") -> None:
+    """Load torchvision ``resnet50`` weights (a path or a state_dict) into ``backbone``'s ResNet-50 part.
+
+    Strict on the ResNet-50 keys: every conv/BatchNorm tensor must be there with its shape (the
+    ImageNet classifier ``fc.*`` is ignored; ``num_batches_tracked`` missing from old files is
+    set to 0); the RGA blocks keep their initialisation. ``module.`` prefixes are stripped.
+    """
+    from ..checkpoint import find_state_dict, match_state_dict
+
+    if isinstance(weights, (str, os.PathLike)):
+        weights = torch.load(weights, map_location=map_location, weights_only=True)
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"pretrained_backbone must be a path or a state_dict, got {type(weights).__name__}")
+    state, _ = find_state_dict(weights)
+    resnet = set(resnet50_keys(backbone))
+    loadable, report = match_state_dict(backbone, state, ignore_unexpected=("fc.",))
+    report.missing_keys = [k for k in report.missing_keys if k in resnet]
+    if not report.ok:
+        raise RuntimeError("pretrained_backbone does not hold torchvision resnet50 weights for this backbone:\n  "
+                           + "\n  ".join(report.problems()))
+    backbone.load_state_dict(loadable, strict=False)
+
+
+def rga_net(num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
+            use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
+            backend: str = "auto", pretrained_backbone=None, last_stride: int = 1,
+            algorithm: str = "auto") -> RGANet:
+    """Build RGA-Net (RGA-SC by default; RGA-S / RGA-C with ``use_channel`` / ``use_spatial`` off).
+
+    ``height`` x ``width`` is the input size (256 x 128 in the paper); the RGA blocks'
+    ``in_spatial`` follows from it. ``backend`` / ``algorithm`` go to every RGAModule.
+    ``pretrained_backbone``: a path or state_dict of torchvision ``resnet50`` ImageNet weights,
+    loaded strictly into the ResNet-50 part (``fc`` ignored). To load a trained RGA-Net
+    checkpoint (the authors' files included) use :func:`rga_triton.load_checkpoint`.
+    """
+    model = RGANet(num_classes, height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
+                   last_stride, backend, algorithm)
+    if pretrained_backbone is not None:
+        load_backbone_weights(model.backbone, pretrained_backbone)
+    return model

@@ -33,7 +33,9 @@ def triton_unsupported_reason(x: torch.Tensor) -> str | None:
                 f"(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
     if x.dtype == torch.float64:
         return "float64 has no Triton kernels here (float32, float16 and bfloat16 do)"
-    if x.dtype == torch.bfloat16 and interpreting():
+    autocast_bf16 = torch.is_autocast_enabled(x.device.type) and \
+        torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+    if (x.dtype == torch.bfloat16 or autocast_bf16) and interpreting():
         return "Triton's interpreter has no bfloat16 arithmetic"
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (7, 5):
         return f"{torch.cuda.get_device_name(x.device)} is older than Turing (compute capability 7.5)"

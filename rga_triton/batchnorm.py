@@ -37,6 +37,8 @@ def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool =
     With ``update_running_stats=False`` a train-mode call normalises with batch statistics
     but leaves every buffer alone (used when backward recomputes the forward).
     """
+    if z.dtype in (torch.float16, torch.bfloat16):      # under autocast: statistics in float32
+        return batch_norm(z.float(), bn, update_running_stats).to(z.dtype)
     batch_stats = uses_batch_stats(bn)
     update = update_running_stats and tracks_running_stats(bn)
     factor = step_momentum(bn) if update else 0.0

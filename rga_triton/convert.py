@@ -96,7 +96,8 @@ def convert_block(module: nn.Module, path: str = "<block>", backend: str = "auto
     The new block takes over ``module``'s submodules themselves: the same parameter and buffer
     tensors (so an optimizer built before the conversion keeps working), device, dtype,
     BatchNorm settings, ``requires_grad`` flags and train/eval mode; hooks registered on the
-    block itself move over too. Raises ``ValueError`` naming ``path`` when the ratios cannot
+    block itself move over too. A block's ``order`` attribute (``"sc"``, ``"cs"``,
+    ``"parallel"``) is kept; the authors' block has none and is ``"sc"``. Raises ``ValueError`` naming ``path`` when the ratios cannot
     be reconstructed or the rebuilt shapes differ from the block's.
     """
     _check_structure(path, module)
@@ -121,7 +122,7 @@ def convert_block(module: nn.Module, path: str = "<block>", backend: str = "auto
     try:
         with torch.device("meta"):
             expected = RGAModule(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                 backend=backend, algorithm=algorithm)
+                                 backend=backend, algorithm=algorithm, order=getattr(module, "order", "sc"))
     except (ValueError, TypeError) as err:
         raise ValueError(f"convert: RGA block {path!r} cannot be rebuilt as an RGAModule: {err}") from err
     want, have = _shapes(expected), _shapes(module)

@@ -76,11 +76,18 @@ def _weight(owner, tag, dtype, weights):
                 lambda: torch.cat([w.detach() for w in weights]).flatten(1).to(dtype).contiguous())
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matrix products run in: x's, or the autocast dtype for float32 x under autocast."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
     """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
     batch, _, length = shape
     count = batch * length
-    dtype = x.dtype
+    dtype = compute_dtype(x)
     embeds = (branch.theta, branch.phi, branch.gx)
     w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
     k = branch.theta[0].weight.shape[0]
@@ -144,6 +151,8 @@ class _RGATritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, algorithm, *params):
         ctx.module = module
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(x)
         return fused_forward(module, x, algorithm)
 
@@ -152,7 +161,8 @@ class _RGATritonFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         params = list(ctx.module.parameters())
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
-        with torch.enable_grad():
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             xd = x.detach().requires_grad_(True)
             out = torch_forward(ctx.module, xd, update=False)
             inputs = [xd] + [params[i] for i in wanted]

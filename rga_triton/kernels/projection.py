@@ -40,8 +40,10 @@ def _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin
                      mask=c_mask[:, None] & l_mask[None, :], other=0.0)
         if HAS_GATE:
             g = tl.load(gate_ptr + b * stride_gb + offs_c, mask=c_mask, other=0.0)
-            xt = (xt.to(tl.float32) * g[:, None]).to(w.dtype)   # rounds as the reference's gated x does
-        acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            xt = xt.to(tl.float32) * g[:, None]
+        # x's dtype, or the autocast dtype of the weights (x float32 under torch.autocast); a
+        # gated tile rounds here as the reference's gated x rounds
+        acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -102,7 +104,7 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
                              stride_xb, stride_xc, stride_xl, stride_gb,
                              HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """tp[b] = [theta; phi] (2K, L) in x's dtype and gx_mean[b] (L,) float32.
+    """tp[b] = [theta; phi] (2K, L) in tp's dtype and gx_mean[b] (L,) float32.
 
     Grid: (cdiv(L, BLOCK_L), 2 * cdiv(K, BLOCK_K) + 1, B). The last program row of axis 1
     reduces the gx section over all K channels (gx itself is never stored).
@@ -144,7 +146,7 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     """Per-split (mean, M2) of P = W3 (X * in_gate) for each of W3's rows: float32 (2, 3K, B * splits).
 
     x: the tensor X is read from; shape, strides: X's (B, Cin, L) and its strides in x;
-    weight: (3K, Cin) contiguous in x's dtype; in_gate: float32 (B, Cin) or None.
+    weight: (3K, Cin) contiguous in the compute dtype (x's, or autocast's); in_gate: float32 (B, Cin) or None.
     """
     batch, cin, length = shape
     rows = weight.shape[0]
@@ -154,23 +156,23 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_stats_kernel[grid](x, gate, weight, stats, cin, length, rows, cols, *strides, stride_gb,
                                    HAS_GATE=has_gate, SPLIT=STAT_SPLIT,
-                                   DOT_PRECISION=dot_precision(x.dtype, x.device))
+                                   DOT_PRECISION=dot_precision(weight.dtype, x.device))
     return stats
 
 
 def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scale: torch.Tensor,
                      shift: torch.Tensor, in_gate: torch.Tensor | None = None):
-    """theta and phi stacked, (B, 2K, L) in x's dtype, and gx's channel mean (B, L) float32.
+    """theta and phi stacked, (B, 2K, L) in the weights' dtype, and gx's channel mean (B, L) float32.
 
     scale, shift: float32 (3K,), the BatchNorm of each row of W3 as an affine map.
     """
     batch, cin, length = shape
     k = weight.shape[0] // 3
-    tp = torch.empty((batch, 2 * k, length), device=x.device, dtype=x.dtype)
+    tp = torch.empty((batch, 2 * k, length), device=x.device, dtype=weight.dtype)
     gx_mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
     _projection_apply_kernel[grid](x, gate, weight, scale, shift, tp, gx_mean, cin, length, k, *strides, stride_gb,
-                                   HAS_GATE=has_gate, DOT_PRECISION=dot_precision(x.dtype, x.device))
+                                   HAS_GATE=has_gate, DOT_PRECISION=dot_precision(weight.dtype, x.device))
     return tp, gx_mean
 

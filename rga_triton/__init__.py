@@ -2,8 +2,18 @@
 from .maps import affinity, relation_maps
 from .module import RGA_Module, RGAModule
 
-__all__ = ["RGAModule", "RGA_Module", "affinity", "relation_maps"]
+__all__ = ["RGAModule", "RGA_Module", "affinity", "relation_maps", "tune"]
 __version__ = "0.1.0"
+
+
+def tune(*args, **kwargs):
+    """Autotune the Triton kernels on this GPU and write its configuration file; returns the path.
+
+    See :func:`rga_triton.autotuning.tune` for the arguments (imported on call, so that
+    ``import rga_triton`` works where Triton is not installed).
+    """
+    from .autotuning import tune as _tune
+    return _tune(*args, **kwargs)
 
 # Models and ecosystem (issue 7): RGA-Net, convert() for the authors' blocks, their checkpoints.
 from . import models  # noqa: E402

@@ -5,12 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import configs, dot_precision
+from .tuned import tuned
+from .tuning import dot_precision
 
 
-@triton.autotune(configs=configs([dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
-                                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)]),
-                 key=["M", "N", "K"])
+@tuned([dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)],
+       key=["M", "N", "K", "DOT_PRECISION"])
 @triton.jit
 def _affinity_kernel(theta_ptr, phi_ptr, g_ptr, M, N, K,
                      stride_tb, stride_tk, stride_tm, stride_pb, stride_pk, stride_pn,

@@ -5,12 +5,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import configs
+from .tuned import tuned
 
 
-@triton.autotune(configs=configs([dict(BLOCK_C=16, BLOCK_N=256), dict(BLOCK_C=32, BLOCK_N=128),
-                                  dict(BLOCK_C=8, BLOCK_N=512)], warps=(4,), stages=(1,)),
-                 key=["C", "N"])
+@tuned([dict(BLOCK_C=16, BLOCK_N=256), dict(BLOCK_C=32, BLOCK_N=128), dict(BLOCK_C=8, BLOCK_N=512)],
+       key=["C", "N"], warps=(4,), stages=(1,))
 @triton.jit
 def _apply_gates_kernel(x_ptr, spatial_ptr, channel_ptr, out_ptr, C, N, stride_xb, stride_xc, stride_xn,
                         stride_ob, stride_oc, stride_on, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,

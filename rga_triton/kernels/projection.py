@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .stats import store_partials, welford_merge
-from .tuning import STAT_SPLIT, configs, dot_precision, n_splits
+from .tuned import tuned
+from .tuning import STAT_SPLIT, dot_precision, n_splits
 
 
 @triton.jit
@@ -61,11 +62,9 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, row_mask,
     return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
 
 
-@triton.autotune(
-    configs=configs([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
-                     dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64)]),
-    key=["Cin", "L", "ROWS"],
-)
+@tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
+        dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64)],
+       key=["Cin", "L", "ROWS", "DOT_PRECISION"])
 @triton.jit
 def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_cols,
                              stride_xb, stride_xc, stride_xl, stride_gb,
@@ -93,12 +92,10 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_
     store_partials(stats_ptr, rows, row_mask, ROWS, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@triton.autotune(
-    configs=configs([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
-                     dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
-                     dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)]),
-    key=["Cin", "L", "K"],
-)
+@tuned([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
+        dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
+        dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)],
+       key=["Cin", "L", "K", "DOT_PRECISION"])
 @triton.jit
 def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,
                              stride_xb, stride_xc, stride_xl, stride_gb,

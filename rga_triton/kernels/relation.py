@@ -24,14 +24,13 @@ import triton
 import triton.language as tl
 
 from .stats import store_partials, welford_merge
-from .tuning import STAT_SPLIT, configs, dot_precision, n_splits
+from .tuned import tuned
+from .tuning import STAT_SPLIT, dot_precision, n_splits
 
 
-@triton.autotune(
-    configs=configs([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-                     dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128)]),
-    key=["R", "K", "L"],
-)
+@tuned([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
+        dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128)],
+       key=["R", "K", "L", "DOT_PRECISION"])
 @triton.jit
 def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -59,12 +58,9 @@ def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constex
              mask=r_mask[:, None] & k_mask[None, :])
 
 
-@triton.autotune(
-    configs=configs([dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=32, BLOCK_K=32),
-                     dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=64, BLOCK_K=32),
-                     dict(BLOCK_R=32, BLOCK_L=128, BLOCK_C=32, BLOCK_K=32)]),
-    key=["R", "K", "L"],
-)
+@tuned([dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=32, BLOCK_K=32), dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=64, BLOCK_K=32),
+        dict(BLOCK_R=32, BLOCK_L=128, BLOCK_C=32, BLOCK_K=32)],
+       key=["R", "K", "L", "DOT_PRECISION"])
 @triton.jit
 def _relation_z_tiled_kernel(tp_ptr, wg_ptr, z_ptr, R, K, L, DOT_PRECISION: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -152,7 +148,7 @@ _GATE_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_
                dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
 
 
-@triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "Z_IN_MEMORY"])
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "Z_IN_MEMORY", "DOT_PRECISION"])
 @triton.jit
 def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
                     Z_IN_MEMORY: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -175,7 +171,7 @@ def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
     store_partials(stats_ptr, offs_r, r_mask, R, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY"])
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "DOT_PRECISION"])
 @triton.jit
 def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr, stats_ptr,
                          R, K2, L, HIDDEN, n_cols, Z_IN_MEMORY: tl.constexpr, SPLIT: tl.constexpr,
@@ -198,7 +194,7 @@ def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr,
     store_partials(stats_ptr, offs_h, offs_h < HIDDEN, HIDDEN, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@triton.autotune(configs=configs(_GATE_SPACE), key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE"])
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE", "DOT_PRECISION"])
 @triton.jit
 def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr,
                        h_scale_ptr, h_shift_ptr, w2_ptr, out_scale_ptr, out_shift_ptr, logit_ptr, R, K2, L, HIDDEN,

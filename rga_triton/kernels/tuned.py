@@ -1,0 +1,131 @@
+"""Launch configurations: per-GPU tuned JSON files first, Triton's autotuner otherwise.
+
+Every kernel is wrapped by :func:`tuned`. A launch looks its (kernel, shape bucket) up in
+the configuration file of the current GPU, ``rga_triton/configs/<device>.json`` (or the
+folder named by ``RGA_TRITON_CONFIG_DIR``), and launches with the stored config, skipping
+autotuning. On a miss it autotunes over the kernel's config space as
+``triton.autotune`` does (cached in memory) and records the winner, which
+:func:`rga_triton.tune` writes back to the file.
+
+File format::
+
+    {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+     "kernels": {"_projection_apply_kernel": {"Cin=2048,K=256,L=256,dtype=float32":
+                 {"BLOCK_K": 64, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 8, "num_stages": 3}}}}
+
+A shape bucket is the kernel's autotune key (its shape arguments) plus the dtype of its
+first tensor argument, written ``name=value`` joined by commas.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import torch
+import triton
+
+from .tuning import configs as config_space
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+KERNELS: dict[str, "TunedKernel"] = {}
+
+
+def device_file_name(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3.json'."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", device_name).strip("_") + ".json"
+
+
+def config_dir() -> str:
+    return os.environ.get("RGA_TRITON_CONFIG_DIR") or _CONFIG_DIR
+
+
+class ConfigStore:
+    """The tuned configs of one device, loaded once from its JSON file."""
+
+    def __init__(self):
+        self.device_name: str | None = None
+        self.table: dict[str, dict[str, dict]] = {}
+        self.recorded: dict[str, dict[str, dict]] = {}
+
+    def reset(self) -> None:
+        self.device_name = None
+        self.table = {}
+        self.recorded = {}
+
+    def ensure_loaded(self, device: torch.device) -> None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if name == self.device_name:
+            return
+        self.device_name, self.table = name, {}
+        path = os.path.join(config_dir(), device_file_name(name))
+        if device.type != "cuda" and not os.path.exists(path):
+            return      # the interpreter pins one config: nothing to tune, nothing to say
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            self.table = {kernel: dict(buckets) for kernel, buckets in data["kernels"].items()}
+        except FileNotFoundError:
+            warnings.warn(f"rga_triton: no tuned configuration for {name} ({path}); kernels autotune on first "
+                          f"use of each shape (run `python bench/sweep.py --tune` to write one)", stacklevel=4)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"rga_triton: ignoring malformed tuned configuration {path} ({exc!r}); kernels "
+                          f"autotune instead", stacklevel=4)
+
+    def lookup(self, kernel: str, bucket: str) -> triton.Config | None:
+        entry = self.table.get(kernel, {}).get(bucket)
+        if not isinstance(entry, dict):
+            return None
+        meta = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
+        return triton.Config(meta, num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 3))
+
+    def record(self, kernel: str, bucket: str, config: triton.Config) -> None:
+        self.recorded.setdefault(kernel, {})[bucket] = dict(config.kwargs, num_warps=config.num_warps,
+                                                            num_stages=config.num_stages)
+
+
+STORE = ConfigStore()
+
+
+class TunedKernel:
+    """A ``@triton.jit`` kernel launched with a stored config when the GPU's file has one."""
+
+    def __init__(self, fn, space: list[dict], key: list[str], **config_kw):
+        self.fn = fn
+        self.name = fn.__name__
+        self.key = key
+        self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
+        self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
+        KERNELS[self.name] = self
+
+    def bucket(self, bound: dict) -> str:
+        dtype = next((v.dtype for v in bound.values() if isinstance(v, torch.Tensor)), None)
+        parts = [f"{k}={bound[k]}" for k in sorted(self.key)]
+        return ",".join(parts + [f"dtype={str(dtype).replace('torch.', '')}"])
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound = dict(zip(self.fn.arg_names, args), **kwargs)
+            device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
+            STORE.ensure_loaded(device)
+            bucket = self.bucket(bound)
+            config = STORE.lookup(self.name, bucket)
+            if config is not None:
+                self.last_source = "file"
+                meta = dict(config.kwargs)
+                shape = grid(meta) if callable(grid) else grid
+                return self.fn[shape](*args, **kwargs, **meta, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)
+            self.last_source = "autotune"
+            out = self.autotuned[grid](*args, **kwargs)
+            best = getattr(self.autotuned, "best_config", None)
+            if best is not None:
+                STORE.record(self.name, bucket, best)
+            return out
+        return launch
+
+
+def tuned(space: list[dict], key: list[str], **config_kw):
+    """Decorator: ``@tuned(space, key)`` over ``@triton.jit``; see the module docstring."""
+    return lambda fn: TunedKernel(fn, space, key, **config_kw)

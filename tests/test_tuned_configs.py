@@ -1,0 +1,97 @@
+"""Per-GPU configuration files: a stored config is loaded and launched with; a missing or
+malformed file falls back to autotuning with one warning."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import rga_triton
+from helpers import TOLERANCE, make_pair, rel_err
+from rga_triton import backend as backend_mod
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
+                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from rga_triton.kernels import tuned
+    monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
+    tuned.STORE.reset()
+    yield tuned, tmp_path
+    tuned.STORE.reset()
+
+
+def _device_file(tuned, tmp_path):
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    return tmp_path / tuned.device_file_name(name)
+
+
+def _run_eval():
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, device=DEVICE, backend="triton")
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        return rel_err(fast(x.float().to(DEVICE)), ref(x))
+
+
+def test_file_name_normalises_the_device_name():
+    from rga_triton.kernels.tuned import device_file_name
+    assert device_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+
+
+def test_stored_config_is_loaded_and_launched(store):
+    tuned, tmp_path = store
+    _run_eval()                                               # learn the buckets this shape launches
+    recorded = tuned.STORE.recorded
+    assert "_projection_apply_kernel" in recorded
+    # Store a config that is not the space's first (the one the interpreter pins) for every bucket.
+    chosen = {"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}
+    table = {k: dict(v) for k, v in recorded.items()}
+    table["_projection_apply_kernel"] = {b: chosen for b in recorded["_projection_apply_kernel"]}
+    _device_file(tuned, tmp_path).write_text(json.dumps({"device": "x", "kernels": table}))
+    tuned.STORE.reset()
+    launches = []
+    kernel = tuned.KERNELS["_projection_apply_kernel"]
+    original = kernel.fn.__getitem__
+
+    class Spy:
+        def __getitem__(self, grid):
+            launch = original(grid)
+
+            def run(*args, **kwargs):
+                launches.append({k: kwargs[k] for k in ("BLOCK_K", "BLOCK_C", "BLOCK_L", "num_warps", "num_stages")})
+                return launch(*args, **kwargs)
+            return run
+
+    kernel.fn, real_fn = Spy(), kernel.fn
+    kernel.fn.arg_names = real_fn.arg_names
+    try:
+        assert _run_eval() <= TOLERANCE[torch.float32]
+    finally:
+        kernel.fn = real_fn
+    assert kernel.last_source == "file"
+    assert launches and all(launch == chosen for launch in launches)
+
+
+@pytest.mark.parametrize("content", [None, "{not json", json.dumps({"kernels": [1, 2]})],
+                         ids=["missing", "malformed", "wrong-shape"])
+def test_missing_or_malformed_file_falls_back_with_one_warning(store, content):
+    tuned, tmp_path = store
+    if DEVICE == "cpu":          # on the CPU a missing file is the normal case and stays silent
+        content = content or "{not json"
+    if content is not None:
+        _device_file(tuned, tmp_path).write_text(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run_eval() <= TOLERANCE[torch.float32]
+        assert _run_eval() <= TOLERANCE[torch.float32]
+    messages = [str(w.message) for w in caught if "tuned configuration" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert tuned.KERNELS["_projection_apply_kernel"].last_source == "autotune"
+
+
+def test_tune_needs_a_gpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        rga_triton.tune(device="cpu")

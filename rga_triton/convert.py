@@ -161,11 +161,13 @@ def convert(model: nn.Module, backend: str = "auto", algorithm: str = "auto", ve
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found: dict[int, tuple[nn.Module, list[str]]] = {}
+    sites: list[tuple[str, int]] = []              # (path, block id) in module order, shared blocks at each path
     stack = [("", model)]
-    while stack:                                   # every path, shared blocks included; no descent into blocks
+    while stack:                                   # no descent into blocks
         path, module = stack.pop()
         if is_rga_block(module):
             found.setdefault(id(module), (module, []))[1].append(path)
+            sites.append((path, id(module)))
             continue
         stack.extend((f"{path}.{name}" if path else name, child)
                      for name, child in reversed(module._modules.items()) if child is not None)
@@ -174,17 +176,20 @@ def convert(model: nn.Module, backend: str = "auto", algorithm: str = "auto", ve
                 for key, (module, paths) in found.items()}
     result = model
     paths = []
-    for key, (_, block_paths) in found.items():
-        for path in block_paths:
-            paths.append(path or "<model>")
-            if not path:
-                result = replaced[key]
-                continue
-            parent_path, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, leaf, replaced[key])
+    for path, key in sites:
+        paths.append(path or "<model>")
+        if not path:
+            result = replaced[key]
+            continue
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, replaced[key])
     message = f"rga_triton.convert: converted {len(found)} RGA block(s)" + (f": {', '.join(paths)}" if paths else "")
     if not found:
-        warnings.warn(message + "; the model has no module with the authors' RGA_Module structure", stacklevel=2)
+        present = sum(isinstance(m, RGAModule) for m in model.modules())
+        if present:
+            message += f" ({present} RGAModule block(s) already there)"
+        else:
+            warnings.warn(message + "; the model has no module with the authors' RGA_Module structure", stacklevel=2)
     logger.info(message)
     if verbose:
         print(message)

@@ -9,6 +9,7 @@ DataParallel's ``module.`` prefix, and its BatchNorms have no ``num_batches_trac
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -171,7 +172,15 @@ def _read(path_or_dict, map_location, weights_only):
     if isinstance(path_or_dict, (str, os.PathLike)):
         if not os.path.isfile(path_or_dict):
             raise FileNotFoundError(f"no checkpoint file at {os.fspath(path_or_dict)!r}")
-        return torch.load(path_or_dict, map_location=map_location, weights_only=weights_only)
+        try:
+            return torch.load(path_or_dict, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as err:
+            if not weights_only:
+                raise
+            raise RuntimeError(f"load_checkpoint: torch.load(weights_only=True) refused {os.fspath(path_or_dict)!r}: "
+                               f"it holds objects other than tensors and plain containers (training scripts often "
+                               f"save numpy values or whole modules). If you trust the file, pass "
+                               f"weights_only=False.\n{err}") from err
     return path_or_dict
 
 

@@ -1,6 +1,7 @@
 """convert(), load_checkpoint(), torch.compile, DistributedDataParallel, and the examples."""
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import os
@@ -112,6 +113,23 @@ def test_convert_block_itself_verbose_and_nothing_found(capsys):
     assert rga_triton.convert(nn.Sequential(new))[0] is new      # already converted: left alone
 
 
+def test_convert_keeps_the_branch_order():
+    torch.manual_seed(0)
+    block = RGA_Module(8, 16, cha_ratio=2, spa_ratio=2, down_ratio=2, order="parallel").double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    expected = copy.deepcopy(block)(x)
+    new = rga_triton.convert(block, backend="torch")
+    assert new.order == "parallel" and rel_err(new(x), expected) < 1e-10
+
+
+def test_load_checkpoint_refuses_pickled_objects_with_advice(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": small_net().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(RuntimeError, match="weights_only=False"):
+        rga_triton.load_checkpoint(small_net(), path)
+    assert rga_triton.load_checkpoint(small_net(), path, weights_only=False).ok
+
+
 def test_convert_rejects_blocks_it_cannot_rebuild():
     model = authors_net()
     model.tail[1].gg_spatial[0] = nn.Conv2d(2 * 32 + 1, 8, 1, bias=False).double()   # 2*in_spatial + 1 inputs
@@ -160,7 +178,7 @@ def trained(model):
 def test_load_checkpoint_reads_the_authors_files(tmp_path):
     source = trained(small_net())
     path = tmp_path / "checkpoint_600.pth.tar"
-    torch.save(authors_format(source), path)
+    torch.save(authors_format(source), path, _use_new_zipfile_serialization=False)   # pre-1.6 file format
     target = small_net(seed=1)
     report = rga_triton.load_checkpoint(target, path)
     assert report.ok and report.stripped_prefixes == ["module."] and report.source == "'state_dict'"

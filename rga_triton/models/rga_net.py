@@ -5,6 +5,15 @@ The module tree and state_dict keys follow the authors' ``ResNet50_RGA_Model``
 ``feat_bn``, ``cls``), so their trained checkpoints load with
 :func:`rga_triton.load_checkpoint`; the ResNet-50 part of ``backbone`` has torchvision's
 ``resnet50`` keys, so ImageNet weights load with ``pretrained_backbone``.
+
+Distributed training: wrap the model in ``DistributedDataParallel`` as usual (tested with two
+CPU processes on gloo: parameters equal one process that runs each half batch and averages
+the gradients). As with ``nn.BatchNorm2d`` under DDP, every BatchNorm, the RGA blocks'
+included, normalises with its own replica's batch. ``nn.SyncBatchNorm.convert_sync_batchnorm``
+(CUDA only in PyTorch) also swaps the RGA blocks' BatchNorm submodules; the blocks keep
+working with the same parameters, but they still normalise per replica: only the
+backbone's BatchNorms synchronise (RGAModule reads its BatchNorms' tensors directly instead
+of calling their forward).
 """
 from __future__ import annotations
 

@@ -31,6 +31,10 @@ def triton_unsupported_reason(x: torch.Tensor) -> str | None:
     if x.device.type != "cuda" and not interpreting():
         return (f"x is on {x.device.type}; the Triton kernels need a CUDA tensor "
                 f"(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")
+    if x.device.type not in ("cuda", "cpu"):
+        # e.g. "meta": the interpreter would fail copying data that does not exist
+        return (f"x is on {x.device.type}; the Triton kernels need a CUDA tensor, or a CPU tensor "
+                f"under TRITON_INTERPRET=1")
     if x.dtype == torch.float64:
         return "float64 has no Triton kernels here (float32, float16 and bfloat16 do)"
     autocast_bf16 = torch.is_autocast_enabled(x.device.type) and \

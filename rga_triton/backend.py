@@ -69,8 +69,12 @@ def resolve(backend: str, x: torch.Tensor) -> str:
         return "triton"
     if reason is None and x.device.type == "cuda":
         return "triton"
-    reason = reason or "CPU tensors run on the torch path unless backend='triton' is asked for"
+    warn_once(reason or "CPU tensors run on the torch path unless backend='triton' is asked for")
+    return "torch"
+
+
+def warn_once(reason: str) -> None:
+    """One ``warnings.warn`` per reason and process for a fallback to the torch backend."""
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
-        warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=3)
-    return "torch"
+        warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=4)

@@ -39,6 +39,8 @@ def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool =
     """
     if z.dtype in (torch.float16, torch.bfloat16):      # under autocast: statistics in float32
         return batch_norm(z.float(), bn, update_running_stats).to(z.dtype)
+    if synchronised(bn):
+        return _sync_batch_norm(z, bn, update_running_stats)
     batch_stats = uses_batch_stats(bn)
     update = update_running_stats and tracks_running_stats(bn)
     factor = step_momentum(bn) if update else 0.0
@@ -55,6 +57,42 @@ def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool =
         with torch.no_grad():       # rounded once into the buffers, as nn.BatchNorm2d's own update rounds
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
+    return out
+
+
+def synchronised(bn: nn.BatchNorm2d) -> bool:
+    """True for a train-mode ``nn.SyncBatchNorm`` whose process group has more than one rank."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return False
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
+
+
+def _sync_batch_norm(z: torch.Tensor, bn: nn.SyncBatchNorm, update: bool) -> torch.Tensor:
+    """SyncBatchNorm over (B, C, L): statistics of the whole process group, differentiable.
+
+    Two all-reduces (the sum, then the squared deviations from the global mean) keep the
+    variance free of cancellation; ``torch.distributed.nn.functional.all_reduce`` carries
+    the gradient across ranks as SyncBatchNorm's own backward does.
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    group = bn.process_group or dist.group.WORLD
+    count = torch.tensor([z.shape[0] * z.shape[2]], dtype=z.dtype, device=z.device)
+    dist.all_reduce(count, group=group)
+    total = int(count.item())
+    check_batch_size(total, z.shape)
+    mean = all_reduce(z.sum(dim=(0, 2)), group=group) / total
+    dev = z - mean[None, :, None]
+    var = all_reduce((dev * dev).sum(dim=(0, 2)), group=group) / total
+    if update:
+        update_running_stats(bn, mean.detach(), var.detach(), total)
+    out = dev * torch.rsqrt(var + bn.eps)[None, :, None]
+    if bn.weight is not None:
+        out = out * bn.weight[None, :, None] + bn.bias[None, :, None]
     return out
 
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from . import backend as _backend
 from . import checks
+from .batchnorm import synchronised
 from .torch_path import Branch, rga_forward as torch_forward
 
 
@@ -100,7 +101,15 @@ class RGAModule(nn.Module):
         self.order = check_order(self.order)
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
-        if _backend.resolve(self.backend, x) == "triton":
+        backend = self.backend
+        if backend != "torch" and any(synchronised(m) for m in self.modules()):
+            # SyncBatchNorm all-reduces its statistics on the torch path; the kernels do not.
+            if backend == "triton":
+                raise ValueError("backend='triton' cannot run this module: it holds train-mode SyncBatchNorm "
+                                 "layers in a process group of several ranks (use backend='torch' or 'auto')")
+            _backend.warn_once("train-mode SyncBatchNorm synchronises its statistics on the torch path")
+            backend = "torch"
+        if _backend.resolve(backend, x) == "triton":
             from .triton_path import rga_forward as triton_forward
             return triton_forward(self, x)
         return torch_forward(self, x)

@@ -386,9 +386,6 @@ def test_ddp_two_cpu_processes_match_one_process(ddp_results):
             assert (torch.equal(state[k], b) if "num_batches" in k else rel_err(state[k], b) < 1e-10), (rank, k)
 
 
-@pytest.mark.xfail(strict=True, reason="RGAModule's BatchNorms run through F.batch_norm, never through "
-                   "SyncBatchNorm.forward: after nn.SyncBatchNorm.convert_sync_batchnorm the block still works but "
-                   "normalises with per-replica statistics")
 def test_syncbatchnorm_inside_rga_synchronises(ddp_results):
     # Synchronised BatchNorm on two half batches = one process on the whole batch.
     block, x = sync_block()
@@ -398,17 +395,6 @@ def test_syncbatchnorm_inside_rga_synchronises(ddp_results):
         assert "error" not in state, state.get("error")
         for k, v in block.state_dict().items():
             assert (torch.equal(state[k], v) if "num_batches" in k else rel_err(state[k], v) < 1e-8), (rank, k)
-
-
-def test_syncbatchnorm_inside_rga_today_is_per_replica(ddp_results):
-    """What happens now (see the xfail above): the block runs, each replica with its own statistics."""
-    block, x = sync_block()
-    for rank in range(WORLD):
-        local = copy.deepcopy(block).train()
-        local(x[rank * HALF:(rank + 1) * HALF])
-        state = ddp_results[f"syncbn{rank}"]
-        for k, v in local.state_dict().items():
-            assert (torch.equal(state[k], v) if "num_batches" in k else rel_err(state[k], v) < 1e-12), (rank, k)
 
 
 # ------------------------------------------------------------------------------------- examples

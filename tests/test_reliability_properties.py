@@ -212,10 +212,12 @@ def _report_case_counts(request):
              for (backend, algorithm, dtype), count in sorted(CASE_COUNTS.items(), key=str)]
     text = "\n".join(["reliability property tests, cases run per path:"] + lines)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
-    else:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
         print(text)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(text)
 
 
 def _settings(max_examples: int):

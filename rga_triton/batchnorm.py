@@ -110,7 +110,7 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tens
 def check_batch_size(count: int, shape) -> None:
     """Raise the error ``F.batch_norm`` raises when a channel sees a single value in training."""
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
 
 
 def scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor):

@@ -12,6 +12,7 @@ which behaves exactly as ``nn.BatchNorm2d``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -56,7 +57,10 @@ def relation_preactivation(gg_weight: torch.Tensor, theta: torch.Tensor, phi: to
     (measured: 5x the reference's train-mode grad-x error under float16 autocast).
     """
     dtype = torch.promote_types(theta.dtype, torch.float32)
-    with torch.autocast(theta.device.type, enabled=False):
+    device_type = theta.device.type
+    no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()
+    with no_autocast:
         theta, phi = theta.to(dtype), phi.to(dtype)
         length = theta.shape[-1]
         w = gg_weight.flatten(1).to(dtype)

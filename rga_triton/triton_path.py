@@ -35,6 +35,8 @@ def _normalizers(bns, partials, count: int, shape, length: int):
     if not any(uses_batch_stats(bn) for bn in bns):
         sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
         return memo(bns[0], ("affine", len(bns)), sources, lambda: _affines(bns, None, None, count))
+    if count <= 1 and tracks_running_stats(bns[0]):
+        step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)
     stats = partials()
     rows = sum(bn.num_features for bn in bns)
@@ -99,9 +101,9 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
     r = wg.shape[0]
     if algorithm == "tiled":
-        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
+        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r, dtype)
     else:
-        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
+        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r, dtype)
     z_scale, z_shift = _normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W

@@ -110,13 +110,7 @@ def test_requires_grad_on_integers_is_refused_by_pytorch():
             torch.ones(2, 16, 8, 8, dtype=dtype).requires_grad_(True)
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("torch", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="bug: torch_path.relation_preactivation enters torch.autocast('meta', enabled=False), which "
-               "PyTorch refuses ('unsupported scalarType'); guard it with torch.amp.is_autocast_available")),
-    "triton",
-])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_meta_tensors(backend):
     """x and parameters both on "meta": the torch path infers the output shape (as convs do);
     an explicit backend="triton" refuses with a reason instead of failing inside Triton."""

@@ -25,15 +25,9 @@ PATHS = [("torch", "auto"), ("triton", "reassociated"), ("triton", "tiled")]
 PATH_IDS = ["torch", "triton-reassociated", "triton-tiled"]
 SHAPE = (20, 6, 10, 3, 3, 8, 4)      # C, H, W, B, cha_ratio, spa_ratio, down_ratio: tails everywhere
 
-# Known bugs (issue 8 report). NaN: the kernels' ReLU is tl.maximum(v, 0.0), whose default
-# propagate_nan=NONE returns 0 for NaN (fmax, on GPUs and in the interpreter), so NaN and inf*0
-# become numbers; fix: propagate_nan=tl.PropagateNan.ALL in kernels/projection.py (_embed_tile)
-# and kernels/relation.py (_hidden_tile, _gate_logit_kernel). Half storage: the triton path
-# stores theta/phi (tp) in x's dtype; at x ~ 1e4 in float16 they overflow where the float64
-# reference (and the torch path, computing in float32) stays finite: with the NaN bug the
-# output is finite and ~50% wrong, without it non-finite.
-NAN_BUG = "bug: triton kernels' ReLU (tl.maximum) turns NaN into 0"
-HALF_STORAGE_BUG = "bug: triton path stores theta/phi in float16 and they overflow at |x| ~ 1e4"
+# Regressions for two bugs these tests found (fixed): the kernels' ReLU was tl.maximum(v, 0.0),
+# whose default turns NaN into 0 (now propagate_nan=ALL); the Triton path stored theta/phi in
+# float16, which overflowed at |x| ~ 1e4 where the float64 reference stays finite (now float32).
 
 
 def _pair(backend: str, algorithm: str, dtype=torch.float32, seed: int = 0, order: str = "sc"):
@@ -50,18 +44,12 @@ def _running(module):
     return {k: v for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-def _xfail_on_triton(reason: str):
-    """PATHS with the triton ones marked as a known bug (strict: they must fail)."""
-    return [pytest.param(b, a, id=i, marks=[pytest.mark.xfail(strict=True, reason=reason)] if b == "triton" else [])
-            for (b, a), i in zip(PATHS, PATH_IDS)]
-
-
 # ---- non-finite inputs -------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # numpy under the interpreter: invalid values
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("backend,algorithm", _xfail_on_triton(NAN_BUG))
+@pytest.mark.parametrize("backend,algorithm", PATHS, ids=PATH_IDS)
 def test_non_finite_inputs_propagate_like_the_reference(backend, algorithm, value, train):
     """One NaN/inf in x: the output is non-finite exactly where the reference's is (in the
     reference one NaN spreads through the affinity to its whole image in eval, and through
@@ -83,7 +71,7 @@ def test_non_finite_inputs_propagate_like_the_reference(backend, algorithm, valu
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend,algorithm", _xfail_on_triton(NAN_BUG))
+@pytest.mark.parametrize("backend,algorithm", PATHS, ids=PATH_IDS)
 def test_nan_in_one_image_leaves_the_others_finite_in_eval(backend, algorithm):
     """Eval mode: a NaN in image 0 makes image 0 non-finite (as in the reference) and leaves
     images 1 and 2 finite and equal to the reference's; gradients likewise."""
@@ -130,8 +118,6 @@ def test_large_half_precision_inputs_match_float64(backend, algorithm, dtype, tr
     """
     if dtype == torch.bfloat16 and backend == "triton" and DEVICE == "cpu":
         pytest.skip("Triton's interpreter has no bfloat16")
-    if backend == "triton" and dtype == torch.float16 and not train:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HALF_STORAGE_BUG))
     ref, fast, x = _pair(backend, algorithm, dtype=dtype)
     x = (x * 1e4).to(dtype).double()                     # exactly representable in dtype
     half = copy.deepcopy(ref).to(dtype)

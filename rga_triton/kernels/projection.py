@@ -59,7 +59,7 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, row_mask,
                         HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
-    return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0)
+    return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
@@ -101,7 +101,7 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
                              stride_xb, stride_xc, stride_xl, stride_gb,
                              HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """tp[b] = [theta; phi] (2K, L) in tp's dtype and gx_mean[b] (L,) float32.
+    """tp[b] = [theta; phi] (2K, L) and gx_mean[b] (L,), float32.
 
     Grid: (cdiv(L, BLOCK_L), 2 * cdiv(K, BLOCK_K) + 1, B). The last program row of axis 1
     reduces the gx section over all K channels (gx itself is never stored).
@@ -159,13 +159,15 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
 
 def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scale: torch.Tensor,
                      shift: torch.Tensor, in_gate: torch.Tensor | None = None):
-    """theta and phi stacked, (B, 2K, L) in the weights' dtype, and gx's channel mean (B, L) float32.
+    """theta and phi stacked, (B, 2K, L) float32, and gx's channel mean (B, L) float32.
 
     scale, shift: float32 (3K,), the BatchNorm of each row of W3 as an affine map.
     """
     batch, cin, length = shape
     k = weight.shape[0] // 3
-    tp = torch.empty((batch, 2 * k, length), device=x.device, dtype=weight.dtype)
+    # float32 whatever the compute dtype: theta and phi feed sums that cancel, and in
+    # float16 they can exceed its range where x does not (|x| ~ 1e4 gives theta ~ 7e4)
+    tp = torch.empty((batch, 2 * k, length), device=x.device, dtype=torch.float32)
     gx_mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731

@@ -53,7 +53,7 @@ def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constex
                     mask=r_mask[:, None] & l_mask[None, :], other=0.0)
         t = tl.load(tp_ptr + b * 2 * K * L + src_rows[None, :] * L + offs_l[:, None],     # (BLOCK_L, BLOCK_K)
                     mask=l_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(w, t, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w.to(tl.float32), t, acc, input_precision=DOT_PRECISION)
     tl.store(a_ptr + b * R * 2 * K + offs_r[:, None] * 2 * K + half * K + offs_k[None, :], acc,
              mask=r_mask[:, None] & k_mask[None, :])
 
@@ -135,7 +135,9 @@ def _hidden_tile(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean
                     Z_IN_MEMORY, DOT_PRECISION, BLOCK_R, BLOCK_K, BLOCK_L)
         scale = tl.load(z_scale_ptr + offs_r, mask=r_mask, other=0.0)
         shift = tl.load(z_shift_ptr + offs_r, mask=r_mask, other=0.0)
-        rel = tl.where(r_mask[:, None], tl.maximum(z * scale[:, None] + shift[:, None], 0.0), 0.0)
+        # ReLU that keeps NaN (tl.maximum's default turns it into 0), as torch.relu does
+        rel = tl.maximum(z * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        rel = tl.where(r_mask[:, None], rel, 0.0)
         w1 = tl.load(w1_ptr + offs_h[:, None] * (R + 1) + 1 + offs_r[None, :],
                      mask=h_mask[:, None] & r_mask[None, :], other=0.0)
         h = tl.dot(w1, rel, h, input_precision=DOT_PRECISION)
@@ -212,7 +214,7 @@ def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, g
     scale = tl.load(h_scale_ptr + offs_h, mask=h_mask, other=0.0)
     shift = tl.load(h_shift_ptr + offs_h, mask=h_mask, other=0.0)
     w2 = tl.load(w2_ptr + offs_h, mask=h_mask, other=0.0)
-    hidden = tl.maximum(h * scale[:, None] + shift[:, None], 0.0)
+    hidden = tl.maximum(h * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
     logit = tl.sum(w2[:, None] * hidden, axis=0)
     if APPLY_GATE:
         logit = tl.sigmoid(logit * tl.load(out_scale_ptr) + tl.load(out_shift_ptr))
@@ -222,12 +224,12 @@ def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, g
 # ---- launchers -----------------------------------------------------------------------------------------
 
 def relation_a(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
-    """A = [W_in phi^T | W_out theta^T], float32 (B, R, 2K). tp: (B, 2K, L); wg: (R, 2L) contiguous."""
+    """A = [W_in phi^T | W_out theta^T], float32 (B, R, 2K). tp: float32 (B, 2K, L); wg: (R, 2L) contiguous."""
     batch, k2, length = tp.shape
     r = wg.shape[0]
     a = torch.empty((batch, r, k2), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), 2 * triton.cdiv(k2 // 2, meta["BLOCK_K"]), batch)  # noqa: E731
-    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.dtype, tp.device))
+    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=dot_precision(wg.dtype, tp.device))
     return a
 
 
@@ -237,7 +239,7 @@ def relation_z_tiled(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     r = wg.shape[0]
     z = torch.empty((batch, r, length), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(r, meta["BLOCK_R"]), batch)  # noqa: E731
-    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.dtype, tp.device))
+    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=dot_precision(wg.dtype, tp.device))
     return z
 
 
@@ -245,14 +247,14 @@ class RelationOperands:
     """What the gate kernels read for one branch: A and tp (reassociated) or Z (tiled)."""
 
     def __init__(self, tp: torch.Tensor, gx_mean: torch.Tensor, a: torch.Tensor | None, z: torch.Tensor | None,
-                 r: int):
+                 r: int, compute_dtype: torch.dtype):
         self.tp, self.gx_mean, self.r = tp, gx_mean, r
         self.z_in_memory = z is not None
         self.a = a if a is not None else gx_mean     # dummy pointer when unused
         self.z = z if z is not None else gx_mean
         self.batch, self.k2, self.length = tp.shape
-        # The gate kernels multiply float32 operands whatever x's dtype.
-        self.precision = dot_precision(tp.dtype, tp.device)
+        # The gate kernels multiply float32 operands; their precision follows the compute dtype.
+        self.precision = dot_precision(compute_dtype, tp.device)
 
 
 def _block_h(hidden: int) -> int:

@@ -143,6 +143,15 @@ def test_large_half_precision_inputs_match_float64(backend, algorithm, dtype, tr
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16")]
 
 
+def _step_results(module, x):
+    """One forward + backward (grad_out all ones): [output, grad x, every parameter's grad]."""
+    xin = x.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(xin)
+    out.backward(torch.ones_like(out))
+    return [out.detach(), xin.grad] + [p.grad for p in module.parameters()]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend,algorithm", PATHS, ids=PATH_IDS)
 def test_eval_is_bitwise_repeatable(backend, algorithm, dtype):
@@ -150,13 +159,7 @@ def test_eval_is_bitwise_repeatable(backend, algorithm, dtype):
     _, fast, x = _pair(backend, algorithm, dtype=dtype)
     fast.eval()
     x = x.to(dtype).to(DEVICE)
-    runs = []
-    for _ in range(2):
-        xin = x.clone().requires_grad_(True)
-        fast.zero_grad(set_to_none=True)
-        out = fast(xin)
-        out.backward(torch.ones_like(out))
-        runs.append([out.detach(), xin.grad] + [p.grad for p in fast.parameters()])
+    runs = [_step_results(fast, x) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -173,13 +176,7 @@ def test_train_steps_from_identical_states_are_bitwise_equal(backend, algorithm,
     x = x.to(dtype).to(DEVICE)
     results = []
     for module in twins:
-        seen = []
-        for _ in range(2):
-            xin = x.clone().requires_grad_(True)
-            module.zero_grad(set_to_none=True)
-            out = module(xin)
-            out.backward(torch.ones_like(out))
-            seen += [out.detach(), xin.grad] + [p.grad for p in module.parameters()]
+        seen = _step_results(module, x) + _step_results(module, x)
         seen += list(module.state_dict().values())
         results.append(seen)
     for first, second in zip(*results):

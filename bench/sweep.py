@@ -375,7 +375,7 @@ class Sweep:
         if self.device.type != "cuda" and impls.interpreting() and any(n.startswith("triton") for n in self.names):
             self.log("note: TRITON_INTERPRET=1: the triton rows run through Triton's interpreter; their correctness "
                      "checks count, their times do not")
-        start, counter, timed = time.perf_counter(), 0, 0
+        start, counter = time.perf_counter(), 0
         with open(self.csv_path, mode, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             if mode == "w" or f.tell() == 0:

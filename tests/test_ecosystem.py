@@ -5,7 +5,6 @@ import argparse
 import copy
 import logging
 import os
-import sys
 
 import pytest
 import torch

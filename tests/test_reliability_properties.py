@@ -19,7 +19,6 @@ import collections
 import copy
 import dataclasses
 import math
-import os
 
 import pytest
 import torch

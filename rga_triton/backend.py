@@ -1,6 +1,7 @@
 """Which implementation runs a call: ``"torch"`` or ``"triton"``, and why."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -24,6 +25,12 @@ def _triton_importable() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked once per device (forward calls this every time)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def triton_unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take ``x``, or None when they can."""
     if not _triton_importable():
@@ -41,7 +48,8 @@ def triton_unsupported_reason(x: torch.Tensor) -> str | None:
         torch.get_autocast_dtype(x.device.type) == torch.bfloat16
     if (x.dtype == torch.bfloat16 or autocast_bf16) and interpreting():
         return "Triton's interpreter has no bfloat16 arithmetic"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (7, 5):
+    if x.device.type == "cuda" and _capability(x.device.index if x.device.index is not None
+                                               else torch.cuda.current_device()) < (7, 5):
         return f"{torch.cuda.get_device_name(x.device)} is older than Turing (compute capability 7.5)"
     return None
 

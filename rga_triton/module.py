@@ -102,7 +102,8 @@ class RGAModule(nn.Module):
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
         backend = self.backend
-        if backend != "torch" and any(synchronised(m) for m in self.modules()):
+        # SyncBatchNorm only synchronises in training: eval calls skip the submodule walk.
+        if backend != "torch" and self.training and any(synchronised(m) for m in self.modules()):
             # SyncBatchNorm all-reduces its statistics on the torch path; the kernels do not.
             if backend == "triton":
                 raise ValueError("backend='triton' cannot run this module: it holds train-mode SyncBatchNorm "

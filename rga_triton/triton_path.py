@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from .cache import memo
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
                         uses_batch_stats)
+from .cache import memo
 from .kernels.batchnorm import bn_finalize
 from .kernels.gating import apply_gates
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
                                z_stats)
 from .torch_path import Branch, rga_forward as torch_forward
+
 
 def _normalizers(bns, partials, count: int, shape, length: int):
     """Float32 (scale, shift) for the rows of ``bns`` (concatenated in order).

@@ -12,6 +12,8 @@ buffers left alone; the backward-kernel issue replaces it.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
@@ -25,8 +27,18 @@ from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relat
 from .torch_path import Branch, rga_forward as torch_forward
 
 
-def _normalizers(bns, partials, count: int, shape, length: int):
-    """Float32 (scale, shift) for the rows of ``bns`` (concatenated in order).
+class Norm(NamedTuple):
+    """BatchNorm rows as used by one call, float32 (rows,): bn(z) = z * scale + shift, and the
+    statistics it normalised with (z_hat = (z - mean) * inv_std), which backward needs."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
+
+def _normalizers(bns, partials, count: int, shape, length: int) -> Norm:
+    """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
 
     ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
     it runs only if a BatchNorm normalises with the batch, and one ``bn_finalize`` launch
@@ -41,24 +53,30 @@ def _normalizers(bns, partials, count: int, shape, length: int):
     check_batch_size(count, shape)
     stats = partials()
     rows = sum(bn.num_features for bn in bns)
-    scale = torch.empty(rows, device=stats.device, dtype=torch.float32)
-    shift = torch.empty_like(scale)
+    norm = Norm(*torch.empty((4, rows), device=stats.device, dtype=torch.float32))
     start = 0
     for bn in bns:
         end = start + bn.num_features
+        part = Norm(*(t[start:end] for t in norm))
         if uses_batch_stats(bn):
             update = tracks_running_stats(bn)
             factor = step_momentum(bn) if update else 0.0
-            bn_finalize(stats, start, bn, length, factor, update, scale[start:end], shift[start:end])
+            bn_finalize(stats, start, bn, length, factor, update, *part)
         else:
-            scale[start:end], shift[start:end] = scale_shift(bn, bn.running_mean, bn.running_var)
+            for dst, src in zip(part, _fold(bn, bn.running_mean, bn.running_var)):
+                dst.copy_(src)
         start = end
-    return scale, shift
+    return norm
+
+
+def _fold(bn, mean: torch.Tensor, var: torch.Tensor) -> Norm:
+    scale, shift = scale_shift(bn, mean, var)
+    return Norm(scale, shift, mean.float(), torch.rsqrt(var.float() + bn.eps))
 
 
 @torch.no_grad()
-def _affines(bns, batch_mean, batch_var, count: int):
-    scales, shifts, start = [], [], 0
+def _affines(bns, batch_mean, batch_var, count: int) -> Norm:
+    parts, start = [], 0
     for bn in bns:
         rows = slice(start, start + bn.num_features)
         start += bn.num_features
@@ -67,10 +85,8 @@ def _affines(bns, batch_mean, batch_var, count: int):
             update_running_stats(bn, mean, var, count)
         else:
             mean, var = bn.running_mean, bn.running_var
-        scale, shift = scale_shift(bn, mean, var)
-        scales.append(scale)
-        shifts.append(shift)
-    return torch.cat(scales), torch.cat(shifts)
+        parts.append(_fold(bn, mean, var))
+    return Norm(*(torch.cat(t).contiguous() for t in zip(*parts)))
 
 
 def _weight(owner, tag, dtype, weights):
@@ -94,10 +110,9 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     embeds = (branch.theta, branch.phi, branch.gx)
     w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
     k = branch.theta[0].weight.shape[0]
-    scale, shift = _normalizers([seq[1] for seq in embeds],
-                                lambda: projection_stats(x, shape, strides, w3, in_gate),
-                                count, (batch, k, length), length)
-    tp, gx_mean = projection_apply(x, shape, strides, w3, scale, shift, in_gate)
+    norm = _normalizers([seq[1] for seq in embeds], lambda: projection_stats(x, shape, strides, w3, in_gate),
+                        count, (batch, k, length), length)
+    tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate)
 
     wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
     r = wg.shape[0]
@@ -105,21 +120,21 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
         ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r, dtype)
     else:
         ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r, dtype)
-    z_scale, z_shift = _normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
+    z_scale, z_shift, *_ = _normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W
     w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
-    h_scale, h_shift = _normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
+    h_scale, h_shift, *_ = _normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
                                     count, (batch, w1.shape[0], length), length)
     w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
     if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out_scale, out_shift = _normalizers([bn2], None, count, (batch, 1, length), length)
+        out_scale, out_shift, *_ = _normalizers([bn2], None, count, (batch, 1, length), length)
         return gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
     logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
 
     check_batch_size(count, (batch, 1, length))
     var, mean = torch.var_mean(logit, unbiased=False)     # one channel: a single small reduction
-    out_scale, out_shift = _affines([bn2], mean.view(1), var.view(1), count)
+    out_scale, out_shift, *_ = _affines([bn2], mean.view(1), var.view(1), count)
     return torch.sigmoid(logit * out_scale + out_shift)
 
 

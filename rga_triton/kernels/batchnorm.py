@@ -17,11 +17,12 @@ from .tuning import STAT_SPLIT, n_splits
 
 @triton.jit
 def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, scale_ptr, shift_ptr,
-                        row0, rows_total, n_cols, channels, length, factor, eps, n_splits,
+                        mean_ptr, inv_std_ptr, row0, rows_total, n_cols, channels, length, factor, eps, n_splits,
                         HAS_AFFINE: tl.constexpr, UPDATE: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """For channels c of one BatchNorm (rows row0 + c of the partials (2, rows_total, n_cols)):
-    mean, var = merge of the partials; running stats updated when UPDATE; scale/shift written at c.
+    mean, var = merge of the partials; running stats updated when UPDATE; scale, shift, mean and
+    1/sqrt(var + eps) written at c (backward needs the normalised value, which scale/shift cannot give when weight is 0).
     Grid: (cdiv(channels, BLOCK_C),)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < channels
@@ -53,7 +54,10 @@ def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, runni
         new_var = (1.0 - factor) * old_var + factor * (var * (count / (count - 1.0)))
         tl.store(running_mean_ptr + offs_c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(running_var_ptr + offs_c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
-    scale = 1.0 / tl.sqrt(var + eps)
+    inv_std = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(inv_std_ptr + offs_c, inv_std, mask=c_mask)
+    scale = inv_std
     shift = -mean * scale
     if HAS_AFFINE:
         weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
@@ -65,8 +69,9 @@ def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, runni
 
 
 def bn_finalize(stats: torch.Tensor, row0: int, bn, length: int, factor: float, update: bool,
-                scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Merge rows [row0, row0 + C) of ``stats`` (2, rows, B * splits) for ``bn``; write scale/shift (C,).
+                scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
+    """Merge rows [row0, row0 + C) of ``stats`` (2, rows, B * splits) for ``bn``; write scale, shift,
+    the batch mean and 1/sqrt(batch var + eps), each float32 (C,).
 
     ``factor`` is the running-average factor ``nn.BatchNorm2d`` would use this step.
     """
@@ -78,5 +83,5 @@ def bn_finalize(stats: torch.Tensor, row0: int, bn, length: int, factor: float, 
     _bn_finalize_kernel[grid](
         stats, bn.weight if has_affine else dummy, bn.bias if has_affine else dummy,
         bn.running_mean if update else dummy, bn.running_var if update else dummy, scale, shift,
-        row0, stats.shape[1], n_cols, channels, length, float(factor), float(bn.eps), n_splits(length),
+        mean, inv_std, row0, stats.shape[1], n_cols, channels, length, float(factor), float(bn.eps), n_splits(length),
         HAS_AFFINE=has_affine, UPDATE=update, SPLIT=STAT_SPLIT, BLOCK_C=64, BLOCK_COLS=64, num_warps=4)

@@ -10,6 +10,7 @@ import rga_triton
 from helpers import rel_err
 from reference import RGA_Module
 from rga_triton.models import RGANet, ResNet50, rga_net, stage_sizes
+from rga_triton.module import ORDERS
 
 # A tiny RGA-Net that runs in well under a second on a CPU: 64 x 32 input gives 16x8, 8x4, 4x2
 # and 4x2 feature maps; ratios of 2 keep every W network non-empty at 8 positions.
@@ -169,3 +170,49 @@ def test_rga_net_variants():
     assert all(getattr(s.backbone, f"rga_att{k}").backend == "auto" for k in range(1, 5))
     t = rga_net(2, backend="triton", **TINY)
     assert t.backbone.rga_att4.backend == "triton"
+
+
+def test_rga_net_order_reaches_every_block():
+    for order in ORDERS:
+        model = rga_net(2, order=order, **TINY)
+        assert all(getattr(model.backbone, f"rga_att{k}").order == order for k in range(1, 5))
+    assert rga_net(2, **TINY).backbone.rga_att1.order == "sc"        # the authors' composition by default
+
+
+def test_rga_net_bad_order_raises_the_modules_error():
+    with pytest.raises(ValueError) as model_error:
+        rga_net(2, order="ss", **TINY)
+    with pytest.raises(ValueError) as module_error:
+        rga_triton.RGAModule(64, 64, order="ss")
+    assert str(model_error.value) == str(module_error.value)
+    assert "order must be one of ('sc', 'cs', 'parallel'), got 'ss'" in str(model_error.value)
+
+
+def test_rga_net_order_changes_the_output():
+    """Orders "sc" and "parallel" with the same weights give different features: the argument is used."""
+    torch.manual_seed(0)
+    small = dict(TINY, height=32, width=16)
+    sc = rga_net(3, backend="torch", **small).eval()
+    parallel = rga_net(3, backend="torch", order="parallel", **small).eval()
+    parallel.load_state_dict(sc.state_dict())
+    x = torch.randn(2, 3, 32, 16)
+    with torch.no_grad():
+        assert rel_err(parallel(x), sc(x)) > 1e-4
+
+
+def test_convert_of_an_authors_rga_net_keeps_its_order():
+    """Authors'-style blocks built with an ``order`` convert to what rga_net(order=...) builds."""
+    torch.manual_seed(0)
+    order = "parallel"
+    built = rga_net(3, backend="torch", order=order, **dict(TINY, height=32, width=16)).double().eval()
+    authors = copy.deepcopy(built)
+    for k in range(1, 5):
+        block = getattr(built.backbone, f"rga_att{k}")
+        ref = RGA_Module(block.in_channel, block.in_spatial, spa_ratio=2, down_ratio=2, order=order).double()
+        ref.load_state_dict(block.state_dict())
+        setattr(authors.backbone, f"rga_att{k}", ref)
+    converted = rga_triton.convert(authors, backend="torch").eval()
+    assert all(getattr(converted.backbone, f"rga_att{k}").order == order for k in range(1, 5))
+    x = torch.randn(2, 3, 32, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(converted(x), built(x)) < 1e-12

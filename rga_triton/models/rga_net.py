@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..module import RGAModule
+from ..module import RGAModule, check_order
 from .resnet import EXPANSION, WIDTHS, ResNet50, resnet50_keys, stage_sizes
 
 
@@ -31,21 +31,23 @@ class RGABackbone(ResNet50):
     """ResNet-50 (last stride 1 by default) with ``rga_att{k}`` = RGAModule after stage k.
 
     Each block's ``in_spatial`` is the H*W of its stage's feature map for a ``height`` x
-    ``width`` input (64*32, 32*16, 16*8, 16*8 at 256 x 128 with last stride 1).
+    ``width`` input (64*32, 32*16, 16*8, 16*8 at 256 x 128 with last stride 1). ``backend``,
+    ``algorithm`` and ``order`` go to every block.
     """
 
     def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, last_stride: int = 1,
-                 backend: str = "auto", algorithm: str = "auto"):
+                 backend: str = "auto", algorithm: str = "auto", order: str = "sc"):
         super().__init__(last_stride=last_stride)
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_order(order)     # here, not per block: the per-block error blames the input size
         self.height, self.width = height, width
         for stage, ((h, w), c) in enumerate(zip(stage_sizes(height, width, last_stride), WIDTHS), start=1):
             try:
                 block = RGAModule(c * EXPANSION, h * w, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                  backend=backend, algorithm=algorithm)
+                                  backend=backend, algorithm=algorithm, order=order)
             except ValueError as err:
                 raise ValueError(f"RGA block after stage {stage} ({c * EXPANSION} channels, {h} x {w} = {h * w} "
                                  f"positions for a {height} x {width} input): {err}. Use a larger input or smaller "
@@ -86,13 +88,13 @@ class RGANet(nn.Module):
 
     def __init__(self, num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
                  use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
-                 last_stride: int = 1, backend: str = "auto", algorithm: str = "auto"):
+                 last_stride: int = 1, backend: str = "auto", algorithm: str = "auto", order: str = "sc"):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                    last_stride, backend, algorithm)
+                                    last_stride, backend, algorithm, order)
         self.feat_bn = nn.BatchNorm1d(self.num_features)
         self.feat_bn.bias.requires_grad_(False)
         self.cls = nn.Linear(self.num_features, num_classes, bias=False)
@@ -145,17 +147,19 @@ def load_backbone_weights(backbone: nn.Module, weights, map_location="cpu") -> N
 def rga_net(num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
             use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
             backend: str = "auto", pretrained_backbone=None, last_stride: int = 1,
-            algorithm: str = "auto") -> RGANet:
+            algorithm: str = "auto", order: str = "sc") -> RGANet:
     """Build RGA-Net (RGA-SC by default; RGA-S / RGA-C with ``use_channel`` / ``use_spatial`` off).
 
     ``height`` x ``width`` is the input size (256 x 128 in the paper); the RGA blocks'
-    ``in_spatial`` follows from it. ``backend`` / ``algorithm`` go to every RGAModule.
+    ``in_spatial`` follows from it. ``backend`` / ``algorithm`` / ``order`` go to every RGAModule;
+    ``order`` composes the two branches of each block: ``"sc"`` (the authors' and the paper's
+    RGA-Net: spatial gate, then channel gate), ``"cs"`` or ``"parallel"`` (Table 1's variants).
     ``pretrained_backbone``: a path or state_dict of torchvision ``resnet50`` ImageNet weights,
     loaded strictly into the ResNet-50 part (``fc`` ignored). To load a trained RGA-Net
     checkpoint (the authors' files included) use :func:`rga_triton.load_checkpoint`.
     """
     model = RGANet(num_classes, height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                   last_stride, backend, algorithm)
+                   last_stride, backend, algorithm, order)
     if pretrained_backbone is not None:
         load_backbone_weights(model.backbone, pretrained_backbone)
     return model

@@ -1,7 +1,10 @@
 """Argument checks with errors that name the argument, the expected and the actual value."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+import torch.nn as nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,3 +74,39 @@ def input_tensor(x, in_channel: int, in_spatial: int, weight: torch.Tensor) -> N
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x has dtype {x.dtype} but the module's parameters are {weight.dtype}; "
                         f"cast one of them (module.to({x.dtype})) or run under torch.autocast")
+
+
+def _all_match(module: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    # Walks the _parameters / _modules dicts directly: about 3x cheaper than module.parameters().
+    for p in module._parameters.values():
+        if p is not None and (p.dtype != dtype or p.device != device):
+            return False
+    for child in module._modules.values():
+        if child is not None and not _all_match(child, dtype, device):
+            return False
+    return True
+
+
+def uniform_parameters(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, after checking that every parameter of ``module`` has its dtype and device.
+
+    Runs on every forward (~10-15 us for an RGA-SC block); a mixed module (say after
+    ``module.gg_spatial.half()``) would otherwise fail deep inside a path, or run in mixed
+    precision. Buffers are not checked: BatchNorm statistics may stay wider than the weights.
+    """
+    if _all_match(module, weight.dtype, weight.device):
+        return weight
+    named = dict(module.named_parameters())
+    autocast = " (for mixed precision keep the module in one dtype and run under torch.autocast)"
+    for attr, error, verbs, hint in (("device", ValueError, ("is on", "are on"), ""),
+                                     ("dtype", TypeError, ("is", "are"), autocast)):
+        counts = Counter(getattr(p, attr) for p in named.values())
+        if len(counts) > 1:
+            expected = counts.most_common(1)[0][0]       # ties go to the first parameter's
+            odd = [name for name, p in named.items() if getattr(p, attr) != expected]
+            listed = ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else "")
+            target = repr(str(expected)) if attr == "device" else str(expected)
+            raise error(f"parameter {odd[0]} {verbs[0]} {getattr(named[odd[0]], attr)} but the module's other "
+                        f"parameters {verbs[1]} {expected} ({len(odd)} of {len(named)} differ: {listed}): call "
+                        f"module.to({target}) so that all share one {attr}{hint}")
+    return weight

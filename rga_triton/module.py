@@ -100,7 +100,7 @@ class RGAModule(nn.Module):
         self.algorithm = _backend.check_algorithm(self.algorithm)
         self.order = check_order(self.order)
         first = self.branch("spatial" if self.use_spatial else "channel")
-        checks.input_tensor(x, self.in_channel, self.in_spatial, first.theta[0].weight)
+        checks.input_tensor(x, self.in_channel, self.in_spatial, checks.uniform_parameters(self, first.theta[0].weight))
         backend = self.backend
         # SyncBatchNorm only synchronises in training: eval calls skip the submodule walk.
         if backend != "torch" and self.training and any(synchronised(m) for m in self.modules()):

@@ -100,6 +100,63 @@ def test_bad_input_raises_the_same_clear_error_on_every_path(make_x, dtype, devi
         assert word in message, f"{word!r} not in {message!r}"
 
 
+def _half_gg_spatial(module):
+    module.gg_spatial.half()
+
+
+def _float_theta_in_half_module(module):
+    module.half().theta_spatial.float()
+
+
+def _w_channel_on_meta(module):
+    module.W_channel.to("meta")
+
+
+# (id, what breaks the module's parameters, exception, words the message must contain)
+MIXED_PARAMETERS = [
+    ("gg_spatial_half", _half_gg_spatial, TypeError,
+     ["parameter gg_spatial.0.weight is torch.float16", "other parameters are torch.float32",
+      "3 of 36 differ: gg_spatial.0.weight, gg_spatial.1.weight, gg_spatial.1.bias", "module.to(torch.float32)"]),
+    ("theta_float_in_half", _float_theta_in_half_module, TypeError,
+     ["parameter theta_spatial.0.weight is torch.float32", "other parameters are torch.float16",
+      "module.to(torch.float16)"]),
+    ("W_channel_on_meta", _w_channel_on_meta, ValueError,
+     ["parameter W_channel.0.weight is on meta", "other parameters are on cpu", "6 of 36 differ",
+      "module.to('cpu')"]),
+]
+
+
+@pytest.mark.parametrize("mix,exc,words", [case[1:] for case in MIXED_PARAMETERS],
+                         ids=[case[0] for case in MIXED_PARAMETERS])
+def test_mixed_parameters_raise_the_same_clear_error_on_every_path(mix, exc, words):
+    """Parameters that do not share one dtype and device (``module.gg_spatial.half()``): the same
+    error from every backend, naming the first odd parameter, its dtype or device and the
+    module's, whatever x is (the module's own dtype, or the odd one)."""
+    for x_dtype in (torch.float32, torch.float16):
+        def call(backend):
+            module = _module(backend)
+            mix(module)
+            return module(_randn(2, 16, 8, 8, dtype=x_dtype))
+        errors = {backend: _error(lambda: call(backend)) for backend in BACKENDS}
+        assert errors["torch"] == errors["triton"], errors
+        kind, message = errors["torch"]
+        assert kind is exc, message
+        for word in words:
+            assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_uniform_parameters_in_any_one_dtype_pass():
+    """One dtype for every parameter is legal, whichever it is; buffers do not count (BatchNorm
+    statistics may stay float32 in a float16 module), and float32 parameters run under autocast."""
+    module = _module("torch", torch.float16)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean, bn.running_var = bn.running_mean.float(), bn.running_var.float()
+    assert module(_randn(2, 16, 8, 8, dtype=torch.float16)).dtype == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _module("torch")(_randn(2, 16, 8, 8, dtype=torch.bfloat16)).shape == (2, 16, 8, 8)
+
+
 def test_requires_grad_on_integers_is_refused_by_pytorch():
     """A non-float x with requires_grad cannot reach the module: PyTorch refuses to create it
     (complex can, and gets our TypeError: BAD_INPUTS' complex_requires_grad)."""

@@ -76,10 +76,17 @@ def input_tensor(x, in_channel: int, in_spatial: int, weight: torch.Tensor) -> N
                         f"cast one of them (module.to({x.dtype})) or run under torch.autocast")
 
 
+def _allowed(p: torch.Tensor, owner: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    # BatchNorm affine parameters may stay float32 in a half-precision module (apex O2's
+    # keep_batchnorm_fp32 convention): every path normalises in float32 anyway.
+    same_dtype = p.dtype == dtype or (p.dtype == torch.float32 and isinstance(owner, nn.modules.batchnorm._BatchNorm))
+    return same_dtype and p.device == device
+
+
 def _all_match(module: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
     # Walks the _parameters / _modules dicts directly: about 3x cheaper than module.parameters().
     for p in module._parameters.values():
-        if p is not None and (p.dtype != dtype or p.device != device):
+        if p is not None and not _allowed(p, module, dtype, device):
             return False
     for child in module._modules.values():
         if child is not None and not _all_match(child, dtype, device):
@@ -92,21 +99,27 @@ def uniform_parameters(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
     Runs on every forward (~10-15 us for an RGA-SC block); a mixed module (say after
     ``module.gg_spatial.half()``) would otherwise fail deep inside a path, or run in mixed
-    precision. Buffers are not checked: BatchNorm statistics may stay wider than the weights.
+    precision. Buffers are not checked: BatchNorm statistics may stay wider than the weights,
+    and so may BatchNorm weights and biases (float32 in a half-precision module).
     """
     if _all_match(module, weight.dtype, weight.device):
         return weight
-    named = dict(module.named_parameters())
+    owned = [(f"{prefix}.{name}" if prefix else name, p, owner)
+             for prefix, owner in module.named_modules() for name, p in owner.named_parameters(recurse=False)]
+    convs = [(name, p) for name, p, owner in owned if not isinstance(owner, nn.modules.batchnorm._BatchNorm)]
     autocast = " (for mixed precision keep the module in one dtype and run under torch.autocast)"
     for attr, error, verbs, hint in (("device", ValueError, ("is on", "are on"), ""),
                                      ("dtype", TypeError, ("is", "are"), autocast)):
-        counts = Counter(getattr(p, attr) for p in named.values())
-        if len(counts) > 1:
-            expected = counts.most_common(1)[0][0]       # ties go to the first parameter's
-            odd = [name for name, p in named.items() if getattr(p, attr) != expected]
+        # the convolutions' majority is what the module is meant to be (ties: the first one's)
+        expected = Counter(getattr(p, attr) for _, p in convs).most_common(1)[0][0]
+        dtype, device = (weight.dtype, expected) if attr == "device" else (expected, weight.device)
+        odd = [name for name, p, owner in owned
+               if getattr(p, attr) != expected and not (attr == "dtype" and _allowed(p, owner, dtype, device))]
+        if odd:
+            first = dict((name, p) for name, p, _ in owned)[odd[0]]
             listed = ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else "")
             target = repr(str(expected)) if attr == "device" else str(expected)
-            raise error(f"parameter {odd[0]} {verbs[0]} {getattr(named[odd[0]], attr)} but the module's other "
-                        f"parameters {verbs[1]} {expected} ({len(odd)} of {len(named)} differ: {listed}): call "
+            raise error(f"parameter {odd[0]} {verbs[0]} {getattr(first, attr)} but the module's other "
+                        f"parameters {verbs[1]} {expected} ({len(odd)} of {len(owned)} differ: {listed}): call "
                         f"module.to({target}) so that all share one {attr}{hint}")
     return weight

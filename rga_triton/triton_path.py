@@ -7,8 +7,8 @@ mode adds one statistics pass per projection, and recomputes Z from the small A 
 [theta; phi] for the statistics of the relation and hidden BatchNorms. Everything the
 kernels hand each other is O(K L + R K) per image, never O(L^2).
 
-Backward recomputes through the ``"torch"`` path (reassociated, exact) with the BatchNorm
-buffers left alone; the backward-kernel issue replaces it.
+This module runs the forward when no gradient is wanted; ``triton_autograd`` wires the same
+kernels, and the backward kernels, into autograd.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Norm(NamedTuple):
     inv_std: torch.Tensor
 
 
-def _normalizers(bns, partials, count: int, shape, length: int) -> Norm:
+def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
     """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
 
     ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
@@ -110,7 +110,7 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     embeds = (branch.theta, branch.phi, branch.gx)
     w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
     k = branch.theta[0].weight.shape[0]
-    norm = _normalizers([seq[1] for seq in embeds], lambda: projection_stats(x, shape, strides, w3, in_gate),
+    norm = normalizers([seq[1] for seq in embeds], lambda: projection_stats(x, shape, strides, w3, in_gate),
                         count, (batch, k, length), length)
     tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate)
 
@@ -120,15 +120,15 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
         ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r, dtype)
     else:
         ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r, dtype)
-    z_scale, z_shift, *_ = _normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
+    z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W
     w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
-    h_scale, h_shift, *_ = _normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
+    h_scale, h_shift, *_ = normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
                                     count, (batch, w1.shape[0], length), length)
     w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
     if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out_scale, out_shift, *_ = _normalizers([bn2], None, count, (batch, 1, length), length)
+        out_scale, out_shift, *_ = normalizers([bn2], None, count, (batch, 1, length), length)
         return gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
     logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
 
@@ -138,57 +138,45 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     return torch.sigmoid(logit * out_scale + out_shift)
 
 
+def mergeable(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy when its H and W axes cannot merge into one position axis."""
+    return x if x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
+
+
+def input_views(x: torch.Tensor) -> dict:
+    """(shape, strides) of x (B, C, H, W) read as the spatial (B, C, N) and the channel (B, N, C) input."""
+    b, c, h, w = x.shape
+    sb, sc, sn = x.stride(0), x.stride(1), x.stride(3)
+    return {"spatial": ((b, c, h * w), (sb, sc, sn)), "channel": ((b, h * w, c), (sb, sn, sc))}
+
+
+def compose_gates(module, gate):
+    """(spatial gate or None, channel gate or None) composed in ``module.order``.
+
+    ``gate(name, in_gate)`` computes one branch's gate reading x scaled by ``in_gate`` (the
+    other branch's gate, or None): "sc" feeds the spatial gate to the channel branch, "cs"
+    the reverse, "parallel" reads x in both.
+    """
+    both = module.use_spatial and module.use_channel
+    if both and module.order == "parallel":
+        return gate("spatial"), gate("channel")
+    if both and module.order == "cs":
+        channel = gate("channel")
+        return gate("spatial", channel), channel
+    spatial = gate("spatial") if module.use_spatial else None
+    return spatial, (gate("channel", spatial) if module.use_channel else None)
+
+
 def fused_forward(module, x: torch.Tensor, algorithm: str = "reassociated") -> torch.Tensor:
     """The block's output (B, C, H, W) from the kernels; updates BatchNorm buffers in train mode."""
-    b, c, h, w = x.shape
-    if x.stride(2) != w * x.stride(3):           # H and W must merge into one position axis
-        x = x.contiguous()
-    sb, sc, sn = x.stride(0), x.stride(1), x.stride(3)
-    spatial_view, channel_view = ((b, c, h * w), (sb, sc, sn)), ((b, h * w, c), (sb, sn, sc))
+    x = mergeable(x)
+    views = input_views(x)
 
-    def spatial_gate(in_gate=None):       # in_gate: channel gate (B, C) applied where x is read
-        return branch_gate(module.branch("spatial"), x, *spatial_view, in_gate, algorithm)
+    def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
+        return branch_gate(module.branch(name), x, *views[name], in_gate, algorithm)
 
-    def channel_gate(in_gate=None):       # in_gate: spatial gate (B, N) applied where x is read
-        return branch_gate(module.branch("channel"), x, *channel_view, in_gate, algorithm)
-
-    if module.use_spatial and module.use_channel and module.order == "parallel":
-        spatial, channel = spatial_gate(), channel_gate()
-    elif module.use_spatial and module.use_channel and module.order == "cs":
-        channel = channel_gate()
-        spatial = spatial_gate(channel)
-    else:       # "sc", or a single branch
-        spatial = spatial_gate() if module.use_spatial else None
-        channel = channel_gate(spatial) if module.use_channel else None
+    spatial, channel = compose_gates(module, gate)
     return apply_gates(x, spatial, channel)
-
-
-class _RGATritonFunction(torch.autograd.Function):
-    """Forward through the kernels; backward by recomputing the exact torch path (buffers untouched)."""
-
-    @staticmethod
-    def forward(ctx, x, module, algorithm, *params):
-        ctx.module = module
-        device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        ctx.save_for_backward(x)
-        return fused_forward(module, x, algorithm)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        params = list(ctx.module.parameters())
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
-        device, dtype, enabled = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            xd = x.detach().requires_grad_(True)
-            out = torch_forward(ctx.module, xd, update=False)
-            inputs = [xd] + [params[i] for i in wanted]
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-        param_grads = [None] * len(params)
-        for i, g in zip(wanted, grads[1:]):
-            param_grads[i] = g
-        return (grads[0] if ctx.needs_input_grad[0] else None, None, None, *param_grads)
 
 
 def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +184,7 @@ def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
         return torch_forward(module, x)
     algorithm = "tiled" if module.algorithm == "tiled" else "reassociated"
-    if torch.is_grad_enabled():
-        params = list(module.parameters())
-        if x.requires_grad or any(p.requires_grad for p in params):
-            return _RGATritonFunction.apply(x, module, algorithm, *params)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        from .triton_autograd import autograd_forward      # imports this module
+        return autograd_forward(module, x, algorithm)
     return fused_forward(module, x, algorithm)

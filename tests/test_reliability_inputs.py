@@ -157,6 +157,26 @@ def test_uniform_parameters_in_any_one_dtype_pass():
         assert _module("torch")(_randn(2, 16, 8, 8, dtype=torch.bfloat16)).shape == (2, 16, 8, 8)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_batchnorm_in_a_half_module_is_legal_on_every_path(train):
+    """apex O2's keep_batchnorm_fp32: float16 convolutions, float32 BatchNorms. Every backend
+    takes it and agrees with the torch path (outputs and gradients)."""
+    results = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        module = _module(backend, torch.float16)
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.float()
+        module.train(train)
+        x = _randn(2, 16, 8, 8, dtype=torch.float16).requires_grad_(True)
+        out = module(x)
+        out.float().square().sum().backward()
+        results[backend] = [out, x.grad] + [p.grad for p in module.parameters()]
+    for name, a, b in zip(["out", "grad x"] + [n for n, _ in _module("torch").named_parameters()], *results.values()):
+        assert rel_err(a.double(), b.double()) <= 2e-2, name
+
+
 def test_requires_grad_on_integers_is_refused_by_pytorch():
     """A non-float x with requires_grad cannot reach the module: PyTorch refuses to create it
     (complex can, and gets our TypeError: BAD_INPUTS' complex_requires_grad)."""

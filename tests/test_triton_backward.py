@@ -1,0 +1,217 @@
+"""The Triton path's backward, piece by piece and whole, against float64 PyTorch autograd.
+
+The block-level comparisons with the reference (every branch, order, algorithm, train and
+eval, tails) are in test_triton_path.py; here each autograd Function is checked alone, with
+BatchNorms mixing batch and running statistics, and the properties backward must keep:
+repeatable bits, retain_graph, partial requires_grad, no L x L tensor.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rga_triton
+from helpers import TOLERANCE, make_pair, rel_err, step
+from rga_triton import backend as backend_mod
+from rga_triton.batchnorm import batch_norm
+from rga_triton.torch_path import relation_inputs, relation_preactivation
+from rga_triton.triton_autograd import _Projection, _RelationGate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
+                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+TOL = TOLERANCE[torch.float32]
+
+
+def _module(c=20, h=6, w=10, seed=0, **kw):
+    """A float64 RGAModule with random weights and non-trivial BatchNorm parameters and statistics."""
+    torch.manual_seed(seed)
+    args = dict(use_spatial=True, use_channel=True, cha_ratio=3, spa_ratio=8, down_ratio=4)
+    args.update(kw)
+    module = rga_triton.RGAModule(c, h * w, backend="torch", **args).double()
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.2)
+            bn.running_mean.normal_(0.0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def _set_modes(branch, modes):
+    """Train (True) or eval (False) per BatchNorm of the branch: theta, phi, gx, gg, W[1]."""
+    for seq, train in zip((branch.theta, branch.phi, branch.gx, branch.gg), modes):
+        seq[1].train(train)
+    branch.W[1].train(modes[4])
+
+
+def _grads(outputs, inputs, grad_outputs):
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+
+
+def _assert_grads_close(actual, expected, names):
+    for name, a, e in zip(names, actual, expected):
+        assert rel_err(a.double().cpu(), e) <= TOL, f"{name}: {rel_err(a.double().cpu(), e):.2e}"
+
+
+MODES = [(True,) * 5, (False,) * 5, (True, False, True, False, True), (False, True, False, True, False)]
+
+
+@pytest.mark.parametrize("modes", MODES, ids=["train", "eval", "mixed-a", "mixed-b"])
+@pytest.mark.parametrize("name", ["spatial", "channel"])
+def test_relation_gate_function_matches_autograd(name, modes):
+    """_RelationGate: tp, gx_mean -> logit before the last BatchNorm, every input's gradient."""
+    module = _module()
+    branch = module.branch(name)
+    x = torch.randn(3, 20, 60, dtype=torch.float64)
+    feats = x if name == "spatial" else x.transpose(1, 2)
+    with torch.no_grad():
+        theta, phi, gx_mean = relation_inputs(branch, feats, update=False)
+    tp = torch.cat([theta, phi], dim=1)
+    dlogit = torch.randn(3, feats.shape[2], dtype=torch.float64)
+    conv1, bn1, _, conv2, _ = branch.W
+    bn_z = branch.gg[1]
+    params = [branch.gg[0].weight, conv1.weight, conv2.weight, bn_z.weight, bn_z.bias, bn1.weight, bn1.bias]
+    _set_modes(branch, modes)
+
+    # float64 autograd of the same formula (running statistics left alone: update=False)
+    tp64 = tp.clone().requires_grad_(True)
+    gx64 = gx_mean[:, 0].clone().requires_grad_(True)
+    k = tp.shape[1] // 2
+    z = relation_preactivation(branch.gg[0].weight, tp64[:, :k], tp64[:, k:])
+    rel = F.relu(batch_norm(z, bn_z, False))
+    hidden = F.relu(batch_norm(torch.matmul(conv1.weight.flatten(1), torch.cat([gx64[:, None], rel], 1)), bn1, False))
+    logit = torch.matmul(conv2.weight.flatten(1), hidden).squeeze(1)
+    expected = _grads(logit, [tp64, gx64] + params, dlogit)
+
+    fast = {p: p.detach().float().to(DEVICE).requires_grad_(True) for p in params}
+    state = {n: b.clone() for n, b in module.state_dict().items()}
+    fast_module = _module().float().to(DEVICE)
+    fast_module.load_state_dict(state)
+    fast_branch = fast_module.branch(name)
+    _set_modes(fast_branch, modes)
+    tp32 = tp.float().to(DEVICE).requires_grad_(True)
+    gx32 = gx_mean[:, 0].float().to(DEVICE).contiguous().requires_grad_(True)
+    out = _RelationGate.apply(tp32, gx32, *fast.values(), fast_branch, False, torch.float32)
+    assert rel_err(out.double().cpu(), logit) <= TOL
+    actual = _grads(out, [tp32, gx32] + list(fast.values()), dlogit.float().to(DEVICE))
+    _assert_grads_close(actual, expected, ["tp", "gx_mean", "wg", "w1", "w2", "z weight", "z bias",
+                                           "h weight", "h bias"])
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "in-gate"])
+@pytest.mark.parametrize("modes", MODES[:3], ids=["train", "eval", "mixed"])
+@pytest.mark.parametrize("name", ["spatial", "channel"])
+def test_projection_function_matches_autograd(name, modes, gated):
+    """_Projection: x (and the other branch's gate) -> tp, gx_mean, every input's gradient."""
+    module = _module(c=19, h=5, w=7)
+    branch = module.branch(name)
+    _set_modes(branch, modes)
+    x = torch.randn(3, 19, 5, 7, dtype=torch.float64)
+    gate_width = 19 if name == "spatial" else 35
+    in_gate = torch.rand(3, gate_width, dtype=torch.float64) if gated else None
+    bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
+    convs = [seq[0].weight for seq in (branch.theta, branch.phi, branch.gx)]
+    params = convs + [p for bn in bns for p in (bn.weight, bn.bias)]
+
+    x64 = x.clone().requires_grad_(True)
+    g64 = in_gate.clone().requires_grad_(True) if gated else None
+    feats = x64.flatten(2) if name == "spatial" else x64.flatten(2).transpose(1, 2)
+    if gated:
+        feats = feats * g64[:, :, None]
+    theta, phi, gx_mean = relation_inputs(branch, feats, update=False)
+    outputs = (torch.cat([theta, phi], 1), gx_mean[:, 0])
+    grad_outs = (torch.randn_like(outputs[0]), torch.randn_like(outputs[1]))
+    inputs = [x64] + ([g64] if gated else []) + params
+    expected = _grads(outputs, inputs, grad_outs)
+
+    fast_module = _module(c=19, h=5, w=7).float().to(DEVICE)
+    fast_module.load_state_dict(module.state_dict())
+    fast_branch = fast_module.branch(name)
+    _set_modes(fast_branch, modes)
+    fast_params = [p.detach().float().to(DEVICE).requires_grad_(True) for p in params]
+    x32 = x.float().to(DEVICE).requires_grad_(True)
+    g32 = in_gate.float().to(DEVICE).requires_grad_(True) if gated else None
+    w3 = torch.cat([w.flatten(1) for w in fast_params[:3]])
+    weight3 = torch.cat(fast_params[3::2])
+    bias3 = torch.cat(fast_params[4::2])
+    tp, gx = _Projection.apply(x32, g32, w3, weight3, bias3, fast_branch, name, torch.float32)
+    assert rel_err(tp.double().cpu(), outputs[0]) <= TOL and rel_err(gx.double().cpu(), outputs[1]) <= TOL
+    actual = _grads((tp, gx), [x32] + ([g32] if gated else []) + fast_params,
+                    tuple(g.float().to(DEVICE) for g in grad_outs))
+    names = ["x"] + (["in_gate"] if gated else []) + ["w_theta", "w_phi", "w_gx"] + [
+        f"{part} {p}" for part in ("theta", "phi", "gx") for p in ("weight", "bias")]
+    _assert_grads_close(actual, expected, names)
+
+
+def _step_grads(fast, x, grad_out):
+    out, gx, grads = step(fast, x, grad_out, dtype=torch.float32, device=DEVICE)
+    return [out, gx] + [grads[n] for n in sorted(grads)]
+
+
+@pytest.mark.parametrize("algorithm", ["reassociated", "tiled"])
+def test_gradients_are_bitwise_repeatable_under_deterministic_algorithms(algorithm):
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
+                             backend="triton")
+    fast.algorithm = algorithm
+    fast.eval()             # buffers fixed: both steps see the same statistics
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _step_grads(fast, x, grad_out), _step_grads(fast, x, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+    """Backward must not overwrite what forward saved."""
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
+                             backend="triton")
+    fast.train()
+    xin = x.float().to(DEVICE).requires_grad_(True)
+    out = fast(xin)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, [xin] + list(fast.parameters()), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, [xin] + list(fast.parameters()), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wants", ["x", "params", "frozen-embeddings"])
+def test_partial_requires_grad_matches_reference(wants):
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
+                             backend="triton")
+    ref.train(), fast.train()
+    for module in (ref, fast):
+        for name, p in module.named_parameters():
+            if wants == "x" or (wants == "frozen-embeddings" and name.split("_")[0] in ("theta", "phi", "gx")):
+                p.requires_grad_(False)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    results = []
+    for module, dtype in ((ref, torch.float64), (fast, torch.float32)):
+        xin = x.to(DEVICE, dtype).requires_grad_(wants != "params")
+        out = module(xin)
+        inputs = ([xin] if wants != "params" else []) + [p for p in module.parameters() if p.requires_grad]
+        results.append([out] + list(torch.autograd.grad(out, inputs, grad_out.to(out))))
+    for a, e in zip(results[1], results[0]):
+        assert rel_err(a.double().cpu(), e.detach()) <= TOL
+
+
+def test_eval_mode_gradients_flow_with_frozen_statistics():
+    """Fine-tuning with BatchNorms in eval (running statistics): buffers stay, gradients match."""
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
+                             backend="triton")
+    ref.eval(), fast.eval()
+    before = {n: b.clone() for n, b in fast.state_dict().items()}
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    r_out, r_gx, r_grads = step(ref, x, grad_out)
+    f_out, f_gx, f_grads = step(fast, x, grad_out, dtype=torch.float32, device=DEVICE)
+    assert rel_err(f_out, r_out) <= TOL and rel_err(f_gx, r_gx) <= TOL
+    whole = torch.cat([g.flatten() for g in r_grads.values()]).norm()
+    for name in r_grads:
+        scale = max(float(r_grads[name].norm()), 1e-3 * float(whole))
+        assert float((f_grads[name] - r_grads[name]).norm()) / scale <= TOL, name
+    for name, value in fast.state_dict().items():
+        assert torch.equal(value, before[name]), name

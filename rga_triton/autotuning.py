@@ -21,6 +21,8 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
          verbose=True) -> str:
     """Autotune the kernels for every (shape, batch, branch, dtype, mode, algorithm) and write the result.
 
+    "eval" runs an inference forward; "train" a forward and backward step in train mode.
+
     shapes: (C, H, W) feature maps (default: RGA-Net stages of a 256 x 128 input). The file
     goes to ``path`` or ``<config dir>/<device name>.json`` (the packaged ``rga_triton/configs``
     unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries already there.
@@ -46,8 +48,12 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
         module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
         module = module.to(device=device, dtype=dtype).train(mode == "train")
         x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
-        with torch.no_grad():
-            module(x)
+        if mode == "train":         # a training step: the autograd path's forward and the backward kernels
+            x.requires_grad_(True)
+            module(x).backward(torch.randn_like(x))
+        else:
+            with torch.no_grad():
+                module(x)
         torch.cuda.synchronize(device)
         if verbose:
             elapsed = time.perf_counter() - start

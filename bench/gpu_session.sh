@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks a lent machine is for, in the order they matter, each under 10 minutes.
+#
+#   bash bench/gpu_session.sh tests    # the test suite on CUDA: compiled kernels, forward and backward
+#   bash bench/gpu_session.sh tune     # tune RGA-SC stage shapes (B=64, float32 + bfloat16, eval + train)
+#   bash bench/gpu_session.sh train    # issue #6 table: RGA-SC training steps at the RGA-Net stages
+#   bash bench/gpu_session.sh step     # issue #7 table: RGA-Net training steps, authors' blocks vs converted
+#   bash bench/gpu_session.sh paper    # one more slice of `sweep.py --preset paper` (resumable)
+#
+# Results go to bench/results/<device>/ (commit them) and, when $OUT is set (the device tool),
+# are copied there as one tarball. The machine keeps its own torch and Triton (--no-deps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --no-deps -e . >/dev/null
+what="${1:?usage: bash bench/gpu_session.sh tests|tune|train|step|paper}"
+log="bench/results/gpu_session_${what}.log"
+mkdir -p bench/results
+case "$what" in
+  tests) python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
+  tune)  python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
+           --dtypes float32,bfloat16 --modes eval,train 2>&1 | tee "$log" ;;
+  train) python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
+           --dtypes float32,bfloat16 --impls reference,compile,torch,triton --time-limit 480 --resume 2>&1 | tee "$log" ;;
+  step)  python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
+  paper) python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
+  *) echo "unknown step: $what" >&2; exit 2 ;;
+esac
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/results_${what}.tgz" bench/results rga_triton/configs
+fi

@@ -7,14 +7,16 @@ mode adds one statistics pass per projection, and recomputes Z from the small A 
 [theta; phi] for the statistics of the relation and hidden BatchNorms. Everything the
 kernels hand each other is O(K L + R K) per image, never O(L^2).
 
-This module runs the forward when no gradient is wanted; ``triton_autograd`` wires the same
-kernels, and the backward kernels, into autograd.
+This module runs the forward when no gradient is wanted, in eager mode; ``triton_autograd``
+runs the same kernels, and the backward kernels, as the custom ops of ``ops.py``: when a
+gradient is wanted, and always under ``torch.compile``.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
                         uses_batch_stats)
@@ -46,8 +48,11 @@ def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
     does. In eval the running statistics fold once per change of parameters or buffers.
     """
     if not any(uses_batch_stats(bn) for bn in bns):
+        fold = lambda: _affines(bns, None, None, count)  # noqa: E731
+        if not isinstance(bns[0], nn.Module):   # views rebuilt inside an op (ops.py): nothing lasting to memoise on
+            return fold()
         sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-        return memo(bns[0], ("affine", len(bns)), sources, lambda: _affines(bns, None, None, count))
+        return memo(bns[0], ("affine", len(bns)), sources, fold)
     if count <= 1 and tracks_running_stats(bns[0]):
         step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)
@@ -184,7 +189,9 @@ def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
         return torch_forward(module, x)
     algorithm = "tiled" if module.algorithm == "tiled" else "reassociated"
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    # torch.compile traces the custom ops (ops.py); fused_forward reads modules and memoises by data_ptr
+    if wants_grad or torch.compiler.is_compiling():
         from .triton_autograd import autograd_forward      # imports this module
-        return autograd_forward(module, x, algorithm)
+        return autograd_forward(module, x, algorithm, wants_grad)
     return fused_forward(module, x, algorithm)

@@ -1,0 +1,408 @@
+"""The Triton path's steps as PyTorch custom operators (namespace ``rga_triton``).
+
+``torch.compile`` cannot trace the Triton launchers: they take nn.Modules, go through the
+autotuning wrapper of ``kernels/tuned.py`` and branch on BatchNorm state on the host. Each
+step is therefore a ``torch.library.custom_op``: an opaque call whose arguments are
+tensors, lists of tensors and scalars, with a fake (shapes-only) implementation for tracing.
+
+Why ``custom_op`` and not ``torch.library.triton_op`` + ``wrap_triton``: triton_op needs
+dynamo to trace each launcher down to ``kernel[grid](...)``, and ours pass through
+``TunedKernel`` (configuration-file lookup, autotuning, recording the winner) and through
+``triton_path.normalizers`` (momentum=None reads num_batches_tracked on the host). Opaque ops
+keep that code as it is; inductor cannot fuse into them, and has nothing to fuse there.
+
+Two rules shape the ops. An op that moves BatchNorm running statistics mutates its buffer
+arguments (declared in ``mutates_args``, so functionalization copies the updates back when
+it hands the op copies), and an op with an autograd formula must be functional. So each
+differentiated step is two ops: one measures the batch statistics and moves the running
+statistics, on detached inputs; the other computes the step from those statistics, and
+its backward formula contains the batch-statistics terms itself, as nn.BatchNorm2d's does:
+
+    projection_norm  (mutates BatchNorm buffers) -> norm          projection -> tp, gx_mean
+    relation_norms   (mutates BatchNorm buffers) -> a, z, norm    gate_logit -> logit
+    apply_gates -> out
+
+A norm is float32 (4, rows) over a group's BatchNorms, their rows concatenated: scale, shift
+(bn(v) = v * scale + shift), and the mean and 1/std it normalised with. The differentiating
+op takes the group's affine rows (bn_weight, bn_bias) as its differentiable inputs. ``gate_logit``'s backward runs kernels, so it is an op too
+(``gate_logit_backward``); the other backward formulas are PyTorch, traced into the
+compiled backward. Every group of BatchNorms is passed as the same three arguments
+(:func:`batchnorm_args`), rebuilt inside the op as :class:`BatchNormView` objects, which
+``triton_path.normalizers`` and ``batchnorm.py`` read like the modules themselves.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import relation as relation_kernels
+from .kernels.gating import apply_gates as apply_gates_kernel
+from .kernels.projection import projection_apply, projection_stats
+from .kernels.relation_backward import hidden_backward, relation_backward
+from .triton_path import Norm, input_views, mergeable, normalizers
+
+CUMULATIVE = math.nan
+"""``momentum`` in ``bn_settings`` for ``momentum=None`` (nn.BatchNorm2d's cumulative average)."""
+
+
+class BatchNormView(NamedTuple):
+    """The attributes of an nn.BatchNorm2d that the BatchNorm bookkeeping reads, rebuilt inside an
+    op from its arguments: the tensors are the op's, so running-statistics updates land in them."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
+    training: bool
+    track_running_stats: bool
+    num_features: int
+
+
+def batchnorm_args(bns) -> dict:
+    """The op keyword arguments that describe the BatchNorm modules ``bns``, three per group of BatchNorms
+    (few arguments: custom-op dispatch costs grow with their number):
+
+    - bn_affine: weight, bias per BatchNorm (None where not affine), detached: the op does not differentiate;
+    - bn_buffers: running_mean, running_var, num_batches_tracked per BatchNorm (None where absent), mutated;
+    - bn_settings: momentum (CUMULATIVE for None), eps, training, track_running_stats per BatchNorm.
+    """
+    def detached(t):
+        return t.detach() if t is not None else None
+
+    return dict(bn_affine=[detached(t) for bn in bns for t in (bn.weight, bn.bias)],
+                bn_buffers=[t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)],
+                bn_settings=[float(v) for bn in bns for v in (CUMULATIVE if bn.momentum is None else bn.momentum,
+                                                              bn.eps, bn.training, bn.track_running_stats)])
+
+
+def batchnorm_views(sizes, bn_affine, bn_buffers, bn_settings) -> list:
+    """The :class:`BatchNormView` of each BatchNorm described by an op's arguments; ``sizes``: their widths."""
+    views = []
+    for i, size in enumerate(sizes):
+        momentum, eps, training, track = bn_settings[4 * i:4 * i + 4]
+        views.append(BatchNormView(*bn_affine[2 * i:2 * i + 2], *bn_buffers[3 * i:3 * i + 3],
+                                   None if math.isnan(momentum) else momentum, eps, bool(training), bool(track),
+                                   size))
+    return views
+
+
+def _matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A stack of 1x1-conv weights as one contiguous (rows, in) matrix in ``dtype``."""
+    return weight.detach().flatten(1).to(dtype).contiguous()
+
+
+def _norm(rows: Tensor) -> Norm:
+    return Norm(*rows.contiguous())
+
+
+def _operands(tp, gx_mean, a, z, compute_dtype) -> relation_kernels.RelationOperands:
+    """The gate kernels' operands: Z from memory when it was materialised, else A and tp."""
+    z = z if z.numel() else None
+    r = z.shape[1] if z is not None else a.shape[1]
+    return relation_kernels.RelationOperands(tp.contiguous(), gx_mean.contiguous(),
+                                             None if z is not None else a.contiguous(),
+                                             z.contiguous() if z is not None else None, r, compute_dtype)
+
+
+def _branch_length(x: Tensor, view: str) -> int:
+    """L of a branch reading x (B, C, H, W): H*W positions (spatial) or C channels (channel)."""
+    return x.shape[2] * x.shape[3] if view == "spatial" else x.shape[1]
+
+
+_BN = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"     # see batchnorm_args
+
+
+# ---- projection: x -> theta, phi (stacked as tp) and gx's channel mean ------------------------------------
+
+@torch.library.custom_op("rga_triton::projection_norm", mutates_args=("bn_buffers",),
+                         schema="(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, "
+                                f"{_BN}) -> Tensor")
+def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
+    """The norm (4, 3K) of the theta, phi and gx BatchNorms for P = W3 (X * in_gate).
+
+    x: (B, C, H, W), read as the ``view`` branch's X (B, Cin, L); in_gate: float32 (B, Cin)
+    or None; w3: (3K, Cin[, 1, 1]). Train-mode BatchNorms measure P's batch statistics and
+    move their running statistics, as nn.BatchNorm2d does.
+    """
+    x = mergeable(x)
+    shape, strides = input_views(x)[view]
+    batch, _, length = shape
+    w3c = _matrix(w3, compute_dtype)
+    k = w3c.shape[0] // 3
+    in_gate = in_gate.contiguous() if in_gate is not None else None
+    bns = batchnorm_views([k] * 3, bn_affine, bn_buffers, bn_settings)
+    norm = normalizers(bns, lambda: projection_stats(x, shape, strides, w3c, in_gate), batch * length,
+                       (batch, k, length), length)
+    return torch.stack(norm)
+
+
+@projection_norm.register_fake
+def _(x, in_gate, w3, view, compute_dtype, *bn):
+    return x.new_empty((4, w3.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("rga_triton::projection", mutates_args=())
+def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
+               view: str, compute_dtype: torch.dtype, batch_stats: list[bool]) -> tuple[Tensor, Tensor]:
+    """tp = [theta; phi] float32 (B, 2K, L) and gx_mean float32 (B, L), normalised with ``norm``.
+
+    bn_weight, bn_bias: (3K,) the three BatchNorms' affine rows (ones and zeros where not
+    affine); batch_stats: per BatchNorm, whether ``norm`` holds batch statistics. Both
+    only matter to backward.
+    """
+    x = mergeable(x)
+    shape, strides = input_views(x)[view]
+    in_gate = in_gate.contiguous() if in_gate is not None else None
+    norm = _norm(norm)
+    return projection_apply(x, shape, strides, _matrix(w3, compute_dtype), norm.scale, norm.shift, in_gate)
+
+
+@projection.register_fake
+def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats):
+    batch, length, k = x.shape[0], _branch_length(x, view), w3.shape[0] // 3
+    return (x.new_empty((batch, 2 * k, length), dtype=torch.float32),
+            x.new_empty((batch, length), dtype=torch.float32))
+
+
+def _projection_setup(ctx, inputs, output):
+    x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats = inputs
+    ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
+    ctx.view, ctx.compute_dtype, ctx.batch_stats = view, compute_dtype, batch_stats
+
+
+def _projection_backward(ctx, dtp, dgx_mean):
+    """PyTorch: two large matmuls and elementwise work, which the backend already does at bandwidth."""
+    x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
+    _, _, mean, inv_std = norm
+    weight, bias = bn_weight.detach().float(), bn_bias.detach().float()
+    w3c = w3.detach().flatten(1).to(ctx.compute_dtype).float()
+    b, c, h, w = x.shape
+    feats = x.reshape(b, c, h * w)
+    if ctx.view == "channel":
+        feats = feats.transpose(1, 2)
+    xg = feats if in_gate is None else feats.float() * in_gate[:, :, None]
+    xg = xg.to(ctx.compute_dtype).float()                  # the operand the kernel multiplied
+    k = w3c.shape[0] // 3
+    count = xg.shape[0] * xg.shape[2]
+    p_hat = (torch.matmul(w3c, xg) - mean[:, None]) * inv_std[:, None]
+    y = p_hat * weight[:, None] + bias[:, None]
+    dtp = torch.zeros_like(y[:, :2 * k]) if dtp is None else dtp
+    dgx = torch.zeros_like(y[:, 0]) if dgx_mean is None else dgx_mean
+    dy = torch.cat([dtp, (dgx / k)[:, None, :].expand(-1, k, -1)], dim=1)
+    dy = torch.where(y > 0, dy, 0.0)
+    sum_b, sum_g = dy.sum(dim=(0, 2)), (dy * p_hat).sum(dim=(0, 2))
+    if any(ctx.batch_stats):    # batch-statistics terms; rows in eval have none (and NaN sums stay out)
+        batch_rows = torch.tensor(ctx.batch_stats, device=x.device).repeat_interleave(k)
+        correction = (sum_b[:, None] + p_hat * sum_g[:, None]) / count
+        dy = dy - torch.where(batch_rows[:, None], correction, 0.0)
+    dp = (weight * inv_std)[:, None] * dy
+    dw3 = torch.einsum("bkl,bcl->kc", dp, xg)
+    dfeats = torch.matmul(w3c.t(), dp)
+    d_gate = None
+    if in_gate is not None:
+        d_gate = (dfeats * feats.float()).sum(dim=2) if ctx.needs_input_grad[1] else None
+        dfeats = dfeats * in_gate[:, :, None]
+    if ctx.view == "channel":
+        dfeats = dfeats.transpose(1, 2)
+    dx = dfeats.reshape(b, c, h, w).to(x.dtype)
+    return (dx, d_gate, dw3.to(w3.dtype).view(w3.shape), sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype),
+            None, None, None, None)
+
+
+projection.register_autograd(_projection_backward, setup_context=_projection_setup)
+
+
+# ---- relation embedding and attention network: tp, gx_mean -> the gate's logit ---------------------------
+
+@torch.library.custom_op("rga_triton::relation_norms", mutates_args=("bn_buffers",),
+                         schema="(Tensor tp, Tensor gx_mean, Tensor wg, Tensor w1, bool tiled, bool for_backward, "
+                                f"ScalarType compute_dtype, {_BN}) -> (Tensor, Tensor, Tensor)")
+def relation_norms(tp, gx_mean, wg, w1, tiled, for_backward, compute_dtype, bn_affine, bn_buffers, bn_settings):
+    """(a, z, norm) of one branch; norm (4, R + Hd): the relation BatchNorm's rows, then the hidden one's.
+
+    tp: float32 (B, 2K, L); gx_mean: float32 (B, L); wg: (R, 2L[, 1, 1]); w1: (Hd, 1 + R[, 1, 1]).
+    a = [W_in phi^T | W_out theta^T] float32 (B, R, 2K) and z = a tp float32 (B, R, L) are
+    empty (0,) where not needed: ``for_backward`` keeps both (backward reads them), otherwise
+    the reassociated algorithm keeps a only and the tiled one z only (built with G on chip).
+    """
+    tp, gx_mean = tp.contiguous(), gx_mean.contiguous()
+    batch, _, length = tp.shape
+    wgc, w1f = _matrix(wg, compute_dtype), _matrix(w1, torch.float32)
+    a = relation_kernels.relation_a(tp, wgc) if for_backward or not tiled else None
+    if tiled:
+        z = relation_kernels.relation_z_tiled(tp, wgc)
+    elif for_backward:
+        with torch.autocast(tp.device.type, enabled=False):     # Z's sums cancel: float32 whatever autocast says
+            z = torch.bmm(a, tp)
+    else:
+        z = None
+    empty = tp.new_empty((0,))
+    a, z = (a if a is not None else empty), (z if z is not None else empty)
+    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    count, r, hidden = batch * length, wgc.shape[0], w1f.shape[0]
+    bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
+    z_norm = normalizers([bn_z], lambda: relation_kernels.z_stats(ops), count, (batch, r, length), length)
+    h_norm = normalizers([bn_h], lambda: relation_kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift),
+                         count, (batch, hidden, length), length)
+    return a, z, torch.cat([torch.stack(z_norm), torch.stack(h_norm)], dim=1)
+
+
+@relation_norms.register_fake
+def _(tp, gx_mean, wg, w1, tiled, for_backward, compute_dtype, *bn):
+    batch, k2, length = tp.shape
+    r, hidden = wg.shape[0], w1.shape[0]
+    a = tp.new_empty((batch, r, k2) if for_backward or not tiled else (0,))
+    z = tp.new_empty((batch, r, length) if for_backward or tiled else (0,))
+    return a, z, tp.new_empty((4, r + hidden))
+
+
+def _split_norm(norm: Tensor, r: int):
+    """The relation BatchNorm's and the hidden BatchNorm's :class:`Norm` from ``relation_norms``' norm."""
+    return _norm(norm[:, :r]), _norm(norm[:, r:])
+
+
+@torch.library.custom_op("rga_triton::gate_logit", mutates_args=())
+def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+               a: Tensor, z: Tensor, norm: Tensor, batch_stats: list[bool], compute_dtype: torch.dtype) -> Tensor:
+    """The gate's logit before the last BatchNorm, float32 (B, L), from ``relation_norms``' (a, z, norm).
+
+    w2: (1, Hd[, 1, 1]). wg, bn_weight, bn_bias (R + Hd,) (the two BatchNorms' affine rows,
+    ones and zeros where not affine) and batch_stats (per BatchNorm, whether ``norm`` holds
+    batch statistics) only matter to backward.
+    """
+    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    z_norm, h_norm = _split_norm(norm, ops.r)
+    return relation_kernels.gate_logit(ops, _matrix(w1, torch.float32), z_norm.scale, z_norm.shift, h_norm.scale,
+                                       h_norm.shift, _matrix(w2, torch.float32).flatten())
+
+
+@gate_logit.register_fake
+def _(tp, gx_mean, *rest):
+    return gx_mean.new_empty(gx_mean.shape, dtype=torch.float32)
+
+
+def _bn_rows(weight: Tensor, bias: Tensor, norm: Norm) -> Tensor:
+    """float32 (6, C): mean, inv_std, weight, bias, c_b, c_g (the last two set by backward)."""
+    zeros = torch.zeros_like(norm.mean)
+    return torch.stack([norm.mean, norm.inv_std, weight.float(), bias.float(), zeros, zeros])
+
+
+@torch.library.custom_op("rga_triton::gate_logit_backward", mutates_args=())
+def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
+                        bn_weight: Tensor, bn_bias: Tensor, norm: Tensor, batch_stats: list[bool],
+                        compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel part of ``gate_logit``'s backward, all float32: dz (B, R, L), dgx_mean (B, L),
+    dw1 (Hd, 1 + R), and sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden):
+    sum dy, sum dy v_hat, and in the hidden rows dw2. z: float32 (B, R, L) as forward kept it.
+
+    The attention network and the relation BatchNorm run per position tile in
+    ``kernels/relation_backward.py``; with batch statistics, a first pass measures the sums
+    their correction terms need.
+    """
+    ops = _operands(tp, gx_mean, tp.new_empty((0,)), z, compute_dtype)
+    r, (z_batch, h_batch) = ops.r, batch_stats
+    count = ops.batch * ops.length
+    w1f, w2f = _matrix(w1, torch.float32), _matrix(w2, torch.float32).flatten()
+    z_norm, h_norm = _split_norm(norm, r)
+    z_bn, h_bn = _bn_rows(bn_weight[:r], bn_bias[:r], z_norm), _bn_rows(bn_weight[r:], bn_bias[r:], h_norm)
+    dlogit = dlogit.float().contiguous()
+
+    args = (ops, w1f, z_norm.scale, z_norm.shift)
+    if h_batch:     # the batch-statistics terms need dy1's sums before dh
+        h_sums = hidden_backward(*args, h_bn, w2f, dlogit, sums=True, write=False)[0]
+        h_bn[4:] = h_sums[:2] / count
+        _, dh, dgx_mean, dw1_pool = hidden_backward(*args, h_bn, w2f, dlogit, sums=False, write=True)
+    else:
+        h_sums, dh, dgx_mean, dw1_pool = hidden_backward(*args, h_bn, w2f, dlogit, sums=True, write=True)
+    if z_batch:
+        z_sums, dw1_rel, _ = relation_backward(ops, w1f, z_bn, dh, sums=True, write=False)
+        z_bn[4:] = z_sums / count
+        dz = relation_backward(ops, w1f, z_bn, dh, sums=False, write=True)[2]
+    else:
+        z_sums, dw1_rel, dz = relation_backward(ops, w1f, z_bn, dh, sums=True, write=True)
+    sums = torch.cat([torch.cat([z_sums, torch.zeros_like(z_sums[:1])]), h_sums], dim=1)
+    return dz, dgx_mean, torch.cat([dw1_pool[:, None], dw1_rel], dim=1), sums
+
+
+@gate_logit_backward.register_fake
+def _(dlogit, tp, gx_mean, z, w1, w2, bn_weight, *rest):
+    new = lambda *shape: tp.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    hidden, r = w1.shape[0], z.shape[1]
+    return new(*z.shape), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
+
+
+def _gate_logit_setup(ctx, inputs, output):
+    tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype = inputs
+    ctx.save_for_backward(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm)
+    ctx.batch_stats, ctx.compute_dtype = batch_stats, compute_dtype
+
+
+def _gate_logit_backward(ctx, dlogit):
+    """The kernels for the attention network and the relation BatchNorm (``gate_logit_backward``),
+    then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]: four batched matmuls."""
+    tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm = ctx.saved_tensors
+    if a.numel() == 0 or z.numel() == 0:
+        raise RuntimeError("rga_triton::gate_logit: backward needs relation_norms(for_backward=True)'s a and z")
+    dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
+        dlogit, tp, gx_mean, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats, ctx.compute_dtype)
+    _, k2, length = tp.shape
+    k, r = k2 // 2, z.shape[1]
+    da = torch.bmm(dz, tp.transpose(1, 2))
+    dtp = torch.bmm(a.transpose(1, 2), dz)
+    wf = wg.detach().flatten(1).to(ctx.compute_dtype).float()
+    w_in, w_out = wf[:, :length], wf[:, length:]
+    da_in, da_out = da[:, :, :k], da[:, :, k:]
+    dtp[:, k:] += torch.matmul(da_in.transpose(1, 2), w_in)
+    dtp[:, :k] += torch.matmul(da_out.transpose(1, 2), w_out)
+    dw_in = torch.einsum("brk,bkl->rl", da_in, tp[:, k:])
+    dw_out = torch.einsum("brk,bkl->rl", da_out, tp[:, :k])
+    dwg = torch.cat([dw_in, dw_out], dim=1).to(wg.dtype).view(wg.shape)
+    return (dtp, dgx_mean, dwg, dw1.to(w1.dtype).view(w1.shape), sums[2, r:].to(w2.dtype).view(w2.shape),
+            sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype), None, None, None, None, None)
+
+
+gate_logit.register_autograd(_gate_logit_backward, setup_context=_gate_logit_setup)
+
+
+# ---- the output: x * spatial gate * channel gate --------------------------------------------------------
+
+@torch.library.custom_op("rga_triton::apply_gates", mutates_args=())
+def apply_gates(x: Tensor, spatial: Optional[Tensor], channel: Optional[Tensor]) -> Tensor:
+    """out = x * spatial[:, None, :] * channel[:, :, None] (x viewed as (B, C, N)), one kernel pass.
+
+    x: (B, C, H, W) any strides; spatial float32 (B, H*W) or None; channel float32 (B, C) or None.
+    The output has x's memory format where H and W merge into one axis, else it is contiguous.
+    """
+    return apply_gates_kernel(x, spatial.contiguous() if spatial is not None else None,
+                              channel.contiguous() if channel is not None else None)
+
+
+@apply_gates.register_fake
+def _(x, spatial, channel):
+    out = torch.empty_like(mergeable(x))       # the layout kernels/gating.py allocates
+    return out if out.stride(2) == out.shape[3] * out.stride(3) else torch.empty(x.shape, dtype=x.dtype,
+                                                                                  device=x.device)
+
+
+def _apply_gates_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _apply_gates_backward(ctx, grad_out):
+    x, spatial, channel = ctx.saved_tensors
+    b, c, h, w = x.shape
+    g = grad_out.reshape(b, c, h * w).float()
+    xf = x.reshape(b, c, h * w).float()
+    s = spatial[:, None, :] if spatial is not None else 1.0
+    ch = channel[:, :, None] if channel is not None else 1.0
+    d_spatial = (g * xf * ch).sum(dim=1) if spatial is not None and ctx.needs_input_grad[1] else None
+    d_channel = (g * xf * s).sum(dim=2) if channel is not None and ctx.needs_input_grad[2] else None
+    dx = (g * s * ch).reshape(b, c, h, w).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return dx, d_spatial, d_channel
+
+
+apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_setup)

@@ -26,9 +26,14 @@ def _triton_importable() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _cached_capability(index) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@torch.compiler.assume_constant_result     # torch.compile asks while tracing; the answer is a constant of the graph
 def _capability(index) -> tuple[int, int]:
     """A CUDA device's compute capability, asked once per device (forward calls this every time)."""
-    return torch.cuda.get_device_capability(index)
+    return _cached_capability(index)
 
 
 def triton_unsupported_reason(x: torch.Tensor) -> str | None:
@@ -81,6 +86,7 @@ def resolve(backend: str, x: torch.Tensor) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result     # torch.compile warns while tracing (dynamo cannot trace warnings.warn)
 def warn_once(reason: str) -> None:
     """One ``warnings.warn`` per reason and process for a fallback to the torch backend."""
     if reason not in _warned_reasons:

@@ -95,6 +95,7 @@ class TunedKernel:
         self.fn = fn
         self.name = fn.__name__
         self.key = key
+        self.space = space            # block-size dicts, before num_warps x num_stages
         self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         KERNELS[self.name] = self

@@ -1,0 +1,111 @@
+"""Compile every kernel for CUDA targets without a GPU; print one JSON object {case id: "ok" or the error}.
+
+Run without TRITON_INTERPRET (``@triton.jit`` must give compilable functions):
+``python tests/compile_kernels.py``. ``tests/test_kernels_compile.py`` runs it in a subprocess.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+
+from rga_triton.kernels import tuned  # noqa: E402
+
+KERNEL_MODULES = ("projection", "relation", "relation_backward", "gating", "batchnorm", "affinity")
+for _name in KERNEL_MODULES:
+    importlib.import_module(f"rga_triton.kernels.{_name}")
+
+# Boolean switches: the value launches use most first, the other one compiled once.
+SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE": (False, True),
+            "SUMS": (True, False), "WRITE": (True, False), "HAS_SPATIAL": (True, False),
+            "HAS_CHANNEL": (True, False), "HAS_AFFINE": (True, False), "UPDATE": (True, False)}
+FIXED = {"SPLIT": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32, "BLOCK_C": 64, "BLOCK_COLS": 64}
+FLOAT_SCALARS = {"factor", "eps"}
+HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr"}     # in the compute dtype under float16/bfloat16
+UNTUNED = {"_bn_finalize_kernel": ("batchnorm", [{}])}
+
+
+def kernel(name: str):
+    """(the @triton.jit object, its block-size space) of a kernel, by name."""
+    if name in UNTUNED:
+        module, space = UNTUNED[name]
+        return getattr(importlib.import_module(f"rga_triton.kernels.{module}"), name), space
+    return tuned.KERNELS[name].fn, tuned.KERNELS[name].space
+
+
+def kernel_names() -> list[str]:
+    return sorted(tuned.KERNELS) + sorted(UNTUNED)
+
+
+def constexpr_args(jit) -> list[str]:
+    # works on JITFunction and on the interpreter's InterpretedFunction alike
+    return [n for n, p in inspect.signature(jit.fn).parameters.items() if "constexpr" in str(p.annotation)]
+
+
+def variants(name: str) -> list[tuple[str, dict, bool]]:
+    """(id, constexpr values, half-precision pointers?) to compile for one kernel on Hopper."""
+    jit, space = kernel(name)
+    constexpr = constexpr_args(jit)
+    base = {a: SWITCHES[a][0] for a in constexpr if a in SWITCHES}
+    base.update({a: v for a, v in FIXED.items() if a in constexpr})
+    out = [(f"{name}-config{i}", {**base, **blocks}, False) for i, blocks in enumerate(space)]
+    for switch in (a for a in constexpr if a in SWITCHES):
+        out.append((f"{name}-{switch}={SWITCHES[switch][1]}", {**base, **space[0], switch: SWITCHES[switch][1]}, False))
+    if "BLOCK_H" in constexpr:      # 512 x 256 inputs: 128 hidden channels at the first stage
+        out.append((f"{name}-BLOCK_H=128", {**base, **space[0], "BLOCK_H": 128}, False))
+    if HALF_POINTERS & set(inspect.signature(jit.fn).parameters):
+        values = {**base, **space[0]}
+        if "DOT_PRECISION" in values:
+            values["DOT_PRECISION"] = "tf32"
+        out.append((f"{name}-bfloat16", values, True))
+    return out
+
+
+def cases() -> list[tuple[str, str, dict, bool, int]]:
+    """(case id, kernel name, constexprs, half, arch): every variant on sm_90, the first on sm_80."""
+    out = []
+    for name in kernel_names():
+        found = variants(name)
+        out += [(f"sm90-{vid}", name, values, half, 90) for vid, values, half in found]
+        out.append((f"sm80-{found[0][0]}", name, found[0][1], found[0][2], 80))
+    return out
+
+
+def compile_case(name: str, constexprs: dict, half: bool, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    jit, _ = kernel(name)
+    signature, values = {}, {}
+    for i, arg in enumerate(jit.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            values[(i,)] = constexprs[arg]
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*bf16" if half and arg in HALF_POINTERS else "*fp32"
+        else:
+            signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
+    return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=values),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
+
+
+def main() -> int:
+    results = {}
+    for case_id, name, constexprs, half, arch in cases():
+        try:
+            compiled = compile_case(name, constexprs, half, arch)
+            results[case_id] = "ok" if compiled.asm.get("ptx") else "no PTX produced"
+        except Exception:  # noqa: BLE001  (reported per case)
+            results[case_id] = traceback.format_exc(limit=4)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,13 +23,23 @@ its backward formula contains the batch-statistics terms itself, as nn.BatchNorm
     apply_gates -> out
 
 A norm is float32 (4, rows) over a group's BatchNorms, their rows concatenated: scale, shift
-(bn(v) = v * scale + shift), and the mean and 1/std it normalised with. The differentiating
-op takes the group's affine rows (bn_weight, bn_bias) as its differentiable inputs. ``gate_logit``'s backward runs kernels, so it is an op too
-(``gate_logit_backward``); the other backward formulas are PyTorch, traced into the
-compiled backward. Every group of BatchNorms is passed as the same three arguments
-(:func:`batchnorm_args`), rebuilt inside the op as :class:`BatchNormView` objects, which
-``triton_path.normalizers`` and ``batchnorm.py`` read like the modules themselves.
+(bn(v) = v * scale + shift), and the mean and 1/std it normalised with; the differentiated
+op takes the group's affine rows (bn_weight, bn_bias) as inputs. ``gate_logit``'s backward
+runs kernels, so it is an op too (``gate_logit_backward``); the other backward formulas are
+PyTorch, traced into the compiled backward. Every group of BatchNorms is passed as the same
+three arguments (:func:`batchnorm_args`), rebuilt inside the op as :class:`BatchNormView`
+objects, which ``triton_path.normalizers`` and ``batchnorm.py`` read like the modules.
+
+Who calls them: ``triton_autograd`` when a gradient is wanted, and every call under
+torch.compile (eager calls without gradients keep ``triton_path.fused_forward``, which
+memoises folded BatchNorms on the modules). What runs before them traces: RGAModule.forward's
+checks (``checks.py``, ``backend.resolve``) read module attributes and tensor metadata,
+which dynamo guards on; a GPU's compute capability and the fallback warning are asked while
+tracing (``torch.compiler.assume_constant_result`` in ``backend.py``). The last BatchNorm of
+each gate runs in PyTorch, so ``momentum=None`` there breaks fullgraph exactly as it breaks
+nn.BatchNorm2d (1 / num_batches_tracked is a data-dependent float); inside the ops it is fine.
 """
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -113,6 +123,16 @@ def _branch_length(x: Tensor, view: str) -> int:
     return x.shape[2] * x.shape[3] if view == "spatial" else x.shape[1]
 
 
+def _float32_backward(backward):
+    """Run a backward formula with autocast off: its products stay float32, as in eager backward
+    (torch.compile traces backward under the forward's autocast state). ctx.device_type: set in setup."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return backward(ctx, *grads)
+    return run
+
+
 _BN = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"     # see batchnorm_args
 
 
@@ -171,9 +191,10 @@ def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats
 def _projection_setup(ctx, inputs, output):
     x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats = inputs
     ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
-    ctx.view, ctx.compute_dtype, ctx.batch_stats = view, compute_dtype, batch_stats
+    ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
 
+@_float32_backward
 def _projection_backward(ctx, dtp, dgx_mean):
     """PyTorch: two large matmuls and elementwise work, which the backend already does at bandwidth."""
     x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
@@ -338,9 +359,10 @@ def _(dlogit, tp, gx_mean, z, w1, w2, bn_weight, *rest):
 def _gate_logit_setup(ctx, inputs, output):
     tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype = inputs
     ctx.save_for_backward(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm)
-    ctx.batch_stats, ctx.compute_dtype = batch_stats, compute_dtype
+    ctx.batch_stats, ctx.compute_dtype, ctx.device_type = batch_stats, compute_dtype, tp.device.type
 
 
+@_float32_backward
 def _gate_logit_backward(ctx, dlogit):
     """The kernels for the attention network and the relation BatchNorm (``gate_logit_backward``),
     then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]: four batched matmuls."""

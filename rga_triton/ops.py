@@ -13,14 +13,18 @@ keep that code as it is; inductor cannot fuse into them, and has nothing to fuse
 
 Two rules shape the ops. An op that moves BatchNorm running statistics mutates its buffer
 arguments (declared in ``mutates_args``, so functionalization copies the updates back when
-it hands the op copies), and an op with an autograd formula must be functional. So each
-differentiated step is two ops: one measures the batch statistics and moves the running
-statistics, on detached inputs; the other computes the step from those statistics, and
-its backward formula contains the batch-statistics terms itself, as nn.BatchNorm2d's does:
+it hands the op copies), and an op with an autograd formula must be functional. So a
+BatchNorm group with a train-mode member is measured by its own op (``*_norm``, on
+detached inputs), which moves the running statistics; the differentiated op then computes
+from those statistics, and its backward formula contains the batch-statistics terms itself,
+as nn.BatchNorm2d's does. In eval no op mutates: the wrapper folds the running statistics
+in PyTorch (``triton_path.folded``). Per branch, then ``apply_gates``:
 
-    projection_norm  (mutates BatchNorm buffers) -> norm          projection -> tp, gx_mean
-    relation_norms   (mutates BatchNorm buffers) -> a, z, norm    gate_logit -> logit
-    apply_gates -> out
+    projection_norm (train: mutates BatchNorm buffers) -> norm
+    projection                    x, norm -> tp = [theta; phi], gx_mean     (differentiated)
+    relation                           tp -> a, z                           (gate_logit differentiates through them)
+    relation_norm   (train: mutates BatchNorm buffers) -> norm
+    gate_logit        tp, gx_mean, a, z, norm -> logit                      (differentiated)
 
 A norm is float32 (4, rows) over a group's BatchNorms, their rows concatenated: scale, shift
 (bn(v) = v * scale + shift), and the mean and 1/std it normalised with; the differentiated
@@ -128,6 +132,8 @@ def _float32_backward(backward):
     (torch.compile traces backward under the forward's autocast state). ctx.device_type: set in setup."""
     @functools.wraps(backward)
     def run(ctx, *grads):
+        if not torch.is_autocast_enabled(ctx.device_type):     # eager backward: nothing to switch off
+            return backward(ctx, *grads)
         with torch.autocast(ctx.device_type, enabled=False):
             return backward(ctx, *grads)
     return run
@@ -142,7 +148,8 @@ _BN = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"     #
                          schema="(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, "
                                 f"{_BN}) -> Tensor")
 def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
-    """The norm (4, 3K) of the theta, phi and gx BatchNorms for P = W3 (X * in_gate).
+    """The norm (4, 3K) of the theta, phi and gx BatchNorms for P = W3 (X * in_gate), when one of them is
+    in train mode (in eval the wrapper folds the running statistics in PyTorch, mutating nothing).
 
     x: (B, C, H, W), read as the ``view`` branch's X (B, Cin, L); in_gate: float32 (B, Cin)
     or None; w3: (3K, Cin[, 1, 1]). Train-mode BatchNorms measure P's batch statistics and
@@ -239,57 +246,74 @@ projection.register_autograd(_projection_backward, setup_context=_projection_set
 
 # ---- relation embedding and attention network: tp, gx_mean -> the gate's logit ---------------------------
 
-@torch.library.custom_op("rga_triton::relation_norms", mutates_args=("bn_buffers",),
-                         schema="(Tensor tp, Tensor gx_mean, Tensor wg, Tensor w1, bool tiled, bool for_backward, "
-                                f"ScalarType compute_dtype, {_BN}) -> (Tensor, Tensor, Tensor)")
-def relation_norms(tp, gx_mean, wg, w1, tiled, for_backward, compute_dtype, bn_affine, bn_buffers, bn_settings):
-    """(a, z, norm) of one branch; norm (4, R + Hd): the relation BatchNorm's rows, then the hidden one's.
+@torch.library.custom_op("rga_triton::relation", mutates_args=())
+def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool,
+             compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(a, z) of one branch: a = [W_in phi^T | W_out theta^T] float32 (B, R, 2K), z = a tp float32 (B, R, L).
 
-    tp: float32 (B, 2K, L); gx_mean: float32 (B, L); wg: (R, 2L[, 1, 1]); w1: (Hd, 1 + R[, 1, 1]).
-    a = [W_in phi^T | W_out theta^T] float32 (B, R, 2K) and z = a tp float32 (B, R, L) are
-    empty (0,) where not needed: ``for_backward`` keeps both (backward reads them), otherwise
-    the reassociated algorithm keeps a only and the tiled one z only (built with G on chip).
+    tp: float32 (B, 2K, L); wg: (R, 2L[, 1, 1]). Either is empty (0,) where not needed:
+    ``for_backward`` keeps both (backward reads them), otherwise the reassociated algorithm
+    keeps a only and the tiled one z only (built with G on chip). Not differentiated:
+    ``gate_logit``'s formula goes through a and z.
     """
-    tp, gx_mean = tp.contiguous(), gx_mean.contiguous()
-    batch, _, length = tp.shape
-    wgc, w1f = _matrix(wg, compute_dtype), _matrix(w1, torch.float32)
-    a = relation_kernels.relation_a(tp, wgc) if for_backward or not tiled else None
+    tp = tp.contiguous()
+    wgc = _matrix(wg, compute_dtype)
+    empty = tp.new_empty((0,))
+    a = relation_kernels.relation_a(tp, wgc) if for_backward or not tiled else empty
     if tiled:
         z = relation_kernels.relation_z_tiled(tp, wgc)
     elif for_backward:
         with torch.autocast(tp.device.type, enabled=False):     # Z's sums cancel: float32 whatever autocast says
             z = torch.bmm(a, tp)
     else:
-        z = None
-    empty = tp.new_empty((0,))
-    a, z = (a if a is not None else empty), (z if z is not None else empty)
-    ops = _operands(tp, gx_mean, a, z, compute_dtype)
-    count, r, hidden = batch * length, wgc.shape[0], w1f.shape[0]
-    bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
-    z_norm = normalizers([bn_z], lambda: relation_kernels.z_stats(ops), count, (batch, r, length), length)
-    h_norm = normalizers([bn_h], lambda: relation_kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift),
-                         count, (batch, hidden, length), length)
-    return a, z, torch.cat([torch.stack(z_norm), torch.stack(h_norm)], dim=1)
+        z = tp.new_empty((0,))
+    return a, z
 
 
-@relation_norms.register_fake
-def _(tp, gx_mean, wg, w1, tiled, for_backward, compute_dtype, *bn):
+@relation.register_fake
+def _(tp, wg, tiled, for_backward, compute_dtype):
     batch, k2, length = tp.shape
-    r, hidden = wg.shape[0], w1.shape[0]
-    a = tp.new_empty((batch, r, k2) if for_backward or not tiled else (0,))
-    z = tp.new_empty((batch, r, length) if for_backward or tiled else (0,))
-    return a, z, tp.new_empty((4, r + hidden))
+    r = wg.shape[0]
+    return (tp.new_empty((batch, r, k2) if for_backward or not tiled else (0,)),
+            tp.new_empty((batch, r, length) if for_backward or tiled else (0,)))
+
+
+@torch.library.custom_op("rga_triton::relation_norm", mutates_args=("bn_buffers",),
+                         schema="(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, "
+                                f"ScalarType compute_dtype, {_BN}) -> Tensor")
+def relation_norm(tp, gx_mean, a, z, w1, compute_dtype, bn_affine, bn_buffers, bn_settings):
+    """The norm (4, R + Hd) of the relation BatchNorm (rows of Z), then of the hidden one (rows of h).
+
+    (a, z) as ``relation`` returned them; gx_mean: float32 (B, L); w1: (Hd, 1 + R[, 1, 1]).
+    Train-mode BatchNorms measure their batch statistics and move their running statistics.
+    """
+    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    w1f = _matrix(w1, torch.float32)
+    count, r, hidden = ops.batch * ops.length, ops.r, w1f.shape[0]
+    bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
+    z_norm = normalizers([bn_z], lambda: relation_kernels.z_stats(ops), count, (ops.batch, r, ops.length),
+                         ops.length)
+    h_norm = normalizers([bn_h], lambda: relation_kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift),
+                         count, (ops.batch, hidden, ops.length), ops.length)
+    return torch.cat([torch.stack(z_norm), torch.stack(h_norm)], dim=1)
+
+
+@relation_norm.register_fake
+def _(tp, gx_mean, a, z, w1, *rest):
+    r = z.shape[1] if z.numel() else a.shape[1]
+    return tp.new_empty((4, r + w1.shape[0]))
 
 
 def _split_norm(norm: Tensor, r: int):
-    """The relation BatchNorm's and the hidden BatchNorm's :class:`Norm` from ``relation_norms``' norm."""
+    """The relation BatchNorm's and the hidden BatchNorm's :class:`Norm` from their norm (4, R + Hd)."""
     return _norm(norm[:, :r]), _norm(norm[:, r:])
 
 
 @torch.library.custom_op("rga_triton::gate_logit", mutates_args=())
 def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                a: Tensor, z: Tensor, norm: Tensor, batch_stats: list[bool], compute_dtype: torch.dtype) -> Tensor:
-    """The gate's logit before the last BatchNorm, float32 (B, L), from ``relation_norms``' (a, z, norm).
+    """The gate's logit before the last BatchNorm, float32 (B, L), from ``relation``'s (a, z) and the norm
+    (4, R + Hd) of the relation and hidden BatchNorms.
 
     w2: (1, Hd[, 1, 1]). wg, bn_weight, bn_bias (R + Hd,) (the two BatchNorms' affine rows,
     ones and zeros where not affine) and batch_stats (per BatchNorm, whether ``norm`` holds
@@ -368,7 +392,7 @@ def _gate_logit_backward(ctx, dlogit):
     then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]: four batched matmuls."""
     tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm = ctx.saved_tensors
     if a.numel() == 0 or z.numel() == 0:
-        raise RuntimeError("rga_triton::gate_logit: backward needs relation_norms(for_backward=True)'s a and z")
+        raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a and z")
     dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
         dlogit, tp, gx_mean, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats, ctx.compute_dtype)
     _, k2, length = tp.shape

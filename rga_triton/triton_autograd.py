@@ -1,9 +1,10 @@
 """The ``"triton"`` backend when gradients are wanted, and under ``torch.compile``: the block as custom ops.
 
-One branch is the ops of ``ops.py`` in a row: ``projection_norm`` then ``projection``
-(x -> theta, phi, gx_mean), ``relation_norms`` then ``gate_logit`` (-> the logit before the
-last BatchNorm); that one-channel BatchNorm and the sigmoid are PyTorch (a (B, L) tensor);
-``apply_gates`` writes the output. Autograd composes the branches in any ``order``, the
+One branch is the ops of ``ops.py`` in a row: ``projection`` (x -> theta, phi, gx_mean),
+``relation`` and ``gate_logit`` (-> the logit before the last BatchNorm), after
+``projection_norm`` and ``relation_norm`` measure the batch statistics in train mode; that
+one-channel BatchNorm and the sigmoid are PyTorch (a (B, L) tensor); ``apply_gates``
+writes the output. Autograd composes the branches in any ``order``, the
 spatial gate feeding the channel branch's projection included, so each op only
 differentiates its own step:
 
@@ -15,7 +16,7 @@ differentiates its own step:
 - ``projection`` and ``apply_gates`` differentiate in PyTorch: their backward is two
   large matmuls and elementwise work, which cuBLAS and PyTorch already do at bandwidth.
 
-BatchNorm buffers move once, in forward (the ``*_norm(s)`` ops), exactly as nn.BatchNorm2d
+BatchNorm buffers move once, in forward (the ``*_norm`` ops), exactly as nn.BatchNorm2d
 moves them; backward uses the statistics forward normalised with. Every backward reduction
 has a fixed order, so gradients are bitwise repeatable run to run.
 
@@ -28,7 +29,7 @@ import torch
 
 from .batchnorm import batch_norm, uses_batch_stats
 from .ops import batchnorm_args
-from .triton_path import compose_gates, compute_dtype, mergeable
+from .triton_path import compose_gates, compute_dtype, folded, mergeable
 
 ops = torch.ops.rga_triton
 
@@ -46,12 +47,22 @@ def _affine_rows(bns, like: torch.Tensor):
     return rows("weight", 1.0), rows("bias", 0.0)
 
 
+def _norm(bns, measure) -> torch.Tensor:
+    """The norm (4, rows) of a BatchNorm group: ``measure()``, an op that mutates the running
+    statistics, when one of them normalises with the batch; else their running statistics
+    folded in PyTorch (memoised in eager mode, fused by inductor), mutating nothing."""
+    if any(uses_batch_stats(bn) for bn in bns):
+        return measure()
+    return torch.stack(folded(bns))
+
+
 def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):
     """tp = [theta; phi] float32 (B, 2K, L), gx_mean float32 (B, L) of the ``view`` branch reading x
     (scaled by in_gate (B, Cin) where given); differentiable in x, in_gate, w3 (3K, Cin) and the
     affine rows bn_weight, bn_bias (3K,) of ``bns`` (theta's, phi's and gx's BatchNorm, whose
     running statistics move in train mode)."""
-    norm = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype, **batchnorm_args(bns))
+    norm = _norm(bns, lambda: ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
+                                                  **batchnorm_args(bns)))
     return ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns])
 
 
@@ -60,8 +71,9 @@ def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool,
     both, in the weights wg, w1, w2 and in the affine rows bn_weight, bn_bias (R + Hd,) of ``bns`` (the
     relation and the hidden BatchNorm, whose running statistics move in train mode). ``wants_grad=False``
     keeps neither A nor Z for backward."""
-    a, z, norm = ops.relation_norms(tp.detach(), gx_mean.detach(), wg.detach(), w1.detach(), tiled, wants_grad,
-                                    dtype, **batchnorm_args(bns))
+    a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, dtype)
+    norm = _norm(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), dtype,
+                                                **batchnorm_args(bns)))
     return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,
                           [uses_batch_stats(bn) for bn in bns], dtype)
 

@@ -39,20 +39,28 @@ class Norm(NamedTuple):
     inv_std: torch.Tensor
 
 
+def folded(bns) -> Norm:
+    """The :class:`Norm` of BatchNorms that all normalise with their running statistics (eval),
+    folded once per change of their parameters or buffers in eager mode."""
+    fold = lambda: _affines(bns, None, None, 0)  # noqa: E731
+    # views rebuilt inside an op (ops.py) hold nothing lasting; torch.compile cannot trace memo's data_ptr
+    if not isinstance(bns[0], nn.Module) or torch.compiler.is_compiling():
+        return fold()
+    # num_batches_tracked: every train step bumps its version; kernels and F.batch_norm move the statistics unseen
+    sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias)]
+    return memo(bns[0], ("affine", len(bns)), sources, fold)
+
+
 def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
     """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
 
     ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
     it runs only if a BatchNorm normalises with the batch, and one ``bn_finalize`` launch
     per BatchNorm then merges them and moves its running statistics as nn.BatchNorm2d
-    does. In eval the running statistics fold once per change of parameters or buffers.
+    does. In eval the running statistics fold (:func:`folded`).
     """
     if not any(uses_batch_stats(bn) for bn in bns):
-        fold = lambda: _affines(bns, None, None, count)  # noqa: E731
-        if not isinstance(bns[0], nn.Module):   # views rebuilt inside an op (ops.py): nothing lasting to memoise on
-            return fold()
-        sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-        return memo(bns[0], ("affine", len(bns)), sources, fold)
+        return folded(bns)
     if count <= 1 and tracks_running_stats(bns[0]):
         step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)

@@ -106,25 +106,41 @@ def test_new_batch_size_and_autocast_compile_and_match_eager():
         _close(grads[1], grads[0], f"grad x, batch {batch}")
 
 
+def _rga_ops(gm) -> list:
+    """The rga_triton ops an FX graph calls, mutating ones through auto_functionalized included."""
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            target = node.args[0] if "auto_functionalized" in str(node.target) else node.target
+            if str(target).startswith("rga_triton."):
+                names.append(str(target).split(".")[1])
+    return names
+
+
 def _recording_backend(seen):
     """aot_autograd that records the rga_triton ops in the forward and backward graphs, then runs them."""
     def compiler(kind):
         def compile_graph(gm, example_inputs):
-            seen[kind] |= {str(n.target).split(".")[1] for n in gm.graph.nodes
-                           if n.op == "call_function" and str(n.target).startswith("rga_triton.")}
+            seen[kind] += _rga_ops(gm)
             return make_boxed_func(gm.forward)
         return compile_graph
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
 
 
 def test_graphs_hold_the_ops_forward_and_backward():
+    """One graph each way: train mode calls every op per branch (the mutating ones functionalized),
+    eval mode no mutating op (running statistics fold in PyTorch)."""
     module, x = _block()
-    seen = {"forward": set(), "backward": set()}
+    seen = {"forward": [], "backward": []}
     compiled = torch.compile(module.train(), fullgraph=True, backend=_recording_backend(seen))
     compiled(x.clone().requires_grad_(True)).sum().backward()
-    # the mutating ops appear functionalized (auto_functionalized) in the forward graph
-    assert {"projection", "gate_logit", "apply_gates"} <= seen["forward"]
-    assert seen["backward"] == {"gate_logit_backward"}
+    per_branch = ["projection_norm", "projection", "relation", "relation_norm", "gate_logit"]
+    assert sorted(seen["forward"]) == sorted(2 * per_branch + ["apply_gates"])
+    assert seen["backward"] == ["gate_logit_backward"] * 2
+    seen["forward"].clear()
+    with torch.no_grad():
+        compiled.eval()(x)
+    assert sorted(seen["forward"]) == sorted(2 * ["projection", "relation", "gate_logit"] + ["apply_gates"])
     explanation = torch._dynamo.explain(module)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
@@ -181,7 +197,29 @@ def test_rga_net_compiles_without_graph_breaks_and_matches_eager():
         _close(other, value, name)
 
 
+@pytest.mark.parametrize("trainer", ["eager no-grad", "eager", "compiled"])
+def test_eval_after_training_reads_the_moved_running_statistics(trainer):
+    """Eager inference memoises folded BatchNorms; a train step between two eval calls must invalidate
+    that, whoever moved the statistics: kernels, F.batch_norm (the last BatchNorm), or a compiled
+    graph copying functionalized buffers back (regression: kernels and F.batch_norm bump no version)."""
+    module, x = _block()
+    with torch.no_grad():
+        module.eval()(x)                                  # memoises the folds
+    module.train()
+    if trainer == "compiled":
+        torch.compile(module, fullgraph=True, backend="aot_eager")(x.clone().requires_grad_(True)).sum().backward()
+    else:
+        with torch.set_grad_enabled(trainer == "eager"):
+            module(x.clone().requires_grad_(trainer == "eager") * 3 + 1)
+    fresh = copy.deepcopy(module).eval()
+    for m in fresh.modules():
+        m.__dict__.pop("_rga_triton_memo", None)
+    with torch.no_grad():
+        assert torch.equal(module.eval()(x), fresh(x))
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # inductor's own
 def test_block_compiles_with_inductor():
     """inductor: PyTorch code between the ops (the last BatchNorm, backward matmuls) becomes
     generated kernels, the ops stay calls. About a minute on a CPU with a cold compile cache."""
@@ -242,10 +280,12 @@ def test_opcheck_relation_ops(tiled, for_backward):
     conv1, bn1, _, conv2, _ = branch.W
     gate_bns = [branch.gg[1], bn1]
     gate_bns[1].eval()          # one BatchNorm with running statistics, one with the batch's
-    wg = branch.gg[0].weight
-    args = (tp, gx_mean, wg.detach(), conv1.weight.detach(), tiled, for_backward, torch.float32)
-    torch.library.opcheck(OPS.relation_norms, args, batchnorm_args(gate_bns))
-    a, z, norm = OPS.relation_norms(*args, **batchnorm_args(gate_bns))
+    wg = branch.gg[0].weight.detach()
+    torch.library.opcheck(OPS.relation, (tp, wg, tiled, for_backward, torch.float32))
+    a, z = OPS.relation(tp, wg, tiled, for_backward, torch.float32)
+    args = (tp, gx_mean, a, z, conv1.weight.detach(), torch.float32)
+    torch.library.opcheck(OPS.relation_norm, args, batchnorm_args(gate_bns))
+    norm = OPS.relation_norm(*args, **batchnorm_args(gate_bns))
     weight = torch.cat([bn.weight for bn in gate_bns]).detach()
     bias = torch.cat([bn.bias for bn in gate_bns]).detach()
     flags = [bn.training for bn in gate_bns]
@@ -258,9 +298,8 @@ def test_opcheck_relation_ops(tiled, for_backward):
                                                         conv2.weight.detach(), weight, bias, norm, flags,
                                                         torch.float32))
     else:       # inference operands (A or Z alone): no autograd to check
-        torch.library.opcheck(OPS.gate_logit, (tp, gx_mean, wg.detach(), conv1.weight.detach(),
-                                               conv2.weight.detach(), weight, bias, a, z, norm, flags,
-                                               torch.float32))
+        torch.library.opcheck(OPS.gate_logit, (tp, gx_mean, wg, conv1.weight.detach(), conv2.weight.detach(),
+                                               weight, bias, a, z, norm, flags, torch.float32))
 
 
 def test_opcheck_apply_gates():

@@ -78,24 +78,6 @@ def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool,
                           [uses_batch_stats(bn) for bn in bns], dtype)
 
 
-class _Projection:
-    """``project`` under its former autograd.Function name (tests/test_triton_backward.py calls it)."""
-
-    @staticmethod
-    def apply(x, in_gate, w3, weight3, bias3, branch, view, dtype):
-        return project(x, in_gate, w3, weight3, bias3, [seq[1] for seq in (branch.theta, branch.phi, branch.gx)],
-                       view, dtype)
-
-
-class _RelationGate:
-    """``relation_gate`` under its former autograd.Function name (tests/test_triton_backward.py calls it)."""
-
-    @staticmethod
-    def apply(tp, gx_mean, wg, w1, w2, z_weight, z_bias, h_weight, h_bias, branch, tiled, dtype):
-        return relation_gate(tp, gx_mean, wg, w1, w2, torch.cat([z_weight, h_weight]), torch.cat([z_bias, h_bias]),
-                             [branch.gg[1], branch.W[1]], tiled, dtype)
-
-
 def _branch_gate(branch, x: torch.Tensor, view: str, in_gate, tiled: bool, wants_grad: bool) -> torch.Tensor:
     """Sigmoid gate (B, L), float32, of one branch, differentiable in x, in_gate and every parameter."""
     dtype = compute_dtype(x)

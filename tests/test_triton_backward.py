@@ -14,7 +14,7 @@ from helpers import TOLERANCE, make_pair, rel_err, step
 from rga_triton import backend as backend_mod
 from rga_triton.batchnorm import batch_norm
 from rga_triton.torch_path import relation_inputs, relation_preactivation
-from rga_triton.triton_autograd import _Projection, _RelationGate
+from rga_triton.triton_autograd import project, relation_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
@@ -59,7 +59,7 @@ MODES = [(True,) * 5, (False,) * 5, (True, False, True, False, True), (False, Tr
 @pytest.mark.parametrize("modes", MODES, ids=["train", "eval", "mixed-a", "mixed-b"])
 @pytest.mark.parametrize("name", ["spatial", "channel"])
 def test_relation_gate_function_matches_autograd(name, modes):
-    """_RelationGate: tp, gx_mean -> logit before the last BatchNorm, every input's gradient."""
+    """relation_gate: tp, gx_mean -> logit before the last BatchNorm, every input's gradient."""
     module = _module()
     branch = module.branch(name)
     x = torch.randn(3, 20, 60, dtype=torch.float64)
@@ -91,7 +91,9 @@ def test_relation_gate_function_matches_autograd(name, modes):
     _set_modes(fast_branch, modes)
     tp32 = tp.float().to(DEVICE).requires_grad_(True)
     gx32 = gx_mean[:, 0].float().to(DEVICE).contiguous().requires_grad_(True)
-    out = _RelationGate.apply(tp32, gx32, *fast.values(), fast_branch, False, torch.float32)
+    wg, w1, w2, z_weight, z_bias, h_weight, h_bias = fast.values()
+    out = relation_gate(tp32, gx32, wg, w1, w2, torch.cat([z_weight, h_weight]), torch.cat([z_bias, h_bias]),
+                        [fast_branch.gg[1], fast_branch.W[1]], False, torch.float32)
     assert rel_err(out.double().cpu(), logit) <= TOL
     actual = _grads(out, [tp32, gx32] + list(fast.values()), dlogit.float().to(DEVICE))
     _assert_grads_close(actual, expected, ["tp", "gx_mean", "wg", "w1", "w2", "z weight", "z bias",
@@ -102,7 +104,7 @@ def test_relation_gate_function_matches_autograd(name, modes):
 @pytest.mark.parametrize("modes", MODES[:3], ids=["train", "eval", "mixed"])
 @pytest.mark.parametrize("name", ["spatial", "channel"])
 def test_projection_function_matches_autograd(name, modes, gated):
-    """_Projection: x (and the other branch's gate) -> tp, gx_mean, every input's gradient."""
+    """project: x (and the other branch's gate) -> tp, gx_mean, every input's gradient."""
     module = _module(c=19, h=5, w=7)
     branch = module.branch(name)
     _set_modes(branch, modes)
@@ -134,7 +136,8 @@ def test_projection_function_matches_autograd(name, modes, gated):
     w3 = torch.cat([w.flatten(1) for w in fast_params[:3]])
     weight3 = torch.cat(fast_params[3::2])
     bias3 = torch.cat(fast_params[4::2])
-    tp, gx = _Projection.apply(x32, g32, w3, weight3, bias3, fast_branch, name, torch.float32)
+    tp, gx = project(x32, g32, w3, weight3, bias3, [seq[1] for seq in (fast_branch.theta, fast_branch.phi,
+                                                                        fast_branch.gx)], name, torch.float32)
     assert rel_err(tp.double().cpu(), outputs[0]) <= TOL and rel_err(gx.double().cpu(), outputs[1]) <= TOL
     actual = _grads((tp, gx), [x32] + ([g32] if gated else []) + fast_params,
                     tuple(g.float().to(DEVICE) for g in grad_outs))

@@ -54,7 +54,7 @@ from .kernels import relation as relation_kernels
 from .kernels.gating import apply_gates as apply_gates_kernel
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation_backward import hidden_backward, relation_backward
-from .triton_path import Norm, input_views, mergeable, normalizers
+from .triton_path import Norm, input_views, mergeable, normalizers, weight_matrix
 
 CUMULATIVE = math.nan
 """``momentum`` in ``bn_settings`` for ``momentum=None`` (nn.BatchNorm2d's cumulative average)."""
@@ -102,11 +102,6 @@ def batchnorm_views(sizes, bn_affine, bn_buffers, bn_settings) -> list:
                                    None if math.isnan(momentum) else momentum, eps, bool(training), bool(track),
                                    size))
     return views
-
-
-def _matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A stack of 1x1-conv weights as one contiguous (rows, in) matrix in ``dtype``."""
-    return weight.detach().flatten(1).to(dtype).contiguous()
 
 
 def _norm(rows: Tensor) -> Norm:
@@ -158,7 +153,7 @@ def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, 
     x = mergeable(x)
     shape, strides = input_views(x)[view]
     batch, _, length = shape
-    w3c = _matrix(w3, compute_dtype)
+    w3c = weight_matrix(w3, compute_dtype)
     k = w3c.shape[0] // 3
     in_gate = in_gate.contiguous() if in_gate is not None else None
     bns = batchnorm_views([k] * 3, bn_affine, bn_buffers, bn_settings)
@@ -185,7 +180,7 @@ def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tens
     shape, strides = input_views(x)[view]
     in_gate = in_gate.contiguous() if in_gate is not None else None
     norm = _norm(norm)
-    return projection_apply(x, shape, strides, _matrix(w3, compute_dtype), norm.scale, norm.shift, in_gate)
+    return projection_apply(x, shape, strides, weight_matrix(w3, compute_dtype), norm.scale, norm.shift, in_gate)
 
 
 @projection.register_fake
@@ -207,7 +202,7 @@ def _projection_backward(ctx, dtp, dgx_mean):
     x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
     _, _, mean, inv_std = norm
     weight, bias = bn_weight.detach().float(), bn_bias.detach().float()
-    w3c = w3.detach().flatten(1).to(ctx.compute_dtype).float()
+    w3c = weight_matrix(w3, ctx.compute_dtype).float()
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
     if ctx.view == "channel":
@@ -257,7 +252,7 @@ def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool,
     ``gate_logit``'s formula goes through a and z.
     """
     tp = tp.contiguous()
-    wgc = _matrix(wg, compute_dtype)
+    wgc = weight_matrix(wg, compute_dtype)
     empty = tp.new_empty((0,))
     a = relation_kernels.relation_a(tp, wgc) if for_backward or not tiled else empty
     if tiled:
@@ -288,7 +283,7 @@ def relation_norm(tp, gx_mean, a, z, w1, compute_dtype, bn_affine, bn_buffers, b
     Train-mode BatchNorms measure their batch statistics and move their running statistics.
     """
     ops = _operands(tp, gx_mean, a, z, compute_dtype)
-    w1f = _matrix(w1, torch.float32)
+    w1f = weight_matrix(w1, torch.float32)
     count, r, hidden = ops.batch * ops.length, ops.r, w1f.shape[0]
     bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
     z_norm = normalizers([bn_z], lambda: relation_kernels.z_stats(ops), count, (ops.batch, r, ops.length),
@@ -321,8 +316,8 @@ def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, 
     """
     ops = _operands(tp, gx_mean, a, z, compute_dtype)
     z_norm, h_norm = _split_norm(norm, ops.r)
-    return relation_kernels.gate_logit(ops, _matrix(w1, torch.float32), z_norm.scale, z_norm.shift, h_norm.scale,
-                                       h_norm.shift, _matrix(w2, torch.float32).flatten())
+    return relation_kernels.gate_logit(ops, weight_matrix(w1, torch.float32), z_norm.scale, z_norm.shift, h_norm.scale,
+                                       h_norm.shift, weight_matrix(w2, torch.float32).flatten())
 
 
 @gate_logit.register_fake
@@ -351,7 +346,7 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, z: Tensor, 
     ops = _operands(tp, gx_mean, tp.new_empty((0,)), z, compute_dtype)
     r, (z_batch, h_batch) = ops.r, batch_stats
     count = ops.batch * ops.length
-    w1f, w2f = _matrix(w1, torch.float32), _matrix(w2, torch.float32).flatten()
+    w1f, w2f = weight_matrix(w1, torch.float32), weight_matrix(w2, torch.float32).flatten()
     z_norm, h_norm = _split_norm(norm, r)
     z_bn, h_bn = _bn_rows(bn_weight[:r], bn_bias[:r], z_norm), _bn_rows(bn_weight[r:], bn_bias[r:], h_norm)
     dlogit = dlogit.float().contiguous()
@@ -399,7 +394,7 @@ def _gate_logit_backward(ctx, dlogit):
     k, r = k2 // 2, z.shape[1]
     da = torch.bmm(dz, tp.transpose(1, 2))
     dtp = torch.bmm(a.transpose(1, 2), dz)
-    wf = wg.detach().flatten(1).to(ctx.compute_dtype).float()
+    wf = weight_matrix(wg, ctx.compute_dtype).float()
     w_in, w_out = wf[:, :length], wf[:, length:]
     da_in, da_out = da[:, :, :k], da[:, :, k:]
     dtp[:, k:] += torch.matmul(da_in.transpose(1, 2), w_in)

@@ -1,4 +1,4 @@
-"""The ``"triton"`` backend: orchestration of the kernels for one RGA block, and its autograd wiring.
+"""The ``"triton"`` backend: orchestration of the kernels for one RGA block, and its entry point.
 
 Eval forward of RGA-SC reads x three times and writes the output once: the spatial
 projection reads x; the channel projection reads x scaled by the spatial gate on the fly
@@ -102,10 +102,14 @@ def _affines(bns, batch_mean, batch_var, count: int) -> Norm:
     return Norm(*(torch.cat(t).contiguous() for t in zip(*parts)))
 
 
+def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (stack of) 1x1-conv weight(s) as one contiguous (rows, in) matrix in ``dtype``, detached."""
+    return weight.detach().flatten(1).to(dtype).contiguous()
+
+
 def _weight(owner, tag, dtype, weights):
     """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, memoised."""
-    return memo(owner, (tag, dtype), weights,
-                lambda: torch.cat([w.detach() for w in weights]).flatten(1).to(dtype).contiguous())
+    return memo(owner, (tag, dtype), weights, lambda: weight_matrix(torch.cat([w.detach() for w in weights]), dtype))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

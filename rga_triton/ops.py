@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .kernels import relation as relation_kernels
-from .kernels.gating import apply_gates as apply_gates_kernel
+from .kernels import gating
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation_backward import hidden_backward, relation_backward
 from .triton_path import Norm, input_views, mergeable, normalizers, weight_matrix
@@ -418,15 +418,41 @@ def apply_gates(x: Tensor, spatial: Optional[Tensor], channel: Optional[Tensor])
     x: (B, C, H, W) any strides; spatial float32 (B, H*W) or None; channel float32 (B, C) or None.
     The output has x's memory format where H and W merge into one axis, else it is contiguous.
     """
-    return apply_gates_kernel(x, spatial.contiguous() if spatial is not None else None,
-                              channel.contiguous() if channel is not None else None)
+    return gating.apply_gates(x, _contiguous(spatial), _contiguous(channel))
+
+
+def _fake_gated(x: Tensor) -> Tensor:
+    """An empty tensor in the layout kernels/gating.py gives the output and dx."""
+    out = torch.empty_like(mergeable(x))
+    return out if out.stride(2) == out.shape[3] * out.stride(3) else torch.empty(x.shape, dtype=x.dtype,
+                                                                                  device=x.device)
 
 
 @apply_gates.register_fake
 def _(x, spatial, channel):
-    out = torch.empty_like(mergeable(x))       # the layout kernels/gating.py allocates
-    return out if out.stride(2) == out.shape[3] * out.stride(3) else torch.empty(x.shape, dtype=x.dtype,
-                                                                                  device=x.device)
+    return _fake_gated(x)
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+@torch.library.custom_op("rga_triton::apply_gates_backward", mutates_args=())
+def apply_gates_backward(grad_out: Tensor, x: Tensor, spatial: Optional[Tensor],
+                         channel: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, d_spatial, d_channel) of ``apply_gates`` in one kernel pass over grad_out and x; a gate's
+    gradient is empty (0,) where the gate is None. dx has ``apply_gates``' output layout."""
+    dx, d_spatial, d_channel = gating.apply_gates_backward(grad_out, x, _contiguous(spatial), _contiguous(channel))
+    empty = x.new_empty((0,), dtype=torch.float32)
+    return dx, d_spatial if d_spatial is not None else empty, d_channel if d_channel is not None else empty
+
+
+@apply_gates_backward.register_fake
+def _(grad_out, x, spatial, channel):
+    empty = x.new_empty((0,), dtype=torch.float32)
+    return (_fake_gated(x),
+            torch.empty_like(spatial) if spatial is not None else empty,
+            torch.empty_like(channel) if channel is not None else empty)
 
 
 def _apply_gates_setup(ctx, inputs, output):
@@ -435,15 +461,10 @@ def _apply_gates_setup(ctx, inputs, output):
 
 def _apply_gates_backward(ctx, grad_out):
     x, spatial, channel = ctx.saved_tensors
-    b, c, h, w = x.shape
-    g = grad_out.reshape(b, c, h * w).float()
-    xf = x.reshape(b, c, h * w).float()
-    s = spatial[:, None, :] if spatial is not None else 1.0
-    ch = channel[:, :, None] if channel is not None else 1.0
-    d_spatial = (g * xf * ch).sum(dim=1) if spatial is not None and ctx.needs_input_grad[1] else None
-    d_channel = (g * xf * s).sum(dim=2) if channel is not None and ctx.needs_input_grad[2] else None
-    dx = (g * s * ch).reshape(b, c, h, w).to(x.dtype) if ctx.needs_input_grad[0] else None
-    return dx, d_spatial, d_channel
+    dx, d_spatial, d_channel = torch.ops.rga_triton.apply_gates_backward(grad_out, x, spatial, channel)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, d_spatial if spatial is not None and needs[1] else None,
+            d_channel if channel is not None and needs[2] else None)
 
 
 apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_setup)

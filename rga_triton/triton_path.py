@@ -22,7 +22,7 @@ from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_run
                         uses_batch_stats)
 from .cache import memo
 from .kernels.batchnorm import bn_finalize
-from .kernels.gating import apply_gates
+from .kernels.gating import apply_gates, mergeable
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
                                z_stats)
@@ -153,11 +153,6 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     var, mean = torch.var_mean(logit, unbiased=False)     # one channel: a single small reduction
     out_scale, out_shift, *_ = _affines([bn2], mean.view(1), var.view(1), count)
     return torch.sigmoid(logit * out_scale + out_shift)
-
-
-def mergeable(x: torch.Tensor) -> torch.Tensor:
-    """x, or a contiguous copy when its H and W axes cannot merge into one position axis."""
-    return x if x.stride(2) == x.shape[3] * x.stride(3) else x.contiguous()
 
 
 def input_views(x: torch.Tensor) -> dict:

@@ -1,0 +1,73 @@
+"""Peak memory of a step on the CPU, where no allocator keeps statistics: the bytes of live tensors.
+
+``LiveTensorBytes`` is a dispatch mode that sees every tensor an ATen op returns, forward
+and backward, and counts each storage once from its first appearance until the last tensor
+on it dies (autograd-saved tensors keep theirs alive, as they keep the GPU's). It does not
+see what an op allocates and frees inside itself (a matmul's workspace, a custom op's
+temporaries: only its outputs), nor the interpreter's copies of kernel arguments; so it is
+a lower bound on what the CUDA caching allocator would report for the same step, and
+directly comparable between implementations that run through ATen.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks ``live`` and ``peak`` bytes of the storages of tensors ops return while active.
+
+    exclude: tensors alive before the step (inputs, parameters); views of them count nothing.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.excluded = {_storage_key(t) for t in exclude}
+        self.tensors_on = {}        # storage key -> number of live tensors on it
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, key) -> None:
+        self.tensors_on[key] -= 1
+        if self.tensors_on[key] == 0:
+            del self.tensors_on[key]
+            self.live -= key[1]
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or t.is_sparse:
+            return
+        key = _storage_key(t)
+        if key[1] == 0 or key in self.excluded:
+            return
+        if key not in self.tensors_on:
+            self.tensors_on[key] = 0
+            self.live += key[1]
+            self.peak = max(self.peak, self.live)
+        self.tensors_on[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Peak bytes of tensors alive during ``fn()`` beyond ``exclude`` (what it returns included)."""
+    gc.collect()
+    with LiveTensorBytes(exclude) as tracker:
+        out = fn()
+        del out
+    return tracker.peak

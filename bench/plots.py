@@ -229,12 +229,14 @@ def plot_memory(mode, dtype, branch, batch, rows, out_dir) -> str:
     title = f"RGA peak memory of one step: {branch}, {mode}, {dtype}, batch {batch}"
     if all(r["peak_mem_mb"] is None for r in rows if r["status"] == "ok"):
         ax.set_title(title)
-        ax.text(0.5, 0.5, "peak memory is measured on CUDA devices only\n(this sweep ran on "
+        ax.text(0.5, 0.5, "no peak memory was measured\n(this sweep ran on "
                 f"{rows[0].get('device', 'a CPU')})", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return _save(fig, out_dir, f"memory_{mode}_{dtype}.png")
-    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"],
-                  "peak memory allocated by the step (MB, log scale)", title)
+    on_cpu = str(rows[0].get("device", "")).lower().startswith("cpu")
+    label = ("peak live tensors of the step (MB, log scale;\nATen outputs on the CPU, compiled steps not measured)"
+             if on_cpu else "peak memory allocated by the step (MB, log scale)")
+    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"], label, title)
     return _save(fig, out_dir, f"memory_{mode}_{dtype}.png")
 
 

@@ -315,7 +315,8 @@ class Sweep:
         else:
             row["note"] = f"not checked: {get_oracle.why}"
         del out
-        row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets)
+        held = None if impl.startswith("compile") else [x, grad_out, *module.parameters(), *module.buffers()]
+        row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets, held)
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
         row.update(time_ms_median=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, runs=t.runs,
                    status="ok")

@@ -4,7 +4,7 @@ GPU: ``triton.testing.do_bench`` (L2 flushed before every run, gradients reset o
 timed region) asked for quantiles (0.5, 0.2, 0.8); the same signature works on Triton 3.0
 through 3.9. Without Triton, if its signature lacks ``quantiles``, or for steps slower than
 DO_BENCH_MAX_MS, CUDA events around each call.
-CPU: ``time.perf_counter`` after a warm-up call.
+CPU: ``time.perf_counter`` after a warm-up call; peak memory from the live tensors (``live_memory.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from bench.live_memory import peak_tensor_bytes
 
 # No row spends much more than this timing (slow reference cases); at least MIN_RUNS runs.
 BUDGET_S = 3.0
@@ -111,19 +113,25 @@ def _time_cuda(fn, repeat, grad_to_none, estimate_ms) -> Timing:
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device,
-                grad_to_none: Sequence[torch.Tensor] | None = None) -> tuple[float | None, float]:
+                grad_to_none: Sequence[torch.Tensor] | None = None,
+                held: Sequence[torch.Tensor] | None = None) -> tuple[float | None, float]:
     """(peak MB the step allocates beyond what was allocated before it, wall ms of the call).
 
     On CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the call (inputs,
     parameters and anything else alive). Gradients are reset first, so a train step's
-    peak includes the gradients it creates. On the CPU the peak is None.
+    peak includes the gradients it creates. On the CPU: the peak bytes of live tensors that
+    ATen ops return (``live_memory.py``), beyond ``held`` (the inputs, parameters and
+    buffers); None where ``held`` is None (a compiled step, whose kernels ATen never sees).
     """
     _reset(grad_to_none)
     gc.collect()
     if device.type != "cuda":
         start = time.perf_counter()
-        fn()
-        return None, (time.perf_counter() - start) * 1e3
+        if held is None:
+            fn()
+            return None, (time.perf_counter() - start) * 1e3
+        peak = peak_tensor_bytes(fn, held)
+        return peak / 2 ** 20, (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

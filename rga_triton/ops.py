@@ -196,42 +196,70 @@ def _projection_setup(ctx, inputs, output):
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
 
-@_float32_backward
-def _projection_backward(ctx, dtp, dgx_mean):
-    """PyTorch: two large matmuls and elementwise work, which the backend already does at bandwidth."""
-    x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
-    _, _, mean, inv_std = norm
-    weight, bias = bn_weight.detach().float(), bn_bias.detach().float()
-    w3c = weight_matrix(w3, ctx.compute_dtype).float()
+def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype) -> Tensor:
+    """The operand the projection kernel multiplied, float32 in x's (B, C, N) layout: x scaled by
+    in_gate along the branch's input axis (C for the spatial view, N for the channel view), rounded
+    to the compute dtype as the kernel rounds it. A view of x where nothing changes it."""
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
-    if ctx.view == "channel":
-        feats = feats.transpose(1, 2)
-    xg = feats if in_gate is None else feats.float() * in_gate[:, :, None]
-    xg = xg.to(ctx.compute_dtype).float()                  # the operand the kernel multiplied
+    if in_gate is not None:
+        feats = feats.float() * (in_gate[:, :, None] if view == "spatial" else in_gate[:, None, :])
+    return feats.to(compute_dtype).float()
+
+
+def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
+    """sum over ``dim`` of a * b in float32, (B, C, N) -> (B, N) or (B, C), a few images at a time:
+    the product's temporary is 1/pieces of a, not a whole one."""
+    step = max(1, -(-a.shape[0] // pieces))
+    return torch.cat([torch.linalg.vecdot(ai, bi.float(), dim=dim) for ai, bi in zip(a.split(step), b.split(step))])
+
+
+@_float32_backward
+def _projection_backward(ctx, dtp, dgx_mean):
+    """PyTorch: two large matmuls and elementwise work, which the backend already does at bandwidth.
+    Written to keep few temporaries alive: one (B, 3K, L) buffer carries P, then dy, then dP.
+
+    X (B, Cin, L) is xg (B, C, N) for the spatial view and its transpose for the channel view,
+    so every product below is taken in xg's layout (no transposed copy of x or dx).
+    """
+    x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
+    _, _, mean, inv_std = norm
+    weight, bias = bn_weight.detach().float()[:, None], bn_bias.detach().float()[:, None]
+    w3c = weight_matrix(w3, ctx.compute_dtype).float()                 # (3K, Cin)
     k = w3c.shape[0] // 3
-    count = xg.shape[0] * xg.shape[2]
-    p_hat = (torch.matmul(w3c, xg) - mean[:, None]) * inv_std[:, None]
-    y = p_hat * weight[:, None] + bias[:, None]
-    dtp = torch.zeros_like(y[:, :2 * k]) if dtp is None else dtp
-    dgx = torch.zeros_like(y[:, 0]) if dgx_mean is None else dgx_mean
-    dy = torch.cat([dtp, (dgx / k)[:, None, :].expand(-1, k, -1)], dim=1)
-    dy = torch.where(y > 0, dy, 0.0)
-    sum_b, sum_g = dy.sum(dim=(0, 2)), (dy * p_hat).sum(dim=(0, 2))
-    if any(ctx.batch_stats):    # batch-statistics terms; rows in eval have none (and NaN sums stay out)
-        batch_rows = torch.tensor(ctx.batch_stats, device=x.device).repeat_interleave(k)
-        correction = (sum_b[:, None] + p_hat * sum_g[:, None]) / count
-        dy = dy - torch.where(batch_rows[:, None], correction, 0.0)
-    dp = (weight * inv_std)[:, None] * dy
-    dw3 = torch.einsum("bkl,bcl->kc", dp, xg)
-    dfeats = torch.matmul(w3c.t(), dp)
+    spatial = ctx.view == "spatial"
+    xg = _gated_input(x, in_gate, ctx.view, ctx.compute_dtype)          # (B, C, N)
+    count = xg.shape[0] * (xg.shape[2] if spatial else xg.shape[1])
+
+    buf = torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))      # P (B, 3K, L)
+    p_hat = buf.sub_(mean[:, None]).mul_(inv_std[:, None])
+    active = torch.addcmul(bias, p_hat, weight) > 0                     # ReLU's mask on y = BN(P)
+    dy = torch.empty_like(p_hat)
+    dy[:, :2 * k] = dtp if dtp is not None else 0.0
+    dy[:, 2 * k:] = (dgx_mean / k)[:, None, :] if dgx_mean is not None else 0.0
+    dy.masked_fill_(active.logical_not_(), 0.0)
+    sum_b = dy.sum(dim=(0, 2))
+    sum_g = (dy * p_hat).sum(dim=(0, 2))
+    for i, batch_stats in enumerate(ctx.batch_stats):   # batch-statistics terms (eval rows have none)
+        if batch_stats:
+            rows = slice(i * k, (i + 1) * k)
+            dy[:, rows] -= (p_hat[:, rows] * sum_g[rows, None] + sum_b[rows, None]) / count
+    del p_hat, buf
+    dp = dy.mul_(weight * inv_std[:, None])                             # dP (B, 3K, L)
+    if spatial:     # sum_b dP[b] X[b]^T: (B, 3K, C) per image is small next to X
+        dw3 = torch.bmm(dp, xg.transpose(1, 2)).sum(dim=0)
+    else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (B*C, N) in place
+        dw3 = dp.transpose(0, 1).reshape(3 * k, -1) @ xg.reshape(-1, xg.shape[2])
+    # dX = W3^T dP, in xg's layout: (B, C, N)
+    dxg = torch.matmul(w3c.t(), dp) if spatial else torch.matmul(dp.transpose(1, 2), w3c)
+    del dp, dy
     d_gate = None
     if in_gate is not None:
-        d_gate = (dfeats * feats.float()).sum(dim=2) if ctx.needs_input_grad[1] else None
-        dfeats = dfeats * in_gate[:, :, None]
-    if ctx.view == "channel":
-        dfeats = dfeats.transpose(1, 2)
-    dx = dfeats.reshape(b, c, h, w).to(x.dtype)
+        feats = x.reshape(xg.shape)
+        if ctx.needs_input_grad[1]:
+            d_gate = _batched_dot(dxg, feats, dim=2 if spatial else 1)
+        dxg.mul_(in_gate[:, :, None] if spatial else in_gate[:, None, :])
+    dx = dxg.view(x.shape).to(x.dtype)
     return (dx, d_gate, dw3.to(w3.dtype).view(w3.shape), sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype),
             None, None, None, None)
 

@@ -22,7 +22,7 @@ in PyTorch (``triton_path.folded``). Per branch, then ``apply_gates``:
 
     projection_norm (train: mutates BatchNorm buffers) -> norm
     projection                    x, norm -> tp = [theta; phi], gx_mean     (differentiated)
-    relation                           tp -> a, z                           (gate_logit differentiates through them)
+    relation                           tp -> a[, z]                         (gate_logit differentiates through them)
     relation_norm   (train: mutates BatchNorm buffers) -> norm
     gate_logit        tp, gx_mean, a, z, norm -> logit                      (differentiated)
 
@@ -196,15 +196,26 @@ def _projection_setup(ctx, inputs, output):
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
 
-def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype) -> Tensor:
-    """The operand the projection kernel multiplied, float32 in x's (B, C, N) layout: x scaled by
-    in_gate along the branch's input axis (C for the spatial view, N for the channel view), rounded
-    to the compute dtype as the kernel rounds it. A view of x where nothing changes it."""
+def _gated_inputs(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 4):
+    """(batch slice, operand) pairs covering the batch: the operand the projection kernel multiplied,
+    float32 in x's (B, C, N) layout, that is x scaled by in_gate along the branch's input axis (C
+    for the spatial view, N for the channel view) and rounded to the compute dtype as the kernel
+    rounds it. One pair, a view of x, where nothing changes x; else ``pieces`` pairs, so that the
+    copy alive at any time is a fraction of x."""
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
-    if in_gate is not None:
-        feats = feats.float() * (in_gate[:, :, None] if view == "spatial" else in_gate[:, None, :])
-    return feats.to(compute_dtype).float()
+    if in_gate is None and x.dtype == torch.float32 and compute_dtype == torch.float32:
+        return [(slice(0, b), feats)]
+    step = max(1, -(-b // pieces))
+
+    def operand(rows):
+        part = feats[rows]
+        if in_gate is not None:
+            gate = in_gate[rows]
+            part = part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
+        return part.to(compute_dtype).float()
+
+    return ((slice(i, i + step), operand(slice(i, i + step))) for i in range(0, b, step))
 
 
 def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
@@ -216,8 +227,9 @@ def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
 
 @_float32_backward
 def _projection_backward(ctx, dtp, dgx_mean):
-    """PyTorch: two large matmuls and elementwise work, which the backend already does at bandwidth.
-    Written to keep few temporaries alive: one (B, 3K, L) buffer carries P, then dy, then dP.
+    """PyTorch: large matmuls and elementwise work, which the backend already does at bandwidth.
+    Written to keep few temporaries alive: one (B, 3K, L) buffer carries P, then dy, then dP, and
+    the gated input (when there is one) exists a few images at a time.
 
     X (B, Cin, L) is xg (B, C, N) for the spatial view and its transpose for the channel view,
     so every product below is taken in xg's layout (no transposed copy of x or dx).
@@ -228,34 +240,45 @@ def _projection_backward(ctx, dtp, dgx_mean):
     w3c = weight_matrix(w3, ctx.compute_dtype).float()                 # (3K, Cin)
     k = w3c.shape[0] // 3
     spatial = ctx.view == "spatial"
-    xg = _gated_input(x, in_gate, ctx.view, ctx.compute_dtype)          # (B, C, N)
-    count = xg.shape[0] * (xg.shape[2] if spatial else xg.shape[1])
+    batch, c, h, w = x.shape
+    count = batch * (h * w if spatial else c)
 
-    buf = torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))      # P (B, 3K, L)
+    buf = None                                                          # P (B, 3K, L)
+    for rows, xg in _gated_inputs(x, in_gate, ctx.view, ctx.compute_dtype):
+        part = torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))
+        if rows == slice(0, batch):
+            buf = part
+            break
+        if buf is None:
+            buf = part.new_empty((batch, *part.shape[1:]))
+        buf[rows] = part
     p_hat = buf.sub_(mean[:, None]).mul_(inv_std[:, None])
     active = torch.addcmul(bias, p_hat, weight) > 0                     # ReLU's mask on y = BN(P)
     dy = torch.empty_like(p_hat)
     dy[:, :2 * k] = dtp if dtp is not None else 0.0
     dy[:, 2 * k:] = (dgx_mean / k)[:, None, :] if dgx_mean is not None else 0.0
     dy.masked_fill_(active.logical_not_(), 0.0)
+    del active
     sum_b = dy.sum(dim=(0, 2))
     sum_g = (dy * p_hat).sum(dim=(0, 2))
     for i, batch_stats in enumerate(ctx.batch_stats):   # batch-statistics terms (eval rows have none)
         if batch_stats:
             rows = slice(i * k, (i + 1) * k)
-            dy[:, rows] -= (p_hat[:, rows] * sum_g[rows, None] + sum_b[rows, None]) / count
+            dy[:, rows] -= p_hat[:, rows].mul_(sum_g[rows, None]).add_(sum_b[rows, None]).div_(count)
     del p_hat, buf
     dp = dy.mul_(weight * inv_std[:, None])                             # dP (B, 3K, L)
-    if spatial:     # sum_b dP[b] X[b]^T: (B, 3K, C) per image is small next to X
-        dw3 = torch.bmm(dp, xg.transpose(1, 2)).sum(dim=0)
-    else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (B*C, N) in place
-        dw3 = dp.transpose(0, 1).reshape(3 * k, -1) @ xg.reshape(-1, xg.shape[2])
+    dw3 = w3c.new_zeros(w3c.shape)
+    for rows, xg in _gated_inputs(x, in_gate, ctx.view, ctx.compute_dtype):
+        if spatial:     # sum_b dP[b] X[b]^T: (b, 3K, C) per image is small next to X
+            dw3 += torch.bmm(dp[rows], xg.transpose(1, 2)).sum(dim=0)
+        else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (b*C, N) in place
+            dw3.addmm_(dp[rows].transpose(0, 1).reshape(3 * k, -1), xg.reshape(-1, xg.shape[2]))
     # dX = W3^T dP, in xg's layout: (B, C, N)
     dxg = torch.matmul(w3c.t(), dp) if spatial else torch.matmul(dp.transpose(1, 2), w3c)
     del dp, dy
     d_gate = None
     if in_gate is not None:
-        feats = x.reshape(xg.shape)
+        feats = x.reshape(dxg.shape)
         if ctx.needs_input_grad[1]:
             d_gate = _batched_dot(dxg, feats, dim=2 if spatial else 1)
         dxg.mul_(in_gate[:, :, None] if spatial else in_gate[:, None, :])
@@ -270,14 +293,15 @@ projection.register_autograd(_projection_backward, setup_context=_projection_set
 # ---- relation embedding and attention network: tp, gx_mean -> the gate's logit ---------------------------
 
 @torch.library.custom_op("rga_triton::relation", mutates_args=())
-def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool,
+def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool, keep_z: bool,
              compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(a, z) of one branch: a = [W_in phi^T | W_out theta^T] float32 (B, R, 2K), z = a tp float32 (B, R, L).
 
-    tp: float32 (B, 2K, L); wg: (R, 2L[, 1, 1]). Either is empty (0,) where not needed:
-    ``for_backward`` keeps both (backward reads them), otherwise the reassociated algorithm
-    keeps a only and the tiled one z only (built with G on chip). Not differentiated:
-    ``gate_logit``'s formula goes through a and z.
+    tp: float32 (B, 2K, L); wg: (R, 2L[, 1, 1]). Either is empty (0,) where not kept: the
+    reassociated algorithm keeps a, and z only with ``keep_z`` (else every pass rebuilds Z's
+    tiles from a and tp); the tiled one keeps z (built with G on chip), and a too
+    ``for_backward`` (backward reads it). Not differentiated: ``gate_logit``'s formula goes
+    through a and z.
     """
     tp = tp.contiguous()
     wgc = weight_matrix(wg, compute_dtype)
@@ -285,20 +309,20 @@ def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool,
     a = relation_kernels.relation_a(tp, wgc) if for_backward or not tiled else empty
     if tiled:
         z = relation_kernels.relation_z_tiled(tp, wgc)
-    elif for_backward:
+    elif keep_z:
         with torch.autocast(tp.device.type, enabled=False):     # Z's sums cancel: float32 whatever autocast says
             z = torch.bmm(a, tp)
     else:
-        z = tp.new_empty((0,))
+        z = empty
     return a, z
 
 
 @relation.register_fake
-def _(tp, wg, tiled, for_backward, compute_dtype):
+def _(tp, wg, tiled, for_backward, keep_z, compute_dtype):
     batch, k2, length = tp.shape
     r = wg.shape[0]
     return (tp.new_empty((batch, r, k2) if for_backward or not tiled else (0,)),
-            tp.new_empty((batch, r, length) if for_backward or tiled else (0,)))
+            tp.new_empty((batch, r, length) if tiled or keep_z else (0,)))
 
 
 @torch.library.custom_op("rga_triton::relation_norm", mutates_args=("bn_buffers",),
@@ -360,18 +384,19 @@ def _bn_rows(weight: Tensor, bias: Tensor, norm: Norm) -> Tensor:
 
 
 @torch.library.custom_op("rga_triton::gate_logit_backward", mutates_args=())
-def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
+def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
                         bn_weight: Tensor, bn_bias: Tensor, norm: Tensor, batch_stats: list[bool],
                         compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kernel part of ``gate_logit``'s backward, all float32: dz (B, R, L), dgx_mean (B, L),
     dw1 (Hd, 1 + R), and sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden):
-    sum dy, sum dy v_hat, and in the hidden rows dw2. z: float32 (B, R, L) as forward kept it.
+    sum dy, sum dy v_hat, and in the hidden rows dw2. (a, z) as ``relation`` kept them: the
+    kernels read Z from z, or rebuild its tiles from a and tp where z is empty.
 
     The attention network and the relation BatchNorm run per position tile in
     ``kernels/relation_backward.py``; with batch statistics, a first pass measures the sums
     their correction terms need.
     """
-    ops = _operands(tp, gx_mean, tp.new_empty((0,)), z, compute_dtype)
+    ops = _operands(tp, gx_mean, a, z, compute_dtype)
     r, (z_batch, h_batch) = ops.r, batch_stats
     count = ops.batch * ops.length
     w1f, w2f = weight_matrix(w1, torch.float32), weight_matrix(w2, torch.float32).flatten()
@@ -397,10 +422,10 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, z: Tensor, 
 
 
 @gate_logit_backward.register_fake
-def _(dlogit, tp, gx_mean, z, w1, w2, bn_weight, *rest):
+def _(dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, *rest):
     new = lambda *shape: tp.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    hidden, r = w1.shape[0], z.shape[1]
-    return new(*z.shape), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
+    hidden, r = w1.shape[0], (z.shape[1] if z.numel() else a.shape[1])
+    return new(tp.shape[0], r, tp.shape[2]), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
 
 
 def _gate_logit_setup(ctx, inputs, output):
@@ -414,12 +439,12 @@ def _gate_logit_backward(ctx, dlogit):
     """The kernels for the attention network and the relation BatchNorm (``gate_logit_backward``),
     then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]: four batched matmuls."""
     tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm = ctx.saved_tensors
-    if a.numel() == 0 or z.numel() == 0:
-        raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a and z")
+    if a.numel() == 0:
+        raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
     dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
-        dlogit, tp, gx_mean, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats, ctx.compute_dtype)
+        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats, ctx.compute_dtype)
     _, k2, length = tp.shape
-    k, r = k2 // 2, z.shape[1]
+    k, r = k2 // 2, dz.shape[1]
     da = torch.bmm(dz, tp.transpose(1, 2))
     dtp = torch.bmm(a.transpose(1, 2), dz)
     wf = weight_matrix(wg, ctx.compute_dtype).float()

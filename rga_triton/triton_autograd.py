@@ -11,8 +11,9 @@ differentiates its own step:
 - ``gate_logit`` runs the forward kernels and the backward kernels of
   ``kernels/relation_backward.py``: the whole attention network and the relation BatchNorm
   per position tile, plus four batched matmuls for dA, dtp and the relation weight. Z
-  (B, R, L) is materialised once in forward (one batched matmul, A tp) and read by every
-  later pass instead of recomputed: R L floats per image, never L x L.
+  (B, R, L: R L floats per image, never L x L) is either materialised once in forward (one
+  batched matmul, A tp) and read by every later pass, or, where its reduction is short
+  (:data:`RECOMPUTE_Z_MAX_K2`), rebuilt tile by tile from A and tp in each pass.
 - ``projection`` and ``apply_gates`` differentiate in PyTorch: their backward is two
   large matmuls and elementwise work, which cuBLAS and PyTorch already do at bandwidth.
 
@@ -66,12 +67,25 @@ def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):
     return ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns])
 
 
+RECOMPUTE_Z_MAX_K2 = 64
+"""Z = A tp is rebuilt tile by tile in every pass, instead of kept in memory, when its reduction
+is this short (2K <= 64): a tile then costs about what reading it back costs, and Z, R x L
+per image, is where RGA-Net's memory goes (the spatial branch at stage 1 and the channel
+branch at stages 3-4, 2K = 64 and 32, keep one to two copies of x's size otherwise)."""
+
+
+def keeps_z(k2: int) -> bool:
+    """Whether a train step keeps Z (B, R, L) in memory for the later passes, given 2K."""
+    return k2 > RECOMPUTE_Z_MAX_K2
+
+
 def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool, dtype, wants_grad: bool = True):
     """The logit (B, L) before the last BatchNorm, from tp (B, 2K, L) and gx_mean (B, L), differentiable in
     both, in the weights wg, w1, w2 and in the affine rows bn_weight, bn_bias (R + Hd,) of ``bns`` (the
     relation and the hidden BatchNorm, whose running statistics move in train mode). ``wants_grad=False``
-    keeps neither A nor Z for backward."""
-    a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, dtype)
+    keeps neither A nor Z for backward; with it, Z is kept where :func:`keeps_z`."""
+    keep_z = wants_grad and keeps_z(tp.shape[1])
+    a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, keep_z, dtype)
     norm = _norm(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), dtype,
                                                 **batchnorm_args(bns)))
     return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,

@@ -270,8 +270,9 @@ def test_opcheck_projection_ops(view, train):
                                            torch.float32, [bn.training for bn in bns]))
 
 
-@pytest.mark.parametrize("tiled,for_backward", [(False, False), (True, False), (False, True), (True, True)])
-def test_opcheck_relation_ops(tiled, for_backward):
+@pytest.mark.parametrize("tiled,for_backward,keep_z", [(False, False, False), (True, False, False),
+                                                       (False, True, True), (False, True, False), (True, True, False)])
+def test_opcheck_relation_ops(tiled, for_backward, keep_z):
     x, branch, bns, w3 = _branch_inputs()
     with torch.no_grad():
         norm = OPS.projection_norm(x, None, w3, "spatial", torch.float32, **batchnorm_args(bns))
@@ -281,8 +282,8 @@ def test_opcheck_relation_ops(tiled, for_backward):
     gate_bns = [branch.gg[1], bn1]
     gate_bns[1].eval()          # one BatchNorm with running statistics, one with the batch's
     wg = branch.gg[0].weight.detach()
-    torch.library.opcheck(OPS.relation, (tp, wg, tiled, for_backward, torch.float32))
-    a, z = OPS.relation(tp, wg, tiled, for_backward, torch.float32)
+    torch.library.opcheck(OPS.relation, (tp, wg, tiled, for_backward, keep_z, torch.float32))
+    a, z = OPS.relation(tp, wg, tiled, for_backward, keep_z, torch.float32)
     args = (tp, gx_mean, a, z, conv1.weight.detach(), torch.float32)
     torch.library.opcheck(OPS.relation_norm, args, batchnorm_args(gate_bns))
     norm = OPS.relation_norm(*args, **batchnorm_args(gate_bns))
@@ -294,7 +295,7 @@ def test_opcheck_relation_ops(tiled, for_backward):
                                                _leaf(conv2.weight), _leaf(weight), _leaf(bias), a, z, norm, flags,
                                                torch.float32))
         dlogit = torch.randn_like(gx_mean)
-        torch.library.opcheck(OPS.gate_logit_backward, (dlogit, tp, gx_mean, z, conv1.weight.detach(),
+        torch.library.opcheck(OPS.gate_logit_backward, (dlogit, tp, gx_mean, a, z, conv1.weight.detach(),
                                                         conv2.weight.detach(), weight, bias, norm, flags,
                                                         torch.float32))
     else:       # inference operands (A or Z alone): no autograd to check

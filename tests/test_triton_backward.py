@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import rga_triton
-from helpers import TOLERANCE, make_pair, rel_err, step
+from helpers import TOLERANCE, compare_steps, make_pair, rel_err, step
 from rga_triton import backend as backend_mod
 from rga_triton.batchnorm import batch_norm
 from rga_triton.torch_path import relation_inputs, relation_preactivation
+from rga_triton import triton_autograd
 from rga_triton.triton_autograd import project, relation_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,6 +198,33 @@ def test_gradients_are_bitwise_repeatable_under_deterministic_algorithms(algorit
         torch.use_deterministic_algorithms(was)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+class _RelationSpy:
+    """torch.ops.rga_triton, recording whether each ``relation`` call kept Z."""
+
+    def __init__(self):
+        self.kept = []
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.rga_triton, name)
+
+    def relation(self, *args):
+        a, z = torch.ops.rga_triton.relation(*args)
+        self.kept.append(z.numel() > 0)
+        return a, z
+
+
+@pytest.mark.parametrize("keep", ["kept", "rebuilt"])
+def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep):
+    """Z in memory, or rebuilt from A and tp in every pass (triton_autograd.keeps_z): both exact."""
+    monkeypatch.setattr(triton_autograd, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
+    spy = _RelationSpy()
+    monkeypatch.setattr(triton_autograd, "ops", spy)
+    ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
+                             backend="triton")
+    compare_steps(ref, fast, x, train=True, tol=TOL, dtype=torch.float32, device=DEVICE, steps=2)
+    assert len(spy.kept) == 4 and all(k == (keep == "kept") for k in spy.kept)
 
 
 def test_backward_twice_with_retain_graph_gives_the_same_gradients():

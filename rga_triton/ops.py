@@ -196,26 +196,26 @@ def _projection_setup(ctx, inputs, output):
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
 
-def _gated_inputs(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 4):
-    """(batch slice, operand) pairs covering the batch: the operand the projection kernel multiplied,
-    float32 in x's (B, C, N) layout, that is x scaled by in_gate along the branch's input axis (C
-    for the spatial view, N for the channel view) and rounded to the compute dtype as the kernel
-    rounds it. One pair, a view of x, where nothing changes x; else ``pieces`` pairs, so that the
-    copy alive at any time is a fraction of x."""
+def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 4):
+    """(batch slices, operand): ``operand(rows)`` is the operand the projection kernel multiplied for
+    those images, float32 in x's (B, C, N) layout: x scaled by in_gate along the branch's input
+    axis (C for the spatial view, N for the channel view), rounded to the compute dtype as the
+    kernel rounds it. One slice, and a view of x, where nothing changes x; else ``pieces``
+    slices, so that the copy alive at any time is a fraction of x."""
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
-    if in_gate is None and x.dtype == torch.float32 and compute_dtype == torch.float32:
-        return [(slice(0, b), feats)]
-    step = max(1, -(-b // pieces))
 
-    def operand(rows):
+    def operand(rows: slice) -> Tensor:
         part = feats[rows]
         if in_gate is not None:
             gate = in_gate[rows]
             part = part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
         return part.to(compute_dtype).float()
 
-    return ((slice(i, i + step), operand(slice(i, i + step))) for i in range(0, b, step))
+    if in_gate is None and x.dtype == torch.float32 and compute_dtype == torch.float32:
+        return [slice(0, b)], operand
+    step = max(1, -(-b // pieces))
+    return [slice(i, i + step) for i in range(0, b, step)], operand
 
 
 def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
@@ -243,15 +243,17 @@ def _projection_backward(ctx, dtp, dgx_mean):
     batch, c, h, w = x.shape
     count = batch * (h * w if spatial else c)
 
-    buf = None                                                          # P (B, 3K, L)
-    for rows, xg in _gated_inputs(x, in_gate, ctx.view, ctx.compute_dtype):
-        part = torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))
-        if rows == slice(0, batch):
-            buf = part
-            break
-        if buf is None:
-            buf = part.new_empty((batch, *part.shape[1:]))
-        buf[rows] = part
+    slices, gated = _gated_input(x, in_gate, ctx.view, ctx.compute_dtype)
+
+    def project(xg):        # P = W3 X for the images of xg
+        return torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))
+
+    if len(slices) == 1:
+        buf = project(gated(slices[0]))                                 # P (B, 3K, L)
+    else:
+        buf = x.new_empty((batch, 3 * k, h * w if spatial else c), dtype=torch.float32)
+        for rows in slices:
+            buf[rows] = project(gated(rows))
     p_hat = buf.sub_(mean[:, None]).mul_(inv_std[:, None])
     active = torch.addcmul(bias, p_hat, weight) > 0                     # ReLU's mask on y = BN(P)
     dy = torch.empty_like(p_hat)
@@ -268,7 +270,8 @@ def _projection_backward(ctx, dtp, dgx_mean):
     del p_hat, buf
     dp = dy.mul_(weight * inv_std[:, None])                             # dP (B, 3K, L)
     dw3 = w3c.new_zeros(w3c.shape)
-    for rows, xg in _gated_inputs(x, in_gate, ctx.view, ctx.compute_dtype):
+    for rows in slices:
+        xg = gated(rows)
         if spatial:     # sum_b dP[b] X[b]^T: (b, 3K, C) per image is small next to X
             dw3 += torch.bmm(dp[rows], xg.transpose(1, 2)).sum(dim=0)
         else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (b*C, N) in place

@@ -84,8 +84,8 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
     or, where rounding dominates (a sum with heavy cancellation such as the one-element
     weight of the last BatchNorm, or bfloat16 gradients through the gates), be no worse than 4x the error the reference
     itself makes when run in ``dtype`` on the same inputs: no implementation in that
-    dtype can do better than its rounding allows. A gradient under 1e-3 of the whole
-    parameter gradient is measured against that 1e-3 instead of its own norm.
+    dtype can do better than its rounding allows. A gradient under 1e-2 of the whole
+    parameter gradient is measured against that 1e-2 instead of its own norm.
     """
     gen = torch.Generator().manual_seed(seed)
     low = copy.deepcopy(ref).to(dtype) if dtype != torch.float64 else None
@@ -105,11 +105,14 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
         assert r_grads.keys() == f_grads.keys()
         whole = torch.cat([g.flatten() for g in r_grads.values()]).norm()
         for name in (r_grads if grads else ()):
-            # A gradient under 1e-3 of the whole parameter gradient lies along a direction the
+            # A gradient under 1e-2 of the whole parameter gradient lies along a direction the
             # loss is (almost) invariant to, e.g. a conv feeding a train-mode BatchNorm of
             # width 1 (exactly invariant but for eps): its value is a cancellation residue, so
-            # its error is measured against 1e-3 of the whole gradient instead of itself.
-            scale = max(float(r_grads[name].norm()), 1e-3 * float(whole))
+            # its error is measured against 1e-2 of the whole gradient instead of itself.
+            # (1e-3 was below float32's reach: on RGA-C at 20x6x10, seeds 0-5, the float32
+            # reference itself missed W_channel.3.weight by up to 3.5e-5 of 1e-3 |whole|, and
+            # so did every float32 path, each seed a different one.)
+            scale = max(float(r_grads[name].norm()), 1e-2 * float(whole))
             err = float((f_grads[name] - r_grads[name]).norm()) / scale
             floor = 4 * float((l_grads[name] - r_grads[name]).norm()) / scale if l_grads is not None else 0.0
             assert err <= max(tol, floor), (f"grad {name}: relative error {err:.3e} > {tol:.0e} "

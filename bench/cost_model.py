@@ -48,11 +48,24 @@ IMPL_ALGORITHM = {
 }
 
 
-def algorithm_for(impl: str, triton_algorithm: str | None = None) -> str:
-    """The cost-model algorithm of ``impl``; ``triton`` follows the module's ``algorithm`` attribute."""
-    if impl == "triton" and triton_algorithm == "tiled":
-        return "tiled"
-    return IMPL_ALGORITHM[impl]
+def algorithm_for(impl: str, triton_label: str | None = None):
+    """The cost-model algorithm of ``impl``: a name, or {branch: name} where the branches differ.
+
+    ``triton`` follows the label of what its branches ran (``impls.resolved_algorithms``):
+    "tiled", "reassociated (auto)", "spatial:tiled+channel:reassociated (auto)".
+    """
+    if impl != "triton" or not triton_label:
+        return IMPL_ALGORITHM[impl]
+    name = triton_label.removesuffix(" (auto)")
+    if name == "auto":
+        return IMPL_ALGORITHM[impl]
+    if "+" in name:
+        return dict(part.split(":") for part in name.split("+"))
+    return name
+
+
+def _per_branch(algorithm, name: str) -> str:
+    return algorithm[name] if isinstance(algorithm, dict) else algorithm
 
 
 @dataclass(frozen=True)
@@ -103,14 +116,16 @@ def branch_macs(d: BranchDims, algorithm: str) -> int:
     return projections + relation + w_net
 
 
-def flops(c: int, h: int, w: int, batch: int, branch: str, mode: str, algorithm: str, **ratios) -> int:
+def flops(c: int, h: int, w: int, batch: int, branch: str, mode: str, algorithm, **ratios) -> int:
     """Analytic FLOPs of one step: 2 x MACs x batch, summed over the branches.
+
+    ``algorithm``: one name for every branch, or {branch name: name}.
 
     Train mode (forward + backward) counts 3x the forward: every matmul's backward costs two
     matmuls of the same size (gradient of the input and of the weight). Recomputation an
     implementation may do in its backward is not counted: this is the algorithm's minimum.
     """
-    forward = 2 * batch * sum(branch_macs(d, algorithm) for d in branch_dims(c, h, w, branch, **ratios))
+    forward = 2 * batch * sum(branch_macs(d, _per_branch(algorithm, d.name)) for d in branch_dims(c, h, w, branch, **ratios))
     return forward * (3 if mode == "train" else 1)
 
 
@@ -144,9 +159,9 @@ def intermediate_elements(c: int, h: int, w: int, branch: str, algorithm: str, *
       the stacked projection 3 K L and its BN/ReLU output 3 K L; A = [A_in | A_out] 2 R K;
       [theta; phi] 2 K L; Z R L; relation R L; pooled L; y (1 + R) L; hidden Hd L; logit L;
       plus the gated x (C N) between branches for RGA-SC.
-    * reassociated / tiled (fused Triton): 0.
+    * reassociated / tiled (fused Triton, either per branch): 0.
     """
-    if algorithm in ("reassociated", "tiled"):
+    if isinstance(algorithm, dict) or algorithm in ("reassociated", "tiled"):
         return 0
     dims = branch_dims(c, h, w, branch, **ratios)
     total = 0

@@ -197,10 +197,23 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def build(impl: str, case: Case, state: dict, device: torch.device):
-    """(callable module with the shared parameters in the case's dtype on ``device``, algorithm setting).
+def resolved_algorithms(module, dtype: torch.dtype, train: bool, device: torch.device) -> str:
+    """What a Triton module's ``algorithm`` setting runs: "tiled", or for "auto" the branches' choices
+    ("reassociated (auto)", or "spatial:tiled+channel:reassociated (auto)" when they differ)."""
+    if module.algorithm != "auto":
+        return module.algorithm
+    from rga_triton.algorithm import branch_dims, choose
+    names = [n for n, on in (("spatial", module.use_spatial), ("channel", module.use_channel)) if on]
+    chosen = {n: choose(*branch_dims(module, n), dtype, "train" if train else "forward", device) for n in names}
+    if len(set(chosen.values())) == 1:
+        return f"{chosen[names[0]]} (auto)"
+    return "+".join(f"{n}:{a}" for n, a in chosen.items()) + " (auto)"
 
-    The algorithm setting is the Triton module's ``algorithm`` attribute ("auto", "tiled", ...), else None.
+
+def build(impl: str, case: Case, state: dict, device: torch.device):
+    """(callable module with the shared parameters in the case's dtype on ``device``, algorithm label).
+
+    The label of a Triton module says what each branch runs (:func:`resolved_algorithms`), else None.
     """
     dtype = getattr(torch, case.dtype)
     train = case.mode == "train"
@@ -219,15 +232,9 @@ def build(impl: str, case: Case, state: dict, device: torch.device):
             reason = triton_unavailable(device)
             if reason:
                 raise Unavailable(reason)
-        module = rga_triton.RGAModule(*case.module_args(), backend=backend)
-        algorithm = None
-        if backend == "triton":
-            algorithm = getattr(module, "algorithm", "default")
-            if impl == "triton-tiled":
-                if not hasattr(module, "algorithm"):
-                    raise Unavailable("rga_triton.RGAModule has no 'algorithm' attribute yet")
-                module.algorithm = algorithm = "tiled"
+        module = rga_triton.RGAModule(*case.module_args(), backend=backend,
+                                      algorithm="tiled" if impl == "triton-tiled" else "auto")
         module.load_state_dict(state)
         module.to(device=device, dtype=dtype).train(train)
-        return module, algorithm
+        return module, (resolved_algorithms(module, dtype, train, device) if backend == "triton" else None)
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")

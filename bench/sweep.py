@@ -261,11 +261,12 @@ class Sweep:
 
     # ---- one row ---------------------------------------------------------------------------------
     def base_row(self, impl: str, case: Case, algorithm: str | None = None) -> dict:
+        """The row's fixed columns; ``algorithm``: the Triton module's label (``impls.build``)."""
         algo = cost_model.algorithm_for(impl, algorithm)
         flops = cost_model.flops(case.c, case.h, case.w, case.batch, case.branch, case.mode, algo, **case.ratios)
         nbytes = cost_model.min_bytes(case.c, case.h, case.w, case.batch, case.branch, case.mode, algo,
                                       case.dtype, **case.ratios)
-        label = algo if algorithm in (None, algo) else f"{algo} ({algorithm})"   # e.g. "reassociated (auto)"
+        label = algorithm or algo
         row = {k: None for k in COLUMNS}
         row.update(impl=impl, algorithm=label, branch=case.branch, mode=case.mode, dtype=case.dtype,
                    batch=case.batch, C=case.c, H=case.h, W=case.w, N=case.n, input_hw=case.input_hw,

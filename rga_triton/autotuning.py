@@ -7,7 +7,9 @@ import time
 
 import torch
 import triton
+import triton.testing
 
+from .algorithm import ALGORITHMS, branch_dims, bucket
 from .kernels.tuned import KERNELS, STORE, config_dir, device_file_name
 from .module import RGAModule
 
@@ -17,24 +19,28 @@ DEFAULT_SHAPES = [(256, 64, 32), (512, 32, 16), (1024, 16, 8), (2048, 16, 8)]
 
 
 def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.float32, torch.bfloat16),
-         modes=("eval", "train"), device="cuda", algorithms=("reassociated", "tiled"), path=None,
+         modes=("eval", "train"), device="cuda", algorithms=ALGORITHMS, path=None,
          verbose=True) -> str:
     """Autotune the kernels for every (shape, batch, branch, dtype, mode, algorithm) and write the result.
 
     "eval" runs an inference forward; "train" a forward and backward step in train mode.
+    With both algorithms listed, each branch is then timed with each (:func:`measure_algorithms`)
+    and the faster one becomes what ``algorithm="auto"`` runs for that branch shape.
 
     shapes: (C, H, W) feature maps (default: RGA-Net stages of a 256 x 128 input). The file
     goes to ``path`` or ``<config dir>/<device name>.json`` (the packaged ``rga_triton/configs``
     unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries already there.
     Returns the path written. The launches that follow use the new configs at once.
     """
+    for arg, values, allowed in (("branches", branches, tuple(BRANCH_FLAGS)), ("modes", modes, ("eval", "train")),
+                                 ("algorithms", algorithms, ALGORITHMS)):
+        odd = [v for v in values if v not in allowed]
+        if odd or not values:
+            raise ValueError(f"{arg} must be a non-empty selection from {allowed}, got {tuple(values)!r}")
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device must be a CUDA device to tune for, got {device}: Triton's interpreter "
                          f"runs one pinned config")
-    for name in branches:
-        if name not in BRANCH_FLAGS:
-            raise ValueError(f"branches must be drawn from {tuple(BRANCH_FLAGS)}, got {name!r}")
     shapes = list(shapes or DEFAULT_SHAPES)
     device_name = torch.cuda.get_device_name(device)
     STORE.ensure_loaded(device)
@@ -43,23 +49,16 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
 
     cases = [(s, b, br, dt, m, alg) for s in shapes for b in batch_sizes for br in branches
              for dt in dtypes for m in modes for alg in algorithms]
-    start = time.perf_counter()
-    for i, ((c, h, w), batch, branch, dtype, mode, algorithm) in enumerate(cases, 1):
+    progress = _progress(len(cases), verbose)
+    for (c, h, w), batch, branch, dtype, mode, algorithm in cases:
         module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
-        module = module.to(device=device, dtype=dtype).train(mode == "train")
-        x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
-        if mode == "train":         # a training step: the autograd path's forward and the backward kernels
-            x.requires_grad_(True)
-            module(x).backward(torch.randn_like(x))
-        else:
-            with torch.no_grad():
-                module(x)
+        _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
         torch.cuda.synchronize(device)
-        if verbose:
-            elapsed = time.perf_counter() - start
-            eta = elapsed / i * (len(cases) - i)
-            print(f"[{i}/{len(cases)}] {branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}: "
-                  f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s", flush=True)
+        progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
+
+    chosen = dict(STORE.algorithms)
+    if len(set(algorithms)) > 1:
+        chosen.update(measure_algorithms(shapes, batch_sizes, branches, dtypes, modes, device, algorithms, verbose))
 
     kernels = existing
     for kernel, buckets in STORE.recorded.items():
@@ -68,9 +67,73 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
-                   "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())}}, f, indent=1)
-    STORE.table = kernels
+                   "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
+                   "algorithms": dict(sorted(chosen.items()))}, f, indent=1)
+    STORE.table, STORE.algorithms = kernels, chosen
     if verbose:
         n = sum(len(v) for v in kernels.values())
         print(f"wrote {n} tuned configs for {len(KERNELS)} kernels to {path}")
     return path
+
+
+def _progress(total: int, verbose: bool):
+    """A callable that prints '[i/total] what: elapsed, ETA' per finished case."""
+    start, done = time.perf_counter(), [0]
+
+    def report(what: str) -> None:
+        done[0] += 1
+        if verbose:
+            elapsed = time.perf_counter() - start
+            print(f"[{done[0]}/{total}] {what}: {elapsed:.0f}s elapsed, ETA "
+                  f"{elapsed / done[0] * (total - done[0]):.0f}s", flush=True)
+    return report
+
+
+def _step(module: RGAModule, batch: int, h: int, w: int, dtype, mode: str, device):
+    """A callable running one inference forward ("eval") or forward + backward ("train") of ``module``."""
+    module = module.to(device=device, dtype=dtype).train(mode == "train")
+    x = torch.randn(batch, module.in_channel, h, w, device=device, dtype=dtype)
+    if mode == "eval":
+        return lambda: _no_grad_call(module, x)
+    x.requires_grad_(True)
+    grad = torch.randn_like(x)
+    return lambda: module(x).backward(grad)
+
+
+@torch.no_grad()
+def _no_grad_call(module, x):
+    return module(x)
+
+
+def median_ms(step) -> float:
+    """Median time of ``step()`` in ms on the current GPU (``triton.testing.do_bench``)."""
+    return triton.testing.do_bench(step, quantiles=[0.5])
+
+
+def measure_algorithms(shapes, batch_sizes, branches, dtypes, modes, device, algorithms=ALGORITHMS,
+                       verbose=True, timer=median_ms) -> dict[str, str]:
+    """Time each branch (spatial, channel) alone with each algorithm; the faster per branch shape.
+
+    A branch's time is its single-branch block's (RGA-S or RGA-C) ``timer(step)`` summed over
+    ``batch_sizes``: the projection and gating cost the same under both algorithms, so the
+    difference is the relation embedding's. Returns {algorithm bucket: algorithm}.
+    """
+    names = [name for i, name in enumerate(("spatial", "channel")) if any(BRANCH_FLAGS[br][i] for br in branches)]
+    cases = [(s, dt, m, name) for s in shapes for dt in dtypes for m in modes for name in names]
+    progress = _progress(len(cases), verbose)
+    chosen = {}
+    for (c, h, w), dtype, mode, name in cases:
+        totals = dict.fromkeys(algorithms, 0.0)
+        for algorithm in algorithms:
+            for batch in batch_sizes:
+                module = RGAModule(c, h * w, use_spatial=name == "spatial", use_channel=name == "channel",
+                                   backend="triton", algorithm=algorithm)
+                step = _step(module, batch, h, w, dtype, mode, device)
+                step()
+                totals[algorithm] += timer(step)
+        best = min(totals, key=totals.get)
+        key = bucket(*branch_dims(module, name), dtype, "train" if mode == "train" else "forward")
+        chosen[key] = best
+        progress(f"{name} branch of {c}x{h}x{w} {mode} {str(dtype)[6:]}: "
+                 + ", ".join(f"{a} {t:.3f} ms" for a, t in totals.items()) + f" -> {best}")
+    return chosen

@@ -7,8 +7,10 @@ import warnings
 
 import torch
 
+from . import algorithm
+
 BACKENDS = ("auto", "torch", "triton")
-ALGORITHMS = ("auto", "reassociated", "tiled")
+ALGORITHMS = ("auto",) + algorithm.ALGORITHMS
 _warned_reasons: set[str] = set()
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .batchnorm import batch_norm, uses_batch_stats
 from .ops import batchnorm_args
-from .triton_path import compose_gates, compute_dtype, folded, mergeable
+from .triton_path import branch_algorithm, compose_gates, compute_dtype, folded, mergeable
 
 ops = torch.ops.rga_triton
 
@@ -106,15 +106,17 @@ def _branch_gate(branch, x: torch.Tensor, view: str, in_gate, tiled: bool, wants
     return torch.sigmoid(batch_norm(logit.unsqueeze(1), bn2).squeeze(1))
 
 
-def autograd_forward(module, x: torch.Tensor, algorithm: str = "reassociated", wants_grad: bool = True) -> torch.Tensor:
+def autograd_forward(module, x: torch.Tensor, wants_grad: bool = True) -> torch.Tensor:
     """The block's output through the ops, differentiable; updates BatchNorm buffers in train mode.
 
     ``wants_grad=False`` skips what only backward reads (Z and A kept in memory).
     """
     x = mergeable(x)
+    grad_pass = "train" if wants_grad else "forward"
 
     def gate(name, in_gate=None):
-        return _branch_gate(module.branch(name), x, name, in_gate, algorithm == "tiled", wants_grad)
+        tiled = branch_algorithm(module, name, x, grad_pass) == "tiled"
+        return _branch_gate(module.branch(name), x, name, in_gate, tiled, wants_grad)
 
     spatial, channel = compose_gates(module, gate)
     return ops.apply_gates(x, spatial, channel)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from .algorithm import branch_dims, choose
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
                         uses_batch_stats)
 from .cache import memo
@@ -179,12 +180,21 @@ def compose_gates(module, gate):
     return spatial, (gate("channel", spatial) if module.use_channel else None)
 
 
-def fused_forward(module, x: torch.Tensor, algorithm: str = "reassociated") -> torch.Tensor:
+def branch_algorithm(module, name: str, x: torch.Tensor, grad_pass: str) -> str:
+    """The algorithm that builds the ``name`` branch's Z: the module's setting, or for ``"auto"``
+    the branch's measured or cheapest one (``rga_triton.algorithm.choose``)."""
+    if module.algorithm != "auto":
+        return module.algorithm
+    return choose(*branch_dims(module, name), compute_dtype(x), grad_pass, x.device)
+
+
+def fused_forward(module, x: torch.Tensor) -> torch.Tensor:
     """The block's output (B, C, H, W) from the kernels; updates BatchNorm buffers in train mode."""
     x = mergeable(x)
     views = input_views(x)
 
     def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
+        algorithm = branch_algorithm(module, name, x, "forward")
         return branch_gate(module.branch(name), x, *views[name], in_gate, algorithm)
 
     spatial, channel = compose_gates(module, gate)
@@ -195,10 +205,9 @@ def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
     """Entry point of the ``"triton"`` backend for ``RGAModule.forward``."""
     if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
         return torch_forward(module, x)
-    algorithm = "tiled" if module.algorithm == "tiled" else "reassociated"
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
     # torch.compile traces the custom ops (ops.py); fused_forward reads modules and memoises by data_ptr
     if wants_grad or torch.compiler.is_compiling():
         from .triton_autograd import autograd_forward      # imports this module
-        return autograd_forward(module, x, algorithm, wants_grad)
-    return fused_forward(module, x, algorithm)
+        return autograd_forward(module, x, wants_grad)
+    return fused_forward(module, x)

@@ -262,6 +262,13 @@ def test_impl_algorithms():
     assert cost_model.algorithm_for("triton", "auto") == "reassociated"
     assert cost_model.algorithm_for("triton", "tiled") == "tiled"
     assert cost_model.algorithm_for("triton-tiled") == "tiled"
+    assert cost_model.algorithm_for("triton", "tiled (auto)") == "tiled"
+    mixed = cost_model.algorithm_for("triton", "spatial:tiled+channel:reassociated (auto)")
+    assert mixed == {"spatial": "tiled", "channel": "reassociated"}
+    # Per branch: the mixed step costs the tiled spatial branch plus the reassociated channel branch.
+    dims = {d.name: d for d in cost_model.branch_dims(**SHAPE, branch="RGA-SC")}
+    assert cost_model.flops(**SHAPE, batch=2, branch="RGA-SC", mode="eval", algorithm=mixed) == 2 * 2 * (
+        cost_model.branch_macs(dims["spatial"], "tiled") + cost_model.branch_macs(dims["channel"], "reassociated"))
 
 
 def test_results_dir_names_are_normalised():

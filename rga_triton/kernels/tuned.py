@@ -11,10 +11,12 @@ File format::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
      "kernels": {"_projection_apply_kernel": {"Cin=2048,K=256,L=256,dtype=float32":
-                 {"BLOCK_K": 64, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 8, "num_stages": 3}}}}
+                 {"BLOCK_K": 64, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 8, "num_stages": 3}}},
+     "algorithms": {"K=32,L=2048,R=256,dtype=float32,pass=train": "reassociated"}}
 
 A shape bucket is the kernel's autotune key (its shape arguments) plus the dtype of its
-first tensor argument, written ``name=value`` joined by commas.
+first tensor argument, written ``name=value`` joined by commas. ``"algorithms"`` (optional)
+holds the measured choice of ``algorithm="auto"`` per branch shape (``rga_triton.algorithm``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import warnings
 import torch
 import triton
 
+from ..algorithm import ALGORITHMS
 from .tuning import configs as config_space
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -47,25 +50,32 @@ class ConfigStore:
     def __init__(self):
         self.device_name: str | None = None
         self.table: dict[str, dict[str, dict]] = {}
+        self.algorithms: dict[str, str] = {}          # algorithm bucket -> "reassociated" or "tiled"
         self.recorded: dict[str, dict[str, dict]] = {}
 
     def reset(self) -> None:
         self.device_name = None
         self.table = {}
+        self.algorithms = {}
         self.recorded = {}
 
     def ensure_loaded(self, device: torch.device) -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if name == self.device_name:
             return
-        self.device_name, self.table = name, {}
+        self.device_name, self.table, self.algorithms = name, {}, {}
         path = os.path.join(config_dir(), device_file_name(name))
         if device.type != "cuda" and not os.path.exists(path):
             return      # the interpreter pins one config: nothing to tune, nothing to say
         try:
             with open(path) as f:
                 data = json.load(f)
-            self.table = {kernel: dict(buckets) for kernel, buckets in data["kernels"].items()}
+            table = {kernel: dict(buckets) for kernel, buckets in data["kernels"].items()}
+            algorithms = dict(data.get("algorithms", {}))
+            odd = {k: v for k, v in algorithms.items() if v not in ALGORITHMS}
+            if odd:
+                raise ValueError(f"'algorithms' values must be one of {ALGORITHMS}, got {odd}")
+            self.table, self.algorithms = table, algorithms
         except FileNotFoundError:
             warnings.warn(f"rga_triton: no tuned configuration for {name} ({path}); kernels autotune on first "
                           f"use of each shape (run `python bench/sweep.py --tune` to write one)", stacklevel=4)

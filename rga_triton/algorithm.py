@@ -1,0 +1,60 @@
+"""Which exact algorithm builds a branch's relation embedding Z under ``algorithm="auto"``.
+
+One branch reads X (B, Cin, L) and embeds it to theta, phi (K x L per image); its relation
+embedding has R = L / spa_ratio rows. Both algorithms compute the same Z (R x L per image),
+only the rounding order differs:
+
+- ``"reassociated"``: A = [W_in phi^T | W_out theta^T] (R x 2K), then Z = A [theta; phi].
+  Multiply-adds per image: 2 R K L for A, 2 R K L for Z, so 4 R K L.
+- ``"tiled"``: G = theta^T phi block by block on chip, Z = W_in G^T + W_out G straight from
+  each block. Multiply-adds per image: K L^2 for G, 2 R L^2 for Z.
+
+``"auto"`` takes, per branch, the algorithm that ``rga_triton.tune`` measured faster on this
+GPU for that branch's (R, K, L, dtype, pass), stored in the GPU's configuration file; without
+a measurement, the one with fewer multiply-adds (reassociated at every RGA-Net shape, since
+spa_ratio >= 4 makes 4 R K L < K L^2; tiled can win only for spa_ratio < 4 and K > 2L/3).
+"""
+from __future__ import annotations
+
+import torch
+
+ALGORITHMS = ("reassociated", "tiled")
+PASSES = ("forward", "train")
+"""``"forward"``: a call without gradients; ``"train"``: a forward that backward will follow."""
+
+
+def multiply_adds(algorithm: str, r: int, k: int, length: int) -> int:
+    """Multiply-adds per image to build Z (R x L) from theta, phi (K x L) with ``algorithm``."""
+    if algorithm == "reassociated":
+        return 4 * r * k * length
+    if algorithm == "tiled":
+        return k * length * length + 2 * r * length * length
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+def fewest_multiply_adds(r: int, k: int, length: int) -> str:
+    """The cost model's choice; ties go to reassociated, which never forms G."""
+    return min(ALGORITHMS, key=lambda a: multiply_adds(a, r, k, length))
+
+
+def branch_dims(module, name: str) -> tuple[int, int, int]:
+    """(R, K, L) of an RGA block's ``"spatial"`` or ``"channel"`` branch."""
+    branch = module.branch(name)
+    length = module.in_spatial if name == "spatial" else module.in_channel
+    return branch.gg[0].weight.shape[0], branch.theta[0].weight.shape[0], length
+
+
+def bucket(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str) -> str:
+    """The key of a measured choice: 'K=32,L=2048,R=256,dtype=float32,pass=train'."""
+    if grad_pass not in PASSES:
+        raise ValueError(f"grad_pass must be one of {PASSES}, got {grad_pass!r}")
+    return f"K={k},L={length},R={r},dtype={str(dtype).replace('torch.', '')},pass={grad_pass}"
+
+
+@torch.compiler.assume_constant_result      # torch.compile: the choice is a constant of the graph
+def choose(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str, device: torch.device) -> str:
+    """The algorithm ``"auto"`` runs for one branch: measured on this GPU if stored, else the cost model's."""
+    from .kernels.tuned import STORE
+
+    STORE.ensure_loaded(device)
+    return STORE.algorithms.get(bucket(r, k, length, dtype, grad_pass)) or fewest_multiply_adds(r, k, length)

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in <out>/sweep.csv and run only the missing ones")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
-                   help="start no new case after this many seconds (then write plots; --resume continues)")
+                   help="start no new case after this many seconds (then write plots; --resume continues; with --tune, the tuned shapes are kept)")
     p.add_argument("--no-plots", action="store_true", help="write the CSV and summary only")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--tune", action="store_true",
@@ -180,25 +180,18 @@ def set_tf32(choice: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = choice == "on"
 
 
-def run_tune(device, cases, quiet: bool) -> int:
-    tune = getattr(rga_triton, "tune", None)
-    if tune is None:
-        print(f"--tune: this rga_triton ({rga_triton.__version__}, {os.path.dirname(rga_triton.__file__)}) "
-              f"has no rga_triton.tune(); nothing was tuned", file=sys.stderr)
+def run_tune(device, cases, args) -> int:
+    """``--tune``: rga_triton.tune over the selected cases' shapes, batches, branches, dtypes and modes."""
+    try:
+        path = rga_triton.tune(shapes=sorted({(c.c, c.h, c.w) for c in cases}),
+                               batch_sizes=sorted({c.batch for c in cases}),
+                               branches=sorted({c.branch for c in cases}),
+                               dtypes=sorted({getattr(torch, c.dtype) for c in cases}, key=str),
+                               modes=sorted({c.mode for c in cases}), device=device,
+                               time_limit=args.time_limit, verbose=not args.quiet)
+    except ValueError as exc:       # e.g. no GPU: tuning needs one
+        print(f"--tune: {exc}", file=sys.stderr)
         return 2
-    import inspect
-    offered = {
-        "shapes": sorted({(c.c, c.h, c.w) for c in cases}),
-        "batch_sizes": sorted({c.batch for c in cases}),
-        "branches": sorted({c.branch for c in cases}),
-        "dtypes": sorted({getattr(torch, c.dtype) for c in cases}, key=str),
-        "modes": sorted({c.mode for c in cases}),
-        "device": device,
-        "verbose": not quiet,
-    }
-    params = inspect.signature(tune).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    path = tune(**{k: v for k, v in offered.items() if takes_any or k in params})
     print(f"tuned configuration written to {path}")
     return 0
 
@@ -470,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     set_tf32(args.tf32)
     device, names, cases = resolve_args(args, parser)
     if args.tune:
-        return run_tune(device, cases, args.quiet)
+        return run_tune(device, cases, args)
     out_dir = args.out or os.path.join(ROOT, "bench", "results", hardware.results_dir_name(device))
     sweep = Sweep(device, names, cases, args, out_dir)
     status = sweep.run()

@@ -19,7 +19,7 @@ DEFAULT_SHAPES = [(256, 64, 32), (512, 32, 16), (1024, 16, 8), (2048, 16, 8)]
 
 
 def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.float32, torch.bfloat16),
-         modes=("eval", "train"), device="cuda", algorithms=ALGORITHMS, path=None,
+         modes=("eval", "train"), device="cuda", algorithms=ALGORITHMS, path=None, time_limit=None,
          verbose=True) -> str:
     """Autotune the kernels for every (shape, batch, branch, dtype, mode, algorithm) and write the result.
 
@@ -29,8 +29,10 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
 
     shapes: (C, H, W) feature maps (default: RGA-Net stages of a 256 x 128 input). The file
     goes to ``path`` or ``<config dir>/<device name>.json`` (the packaged ``rga_triton/configs``
-    unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries already there.
-    Returns the path written. The launches that follow use the new configs at once.
+    unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries already there. It is
+    rewritten after every shape, so an interrupted run keeps what it tuned; ``time_limit``
+    (seconds) starts no new case once spent. Returns the path written. The launches that
+    follow use the new configs at once.
     """
     for arg, values, allowed in (("branches", branches, tuple(BRANCH_FLAGS)), ("modes", modes, ("eval", "train")),
                                  ("algorithms", algorithms, ALGORITHMS)):
@@ -43,37 +45,54 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
                          f"runs one pinned config")
     shapes = list(shapes or DEFAULT_SHAPES)
     device_name = torch.cuda.get_device_name(device)
+    path = path or os.path.join(config_dir(), device_file_name(device_name))
     STORE.ensure_loaded(device)
-    existing = {k: dict(v) for k, v in STORE.table.items()}
+    kernels, chosen = {k: dict(v) for k, v in STORE.table.items()}, dict(STORE.algorithms)
     STORE.table, STORE.recorded = {}, {}               # force every launch through the autotuner
+    deadline = time.perf_counter() + time_limit if time_limit else float("inf")
 
-    cases = [(s, b, br, dt, m, alg) for s in shapes for b in batch_sizes for br in branches
-             for dt in dtypes for m in modes for alg in algorithms]
-    progress = _progress(len(cases), verbose)
-    for (c, h, w), batch, branch, dtype, mode, algorithm in cases:
-        module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
-        _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
-        torch.cuda.synchronize(device)
-        progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
-
-    chosen = dict(STORE.algorithms)
-    if len(set(algorithms)) > 1:
-        chosen.update(measure_algorithms(shapes, batch_sizes, branches, dtypes, modes, device, algorithms, verbose))
-
-    kernels = existing
+    cases = [(b, br, dt, m, alg) for b in batch_sizes for br in branches for dt in dtypes for m in modes
+             for alg in algorithms]
+    progress = _progress(len(shapes) * len(cases), verbose)
+    try:
+        for c, h, w in shapes:
+            for batch, branch, dtype, mode, algorithm in cases:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError
+                module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
+                _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
+                torch.cuda.synchronize(device)
+                progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
+            if len(set(algorithms)) > 1:
+                chosen.update(measure_algorithms([(c, h, w)], batch_sizes, branches, dtypes, modes, device,
+                                                 algorithms, verbose))
+            save_config(path, device_name, kernels, STORE.recorded, chosen)
+    except TimeoutError:
+        if verbose:
+            print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
+    save_config(path, device_name, kernels, STORE.recorded, chosen)
     for kernel, buckets in STORE.recorded.items():
         kernels.setdefault(kernel, {}).update(buckets)
-    path = path or os.path.join(config_dir(), device_file_name(device_name))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
-                   "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
-                   "algorithms": dict(sorted(chosen.items()))}, f, indent=1)
     STORE.table, STORE.algorithms = kernels, chosen
     if verbose:
         n = sum(len(v) for v in kernels.values())
-        print(f"wrote {n} tuned configs for {len(KERNELS)} kernels to {path}")
+        print(f"wrote {n} tuned configs for {len(KERNELS)} kernels and {len(chosen)} algorithm choices to {path}")
     return path
+
+
+def save_config(path: str, device_name: str, kernels: dict, recorded: dict, algorithms: dict) -> None:
+    """Write the configuration file: ``kernels`` with ``recorded``'s buckets merged over it, and the
+    algorithm choices. Atomic (a temporary file, then a rename): readers never see half a file."""
+    merged = {k: dict(v) for k, v in kernels.items()}
+    for kernel, buckets in recorded.items():
+        merged.setdefault(kernel, {}).update(buckets)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump({"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
+                   "kernels": {k: dict(sorted(v.items())) for k, v in sorted(merged.items())},
+                   "algorithms": dict(sorted(algorithms.items()))}, f, indent=1)
+    os.replace(partial, path)
 
 
 def _progress(total: int, verbose: bool):

@@ -150,23 +150,22 @@ def test_out_of_memory_is_a_result(tmp_path, monkeypatch):
     assert (tmp_path / "memory_eval_float32.png").stat().st_size > 0
 
 
-def test_tune_missing_exits_2(monkeypatch, capsys):
-    monkeypatch.delattr(rga_triton, "tune", raising=False)
+def test_tune_on_a_cpu_exits_2_and_says_why(capsys):
     assert sweep.main(TINY + ["--tune"]) == 2
-    assert "rga_triton.tune" in capsys.readouterr().err
+    assert "CUDA" in capsys.readouterr().err
 
 
 def test_tune_prints_where_it_wrote(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def tune(shapes, dtypes, device, **kwargs):
-        seen.update(shapes=shapes, dtypes=dtypes, device=device)
+    def tune(shapes, dtypes, device, time_limit, **kwargs):
+        seen.update(shapes=shapes, dtypes=dtypes, device=device, time_limit=time_limit)
         return str(tmp_path / "cpu.json")
 
-    monkeypatch.setattr(rga_triton, "tune", tune, raising=False)
-    assert sweep.main(TINY + ["--tune"]) == 0
+    monkeypatch.setattr(rga_triton, "tune", tune)
+    assert sweep.main(TINY + ["--tune", "--time-limit", "90"]) == 0
     assert str(tmp_path / "cpu.json") in capsys.readouterr().out
-    assert seen["shapes"] == [(64, 8, 8)] and seen["dtypes"] == [torch.float32]
+    assert seen["shapes"] == [(64, 8, 8)] and seen["dtypes"] == [torch.float32] and seen["time_limit"] == 90
 
 
 def test_paper_preset_shapes():

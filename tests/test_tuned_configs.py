@@ -95,3 +95,23 @@ def test_missing_or_malformed_file_falls_back_with_one_warning(store, content):
 def test_tune_needs_a_gpu():
     with pytest.raises(ValueError, match="CUDA"):
         rga_triton.tune(device="cpu")
+
+
+def test_saved_file_merges_and_is_read_back(store):
+    """tune()'s writer: recorded buckets merge over the file's, algorithm choices are kept, and the
+    store reads back exactly what was written (no temporary file left behind)."""
+    from rga_triton.autotuning import save_config
+    tuned, tmp_path = store
+    path = _device_file(tuned, tmp_path)
+    old = {"_gate_logit_kernel": {"R=7": {"BLOCK_R": 32, "num_warps": 4, "num_stages": 2}},
+           "_affinity_kernel": {"M=8": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 3}}}
+    new = {"_gate_logit_kernel": {"R=9": {"BLOCK_R": 64, "num_warps": 8, "num_stages": 3}}}
+    choice = {"K=6,L=60,R=7,dtype=float32,pass=train": "tiled"}
+    save_config(str(path), "cpu", old, new, choice)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    tuned.STORE.ensure_loaded(torch.device(DEVICE))
+    assert tuned.STORE.table["_gate_logit_kernel"].keys() == {"R=7", "R=9"}
+    assert tuned.STORE.table["_affinity_kernel"] == old["_affinity_kernel"]
+    assert tuned.STORE.algorithms == choice
+    config = tuned.STORE.lookup("_gate_logit_kernel", "R=9")
+    assert config.kwargs == {"BLOCK_R": 64} and (config.num_warps, config.num_stages) == (8, 3)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks a lent machine is for, in the order they matter, each under 10 minutes.
 #
+#   bash bench/gpu_session.sh all      # for a 15-minute lease: one ~9-minute call doing the three below in short
 #   bash bench/gpu_session.sh tests    # the test suite on CUDA: compiled kernels, forward and backward
 #   bash bench/gpu_session.sh tune     # tune RGA-SC stage shapes (B=64, float32 + bfloat16, eval + train)
 #   bash bench/gpu_session.sh train    # issue #6 table: RGA-SC training steps at the RGA-Net stages
@@ -12,11 +13,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e . >/dev/null
-what="${1:?usage: bash bench/gpu_session.sh tests|tune|train|step|paper}"
+what="${1:?usage: bash bench/gpu_session.sh all|tests|tune|train|step|paper}"
 log="bench/results/gpu_session_${what}.log"
 mkdir -p bench/results
 case "$what" in
-  tests) python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
+  # Tests pin each kernel to its space's first config (RGA_TRITON_PIN_CONFIG=1): autotuning every tiny
+  # test shape would take the whole lease; CI compiles every config of every space for sm_90 instead.
+  tests) RGA_TRITON_PIN_CONFIG=1 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
+  all)
+    # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
+    RGA_TRITON_PIN_CONFIG=1 timeout 180 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
+      tests/test_triton_path.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee "$log" || true
+    # 2. tune the RGA-Net stages (float32, B=64), writing the config file after each shape (~4 min)
+    python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
+      --modes eval,train --time-limit 220 2>&1 | tee -a "$log" || true
+    # 3. the issue #6 table with the tuned file: RGA-SC train + eval, reference vs torch vs triton (~2 min)
+    python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train,eval --dtypes float32 \
+      --impls reference,torch,triton --time-limit 100 --resume 2>&1 | tee -a "$log" || true ;;
   tune)  python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
            --dtypes float32,bfloat16 --modes eval,train 2>&1 | tee "$log" ;;
   train) python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \

@@ -29,7 +29,8 @@ import torch
 import triton
 
 from ..algorithm import ALGORITHMS
-from .tuning import configs as config_space
+from .precompile import precompile
+from .tuning import configs as config_space, pinned
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 KERNELS: dict[str, "TunedKernel"] = {}
@@ -108,6 +109,7 @@ class TunedKernel:
         self.space = space            # block-size dicts, before num_warps x num_stages
         self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
+        self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
         KERNELS[self.name] = self
 
     def bucket(self, bound: dict) -> str:
@@ -129,6 +131,9 @@ class TunedKernel:
                 return self.fn[shape](*args, **kwargs, **meta, num_warps=config.num_warps,
                                       num_stages=config.num_stages)
             self.last_source = "autotune"
+            if bucket not in self.precompiled and not pinned():
+                self.precompiled.add(bucket)
+                precompile(self.fn, self.autotuned.configs, grid, args, kwargs)
             out = self.autotuned[grid](*args, **kwargs)
             best = getattr(self.autotuned, "best_config", None)
             if best is not None:

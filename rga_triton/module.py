@@ -42,7 +42,9 @@ class RGAModule(nn.Module):
     (Triton for CUDA tensors it takes, PyTorch otherwise, warning once per reason).
     ``algorithm`` picks the Triton path's exact algorithm: ``"reassociated"`` (Z from the
     skinny products W_in phi^T, W_out theta^T; never forms G), ``"tiled"`` (G built block
-    by block on chip and fed straight into the relation embedding), or ``"auto"``.
+    by block on chip and fed straight into the relation embedding), or ``"auto"`` (per branch:
+    the one ``rga_triton.tune`` measured faster on this GPU, else the fewer multiply-adds;
+    see ``rga_triton.algorithm``).
     ``order`` composes the branches of RGA-SC: ``"sc"`` (the authors': spatial gate, then
     the channel gate computed on the gated map), ``"cs"``, or ``"parallel"`` (both gates
     from x: out = x * sigmoid(a_s) * sigmoid(a_c)), the variants of the paper's Table 1.

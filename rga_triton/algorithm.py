@@ -11,8 +11,9 @@ only the rounding order differs:
 
 ``"auto"`` takes, per branch, the algorithm that ``rga_triton.tune`` measured faster on this
 GPU for that branch's (R, K, L, dtype, pass), stored in the GPU's configuration file; without
-a measurement, the one with fewer multiply-adds (reassociated at every RGA-Net shape, since
-spa_ratio >= 4 makes 4 R K L < K L^2; tiled can win only for spa_ratio < 4 and K > 2L/3).
+a measurement, the one with fewer multiply-adds. With R = L / s (s: spa_ratio in the spatial
+branch, cha_ratio in the channel one), tiled has fewer only when (4 - s) K > 2 L: never for
+s >= 4, so the count picks reassociated at RGA-Net's ratios of 8.
 """
 from __future__ import annotations
 

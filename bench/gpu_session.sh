@@ -21,9 +21,11 @@ case "$what" in
   # test shape would take the whole lease; CI compiles every config of every space for sm_90 instead.
   tests) RGA_TRITON_PIN_CONFIG=1 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
   all)
+    # 0. does compilation scale over this host's threads (the premise of kernels/precompile.py)? (~20 s)
+    python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
     # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
     RGA_TRITON_PIN_CONFIG=1 timeout 180 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
-      tests/test_triton_path.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee "$log" || true
+      tests/test_triton_path.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee -a "$log" || true
     # 2. tune the RGA-Net stages (float32, B=64), writing the config file after each shape (~4 min)
     python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
       --modes eval,train --time-limit 220 2>&1 | tee -a "$log" || true

@@ -39,3 +39,13 @@ def results():
 @pytest.mark.parametrize("case_id", [case[0] for case in compile_kernels.cases()])
 def test_kernel_compiles_for_cuda(results, case_id):
     assert results[case_id] == "ok", results[case_id]
+
+
+def test_compile_threads_tool_runs():
+    """bench/compile_threads.py (the premise of concurrent precompilation) compiles and reports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "compile_threads.py")
+    done = subprocess.run([sys.executable, script, "--cases", "2", "--threads", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 kernel variants for sm_90" in done.stdout and "on 2 threads" in done.stdout

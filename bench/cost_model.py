@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rga_triton.algorithm import multiply_adds
+
 BRANCHES = {"RGA-S": (True, False), "RGA-C": (False, True), "RGA-SC": (True, True)}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -107,9 +109,9 @@ def branch_macs(d: BranchDims, algorithm: str) -> int:
     """
     projections = 3 * d.k * d.cin * d.length
     if algorithm in ("materialised", "compiled", "tiled"):
-        relation = d.k * d.length ** 2 + 2 * d.r * d.length ** 2
+        relation = multiply_adds("tiled", d.r, d.k, d.length)         # forms G, as the tiled kernel does
     elif algorithm in ("reassociated", "reassociated-unfused"):
-        relation = 4 * d.r * d.k * d.length
+        relation = multiply_adds("reassociated", d.r, d.k, d.length)
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     w_net = d.hidden * (1 + d.r) * d.length + d.hidden * d.length

@@ -202,9 +202,9 @@ def resolved_algorithms(module, dtype: torch.dtype, train: bool, device: torch.d
     ("reassociated (auto)", or "spatial:tiled+channel:reassociated (auto)" when they differ)."""
     if module.algorithm != "auto":
         return module.algorithm
-    from rga_triton.algorithm import branch_dims, choose
+    from rga_triton.triton_path import branch_algorithm
     names = [n for n, on in (("spatial", module.use_spatial), ("channel", module.use_channel)) if on]
-    chosen = {n: choose(*branch_dims(module, n), dtype, "train" if train else "forward", device) for n in names}
+    chosen = {n: branch_algorithm(module, n, dtype, device, "train" if train else "forward") for n in names}
     if len(set(chosen.values())) == 1:
         return f"{chosen[names[0]]} (auto)"
     return "+".join(f"{n}:{a}" for n, a in chosen.items()) + " (auto)"

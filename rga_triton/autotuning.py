@@ -70,9 +70,7 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     except TimeoutError:
         if verbose:
             print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
-    save_config(path, device_name, kernels, STORE.recorded, chosen)
-    for kernel, buckets in STORE.recorded.items():
-        kernels.setdefault(kernel, {}).update(buckets)
+    kernels = save_config(path, device_name, kernels, STORE.recorded, chosen)
     STORE.table, STORE.algorithms = kernels, chosen
     if verbose:
         n = sum(len(v) for v in kernels.values())
@@ -80,9 +78,10 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     return path
 
 
-def save_config(path: str, device_name: str, kernels: dict, recorded: dict, algorithms: dict) -> None:
+def save_config(path: str, device_name: str, kernels: dict, recorded: dict, algorithms: dict) -> dict:
     """Write the configuration file: ``kernels`` with ``recorded``'s buckets merged over it, and the
-    algorithm choices. Atomic (a temporary file, then a rename): readers never see half a file."""
+    algorithm choices. Atomic (a temporary file, then a rename): readers never see half a file.
+    Returns the merged kernel table."""
     merged = {k: dict(v) for k, v in kernels.items()}
     for kernel, buckets in recorded.items():
         merged.setdefault(kernel, {}).update(buckets)
@@ -93,6 +92,7 @@ def save_config(path: str, device_name: str, kernels: dict, recorded: dict, algo
                    "kernels": {k: dict(sorted(v.items())) for k, v in sorted(merged.items())},
                    "algorithms": dict(sorted(algorithms.items()))}, f, indent=1)
     os.replace(partial, path)
+    return merged
 
 
 def _progress(total: int, verbose: bool):

@@ -115,7 +115,7 @@ def autograd_forward(module, x: torch.Tensor, wants_grad: bool = True) -> torch.
     grad_pass = "train" if wants_grad else "forward"
 
     def gate(name, in_gate=None):
-        tiled = branch_algorithm(module, name, x, grad_pass) == "tiled"
+        tiled = branch_algorithm(module, name, compute_dtype(x), x.device, grad_pass) == "tiled"
         return _branch_gate(module.branch(name), x, name, in_gate, tiled, wants_grad)
 
     spatial, channel = compose_gates(module, gate)

@@ -180,12 +180,12 @@ def compose_gates(module, gate):
     return spatial, (gate("channel", spatial) if module.use_channel else None)
 
 
-def branch_algorithm(module, name: str, x: torch.Tensor, grad_pass: str) -> str:
-    """The algorithm that builds the ``name`` branch's Z: the module's setting, or for ``"auto"``
-    the branch's measured or cheapest one (``rga_triton.algorithm.choose``)."""
+def branch_algorithm(module, name: str, dtype: torch.dtype, device: torch.device, grad_pass: str) -> str:
+    """The algorithm that builds the ``name`` branch's Z with products in ``dtype``: the module's
+    setting, or for ``"auto"`` the branch's measured or cheapest one (``rga_triton.algorithm.choose``)."""
     if module.algorithm != "auto":
         return module.algorithm
-    return choose(*branch_dims(module, name), compute_dtype(x), grad_pass, x.device)
+    return choose(*branch_dims(module, name), dtype, grad_pass, device)
 
 
 def fused_forward(module, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +194,7 @@ def fused_forward(module, x: torch.Tensor) -> torch.Tensor:
     views = input_views(x)
 
     def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
-        algorithm = branch_algorithm(module, name, x, "forward")
+        algorithm = branch_algorithm(module, name, compute_dtype(x), x.device, "forward")
         return branch_gate(module.branch(name), x, *views[name], in_gate, algorithm)
 
     spatial, channel = compose_gates(module, gate)

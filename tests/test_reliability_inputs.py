@@ -386,3 +386,57 @@ def test_explicit_triton_refuses_bfloat16_under_the_interpreter():
     """Triton's interpreter has no bfloat16 arithmetic: an explicit backend="triton" says so."""
     with pytest.raises(ValueError, match="interpreter has no bfloat16"):
         _module("triton", torch.bfloat16)(_randn(2, 16, 8, 8, dtype=torch.bfloat16))
+
+
+AFFINITY_BAD = [
+    ("int theta", lambda: (torch.ones(1, 2, 3, dtype=torch.int64), torch.ones(1, 2, 3, dtype=torch.int64)),
+     TypeError, "theta must be a floating-point tensor"),
+    ("list phi", lambda: (torch.ones(1, 2, 3), [[1.0]]), TypeError, "phi must be a torch.Tensor"),
+    ("2-D", lambda: (torch.ones(2, 3), torch.ones(2, 3)), ValueError, r"\(B, K, M\) and \(B, K, N\)"),
+    ("K differs", lambda: (torch.ones(1, 2, 3), torch.ones(1, 4, 3)), ValueError, "same B and K"),
+    ("dtypes differ", lambda: (torch.ones(1, 2, 3), torch.ones(1, 2, 3, dtype=torch.float64)), TypeError,
+     "share dtype and device"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,exc,words", [case[1:] for case in AFFINITY_BAD], ids=[case[0] for case in AFFINITY_BAD])
+def test_affinity_refuses_bad_operands_on_every_path(make, exc, words, backend):
+    theta, phi = make()
+    with pytest.raises(exc, match=words):
+        rga_triton.affinity(theta, phi, backend=backend)
+
+
+def _maps_module():
+    return rga_triton.RGAModule(16, 24, spa_ratio=2, down_ratio=2, backend="torch").eval()
+
+
+MAPS_BAD = [
+    ("not an RGAModule", lambda: (RGA_Module(16, 24, spa_ratio=2, down_ratio=2), _randn(1, 16, 4, 6), [0]), TypeError,
+     "module must be an rga_triton.RGAModule"),
+    ("wrong channels", lambda: (_maps_module(), _randn(1, 8, 4, 6), [0]), ValueError, r"x.shape\[1\] must equal"),
+    ("3-D x", lambda: (_maps_module(), _randn(16, 4, 6), [0]), ValueError, "x must be 4-D"),
+    ("H*W differs", lambda: (_maps_module(), _randn(1, 16, 4, 4), [0]), ValueError, "in_spatial=24"),
+    ("float index", lambda: (_maps_module(), _randn(1, 16, 4, 6), [(1.5, 2)]), TypeError,
+     r"row of position \(1.5, 2\) must be an int"),
+    ("bool index", lambda: (_maps_module(), _randn(1, 16, 4, 6), [True]), TypeError, "must be an int, got bool"),
+    ("positions not a sequence", lambda: (_maps_module(), _randn(1, 16, 4, 6), 5), TypeError,
+     "positions must be a sequence"),
+    ("outside", lambda: (_maps_module(), _randn(1, 16, 4, 6), [(4, 0)]), ValueError, "outside the 4 x 6"),
+    ("empty", lambda: (_maps_module(), _randn(1, 16, 4, 6), []), ValueError, "at least one"),
+]
+
+
+@pytest.mark.parametrize("make,exc,words", [case[1:] for case in MAPS_BAD], ids=[case[0] for case in MAPS_BAD])
+def test_relation_maps_refuses_bad_arguments(make, exc, words):
+    module, x, positions = make()
+    with pytest.raises(exc, match=words):
+        rga_triton.relation_maps(module, x, positions)
+
+
+def test_relation_maps_accepts_numpy_and_tensor_indices():
+    module, x = _maps_module(), _randn(1, 16, 4, 6)
+    expected = rga_triton.relation_maps(module, x, [7, (2, 3)])
+    for positions in ([np.int64(7), (np.int32(2), 3)], [torch.tensor(7), (torch.tensor(2), 3)]):
+        got = rga_triton.relation_maps(module, x, positions)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))

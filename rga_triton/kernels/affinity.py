@@ -40,16 +40,8 @@ def affinity(theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     """G = theta^T phi per image: theta (B, K, M), phi (B, K, N) -> (B, M, N) in theta's dtype.
 
     Accumulates in float32; float32 inputs keep float32 accuracy (see ``dot_precision``).
+    The operands are checked by :func:`rga_triton.affinity`.
     """
-    if theta.dim() != 3 or phi.dim() != 3:
-        raise ValueError(f"theta and phi must be 3-D (B, K, M) and (B, K, N), got shapes "
-                         f"{tuple(theta.shape)} and {tuple(phi.shape)}")
-    if theta.shape[0] != phi.shape[0] or theta.shape[1] != phi.shape[1]:
-        raise ValueError(f"theta (B, K, M) and phi (B, K, N) must share B and K, got shapes "
-                         f"{tuple(theta.shape)} and {tuple(phi.shape)}")
-    if theta.dtype != phi.dtype or theta.device != phi.device:
-        raise TypeError(f"theta and phi must share dtype and device, got {theta.dtype} on {theta.device} "
-                        f"and {phi.dtype} on {phi.device}")
     batch, k, m = theta.shape
     n = phi.shape[2]
     g = torch.empty((batch, m, n), device=theta.device, dtype=torch.float32)

@@ -113,5 +113,34 @@ def test_saved_file_merges_and_is_read_back(store):
     assert tuned.STORE.table["_gate_logit_kernel"].keys() == {"R=7", "R=9"}
     assert tuned.STORE.table["_affinity_kernel"] == old["_affinity_kernel"]
     assert tuned.STORE.algorithms == choice
-    config = tuned.STORE.lookup("_gate_logit_kernel", "R=9")
+    config = tuned.STORE.lookup("_gate_logit_kernel", "R=9", {"BLOCK_R"})
     assert config.kwargs == {"BLOCK_R": 64} and (config.num_warps, config.num_stages) == (8, 3)
+
+
+@pytest.mark.parametrize("entry,words", [
+    ({"BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}, "differ from the kernel's"),
+    ({"BLOCK_K": "x", "BLOCK_C": 64, "BLOCK_L": 128}, "powers of two"),
+    ({"BLOCK_K": 24, "BLOCK_C": 64, "BLOCK_L": 128}, "powers of two"),
+    ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 3}, "num_warps"),
+    ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_stages": 0}, "num_stages"),
+    ([16, 64, 128], "expected a dict"),
+], ids=["missing-block", "string", "not-power-of-two", "warps", "stages", "list"])
+def test_stale_entry_autotunes_with_one_warning(store, entry, words):
+    """An entry the kernel cannot launch with (a file from an older config space, a hand edit)
+    is skipped with one warning naming the kernel; the launch autotunes and stays exact."""
+    tuned, tmp_path = store
+    _run_eval()
+    recorded = tuned.STORE.recorded
+    table = {k: dict(v) for k, v in recorded.items()}
+    table["_projection_apply_kernel"] = {b: entry for b in recorded["_projection_apply_kernel"]}
+    _device_file(tuned, tmp_path).write_text(json.dumps({"device": "x", "kernels": table}))
+    tuned.STORE.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run_eval() <= TOLERANCE[torch.float32]
+        assert _run_eval() <= TOLERANCE[torch.float32]
+    messages = [str(w.message) for w in caught if "_projection_apply_kernel" in str(w.message)]
+    assert len(messages) == len(recorded["_projection_apply_kernel"]), messages
+    assert all(words in m for m in messages), messages
+    assert tuned.KERNELS["_projection_apply_kernel"].last_source == "autotune"
+    assert tuned.KERNELS["_gate_logit_kernel"].last_source == "file"     # the good entries still launch

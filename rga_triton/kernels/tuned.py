@@ -53,18 +53,20 @@ class ConfigStore:
         self.table: dict[str, dict[str, dict]] = {}
         self.algorithms: dict[str, str] = {}          # algorithm bucket -> "reassociated" or "tiled"
         self.recorded: dict[str, dict[str, dict]] = {}
+        self.rejected: set[tuple[str, str]] = set()     # (kernel, bucket) entries warned about
 
     def reset(self) -> None:
         self.device_name = None
         self.table = {}
         self.algorithms = {}
         self.recorded = {}
+        self.rejected = set()
 
     def ensure_loaded(self, device: torch.device) -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if name == self.device_name:
             return
-        self.device_name, self.table, self.algorithms = name, {}, {}
+        self.device_name, self.table, self.algorithms, self.rejected = name, {}, {}, set()
         path = os.path.join(config_dir(), device_file_name(name))
         if device.type != "cuda" and not os.path.exists(path):
             return      # the interpreter pins one config: nothing to tune, nothing to say
@@ -84,9 +86,18 @@ class ConfigStore:
             warnings.warn(f"rga_triton: ignoring malformed tuned configuration {path} ({exc!r}); kernels "
                           f"autotune instead", stacklevel=4)
 
-    def lookup(self, kernel: str, bucket: str) -> triton.Config | None:
+    def lookup(self, kernel: str, bucket: str, block_names: set[str]) -> triton.Config | None:
+        """The stored config of (kernel, bucket), or None (autotune) when there is none or it does
+        not fit the kernel's block arguments ``block_names`` (one warning per entry)."""
         entry = self.table.get(kernel, {}).get(bucket)
-        if not isinstance(entry, dict):
+        if entry is None:
+            return None
+        problem = entry_problem(entry, block_names)
+        if problem:
+            if (kernel, bucket) not in self.rejected:
+                self.rejected.add((kernel, bucket))
+                warnings.warn(f"rga_triton: ignoring the tuned config of {kernel} [{bucket}] for {self.device_name} "
+                              f"({problem}); this shape autotunes instead", stacklevel=4)
             return None
         meta = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
         return triton.Config(meta, num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 3))
@@ -94,6 +105,30 @@ class ConfigStore:
     def record(self, kernel: str, bucket: str, config: triton.Config) -> None:
         self.recorded.setdefault(kernel, {})[bucket] = dict(config.kwargs, num_warps=config.num_warps,
                                                             num_stages=config.num_stages)
+
+
+def _power_of_two(value, largest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= largest \
+        and value & (value - 1) == 0
+
+
+def entry_problem(entry, block_names: set[str]) -> str | None:
+    """Why a stored config cannot launch a kernel whose block arguments are ``block_names``
+    (a file written for an older config space, or edited by hand); None when it can."""
+    if not isinstance(entry, dict):
+        return f"expected a dict of block sizes, got {type(entry).__name__}"
+    blocks = set(entry) - {"num_warps", "num_stages"}
+    if blocks != block_names:
+        return f"block sizes {sorted(blocks)} differ from the kernel's {sorted(block_names)}"
+    bad = {k: entry[k] for k in blocks if not _power_of_two(entry[k], 4096)}
+    if bad:
+        return f"block sizes must be powers of two, got {bad}"
+    if not _power_of_two(entry.get("num_warps", 4), 32):
+        return f"num_warps must be a power of two up to 32, got {entry['num_warps']!r}"
+    stages = entry.get("num_stages", 3)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+        return f"num_stages must be an int in [1, 8], got {stages!r}"
+    return None
 
 
 STORE = ConfigStore()
@@ -107,6 +142,9 @@ class TunedKernel:
         self.name = fn.__name__
         self.key = key
         self.space = space            # block-size dicts, before num_warps x num_stages
+        self.block_names = set(space[0])
+        if any(set(s) != self.block_names for s in space):
+            raise ValueError(f"{self.name}: every config in the space must set the same blocks {sorted(self.block_names)}")
         self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
@@ -123,7 +161,7 @@ class TunedKernel:
             device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
             STORE.ensure_loaded(device)
             bucket = self.bucket(bound)
-            config = STORE.lookup(self.name, bucket)
+            config = STORE.lookup(self.name, bucket, self.block_names)
             if config is not None:
                 self.last_source = "file"
                 meta = dict(config.kwargs)

@@ -55,9 +55,24 @@ def triton_unsupported_reason(x: torch.Tensor) -> str | None:
         torch.get_autocast_dtype(x.device.type) == torch.bfloat16
     if (x.dtype == torch.bfloat16 or autocast_bf16) and interpreting():
         return "Triton's interpreter has no bfloat16 arithmetic"
-    if x.device.type == "cuda" and _capability(x.device.index if x.device.index is not None
-                                               else torch.cuda.current_device()) < (7, 5):
-        return f"{torch.cuda.get_device_name(x.device)} is older than Turing (compute capability 7.5)"
+    if x.device.type == "cuda":
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return capability_reason(_capability(index), x.dtype == torch.bfloat16 or autocast_bf16,
+                                 lambda: torch.cuda.get_device_name(x.device))
+    return None
+
+
+def capability_reason(capability: tuple[int, int], bfloat16: bool, device_name) -> str | None:
+    """Why a GPU of ``capability`` cannot run the kernels (``device_name()`` names it), or None.
+
+    Triton compiles for Turing (7.5) and newer; bfloat16 arithmetic needs Ampere (8.0): on a
+    T4 ptxas refuses '.bf16' instructions.
+    """
+    if capability < (7, 5):
+        return f"{device_name()} is older than Turing (compute capability 7.5)"
+    if bfloat16 and capability < (8, 0):
+        return (f"{device_name()} (compute capability {capability[0]}.{capability[1]}) has no bfloat16 "
+                f"arithmetic for Triton (it needs 8.0, Ampere); float16 and float32 run there")
     return None
 
 

@@ -348,6 +348,22 @@ def test_attributes_changed_after_construction_are_checked(attribute, value):
         module(_randn(2, 16, 8, 8))
 
 
+@pytest.mark.parametrize("capability,bfloat16,words", [
+    ((7, 0), False, "older than Turing"),
+    ((7, 5), True, "no bfloat16 arithmetic for Triton"),
+    ((7, 5), False, None),
+    ((8, 0), True, None),
+    ((9, 0), True, None),
+])
+def test_gpu_capability_decides_what_triton_takes(capability, bfloat16, words):
+    """Volta and older take nothing; Turing takes float32 and float16 but not bfloat16."""
+    reason = backend_mod.capability_reason(capability, bfloat16, lambda: "Tesla T4")
+    if words is None:
+        assert reason is None
+    else:
+        assert words in reason and "Tesla T4" in reason
+
+
 def test_triton_not_installed(monkeypatch):
     """Without an importable triton, backend="triton" says so and "auto" falls back to torch
     with one warning naming the reason."""

@@ -7,12 +7,14 @@ import torch
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 on the CPU.
 
-    inf when the two disagree on where values are non-finite (NaN never passes); the norm
-    of the difference itself when ``expected`` is all zeros.
+    inf when the two disagree on where values are NaN, +inf or -inf (a NaN or an infinity
+    never passes for a number, nor one for the other); the norm of the difference itself
+    when ``expected`` is all zeros.
     """
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if not torch.equal(torch.isfinite(actual), torch.isfinite(expected)):
-        return float("inf")
+    for where in (torch.isnan, torch.isposinf, torch.isneginf):
+        if not torch.equal(where(actual), where(expected)):
+            return float("inf")
     finite = torch.isfinite(expected)
     diff = (actual[finite] - expected[finite]).norm()
     scale = expected[finite].norm()

@@ -181,3 +181,20 @@ def test_train_steps_from_identical_states_are_bitwise_equal(backend, algorithm,
         results.append(seen)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("actual,expected,passes", [
+    ([NAN, 1.0], [NAN, 1.0], True),          # NaN where the reference has NaN
+    ([INF, -INF, 1.0], [INF, -INF, 1.0], True),
+    ([NAN, 1.0], [2.0, 1.0], False),         # NaN for a number
+    ([NAN, 1.0], [INF, 1.0], False),         # NaN for an infinity
+    ([INF, 1.0], [NAN, 1.0], False),
+    ([INF, 1.0], [-INF, 1.0], False),        # the wrong sign of infinity
+    ([INF, 1.0], [2.0, 1.0], False),
+], ids=["nan-nan", "inf-inf", "nan-number", "nan-inf", "inf-nan", "inf-sign", "inf-number"])
+def test_the_contract_metric_matches_non_finite_values_exactly(actual, expected, passes):
+    err = rel_err(torch.tensor(actual), torch.tensor(expected))
+    assert (err == 0.0) if passes else (err == INF)

@@ -4,8 +4,9 @@
 without the ImageNet classifier (``fc.weight``, ``fc.bias``): ``conv1``, ``bn1``, ``layer1`` ..
 ``layer4`` made of torchvision's ``Bottleneck`` (v1.5: the stride sits on the 3x3 conv), with
 ``N.downsample.0`` (1x1 conv) and ``N.downsample.1`` (BatchNorm) on each stage's first block.
-ImageNet weights saved from torchvision therefore load with ``load_resnet50_weights``; no
-torchvision import is needed.
+ImageNet weights saved from torchvision therefore load with
+:func:`rga_triton.models.load_backbone_weights` (or ``rga_net(..., pretrained_backbone=path)``);
+no torchvision import is needed.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ Distributed training: wrap the model in ``DistributedDataParallel`` as usual (te
 CPU processes on gloo: parameters equal one process that runs each half batch and averages
 the gradients). As with ``nn.BatchNorm2d`` under DDP, every BatchNorm, the RGA blocks'
 included, normalises with its own replica's batch. ``nn.SyncBatchNorm.convert_sync_batchnorm``
-(CUDA only in PyTorch) also swaps the RGA blocks' BatchNorm submodules; the blocks keep
-working with the same parameters, but they still normalise per replica: only the
-backbone's BatchNorms synchronise (RGAModule reads its BatchNorms' tensors directly instead
-of calling their forward).
+(CUDA only in PyTorch) also swaps the RGA blocks' BatchNorm submodules, and then the blocks
+synchronise too: in training with several ranks they run on the torch path, which
+all-reduces each BatchNorm's statistics as ``nn.SyncBatchNorm`` does (``backend="auto"``
+warns once; ``backend="triton"`` refuses, the kernels do not all-reduce).
 """
 from __future__ import annotations
 

@@ -34,16 +34,11 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     (seconds) starts no new case once spent. Returns the path written. The launches that
     follow use the new configs at once.
     """
-    for arg, values, allowed in (("branches", branches, tuple(BRANCH_FLAGS)), ("modes", modes, ("eval", "train")),
-                                 ("algorithms", algorithms, ALGORITHMS)):
-        odd = [v for v in values if v not in allowed]
-        if odd or not values:
-            raise ValueError(f"{arg} must be a non-empty selection from {allowed}, got {tuple(values)!r}")
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"device must be a CUDA device to tune for, got {device}: Triton's interpreter "
-                         f"runs one pinned config")
-    shapes = list(shapes or DEFAULT_SHAPES)
+    shapes = _check_selection(shapes or DEFAULT_SHAPES, batch_sizes, branches, dtypes, modes, algorithms)
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
+    device = _check_device(device)
     device_name = torch.cuda.get_device_name(device)
     path = path or os.path.join(config_dir(), device_file_name(device_name))
     STORE.ensure_loaded(device)
@@ -127,6 +122,42 @@ def _no_grad_call(module, x):
 def median_ms(step) -> float:
     """Median time of ``step()`` in ms on the current GPU (``triton.testing.do_bench``)."""
     return triton.testing.do_bench(step, quantiles=[0.5])
+
+
+TUNABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_selection(shapes, batch_sizes, branches, dtypes, modes, algorithms) -> list[tuple[int, int, int]]:
+    """Named errors for a bad selection; returns shapes as a list of (C, H, W)."""
+    for arg, values, allowed in (("branches", branches, tuple(BRANCH_FLAGS)), ("modes", modes, ("eval", "train")),
+                                 ("algorithms", algorithms, ALGORITHMS), ("dtypes", dtypes, TUNABLE_DTYPES)):
+        odd = [v for v in values if v not in allowed]
+        if odd or not values:
+            raise ValueError(f"{arg} must be a non-empty selection from {allowed}, got {tuple(values)!r}")
+    shapes = [tuple(s) if isinstance(s, (tuple, list)) else s for s in shapes]
+    if not shapes or any(not isinstance(s, tuple) or len(s) != 3 or not all(_positive_int(d) for d in s)
+                         for s in shapes):
+        raise ValueError(f"shapes must be a non-empty list of (C, H, W) positive ints, got {shapes!r}")
+    if not batch_sizes or not all(_positive_int(b) for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a non-empty selection of positive ints, got {tuple(batch_sizes)!r}")
+    return shapes
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device to tune for, got {device}: Triton's interpreter "
+                         f"runs one pinned config")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but this machine has no CUDA GPU (torch {torch.__version__}): "
+                         f"tuning measures kernels on the GPU they are tuned for")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def measure_algorithms(shapes, batch_sizes, branches, dtypes, modes, device, algorithms=ALGORITHMS,

@@ -147,11 +147,28 @@ def test_measure_algorithms_records_the_faster_per_branch(store):
     assert len(times) == 4 and chosen == expected
 
 
-def test_tune_checks_its_selections():
-    for kwargs, name in ((dict(modes=("eval", "inference")), "modes"), (dict(algorithms=("tiled", "fft")), "algorithms"),
-                         (dict(branches=()), "branches")):
-        with pytest.raises(ValueError, match=f"{name} must be a non-empty selection"):
-            rga_triton.tune(device="cuda", **kwargs)
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(modes=("eval", "inference")), "modes must be a non-empty selection"),
+    (dict(algorithms=("tiled", "fft")), "algorithms must be a non-empty selection"),
+    (dict(branches=()), "branches must be a non-empty selection"),
+    (dict(dtypes=("float32",)), "dtypes must be a non-empty selection"),
+    (dict(dtypes=(torch.float64,)), "dtypes must be a non-empty selection"),
+    (dict(shapes=[(256, 64)]), r"shapes must be a non-empty list of \(C, H, W\)"),
+    (dict(shapes=[(256, 64, 0)]), r"shapes must be a non-empty list of \(C, H, W\)"),
+    (dict(batch_sizes=(0,)), "batch_sizes must be"),
+    (dict(batch_sizes=(2.5,)), "batch_sizes must be"),
+    (dict(time_limit=-1), "time_limit must be a positive number"),
+], ids=["modes", "algorithms", "branches", "dtype-string", "float64", "2-d-shape", "zero-dim", "batch-0",
+        "batch-float", "time-limit"])
+def test_tune_checks_its_selections(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        rga_triton.tune(device="cuda", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_tune_without_a_gpu_says_so():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        rga_triton.tune()
 
 
 @needs_kernels

@@ -146,6 +146,8 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
                     raise ValueError(f"input {text} is not divisible by {down} (stage {stage})")
                 shapes.append((channels, ih // down, iw // down, f"{ih}x{iw}", int(stage)))
         batches = sorted({int(b) for b in preset["batch"]})
+        if batches[0] < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batches[0]}")
     except (ValueError, KeyError) as exc:
         parser.error(f"bad shape, input, stage or batch: {exc}")
     for value, allowed, flag in ((preset["branches"], cost_model.BRANCHES, "--branches"),
@@ -301,7 +303,7 @@ class Sweep:
                 # reference's own error in this dtype counts as correct.
                 row["rel_err_grad_x"] = rel_err(leaf.grad, ref.grad_x)
                 errors.append(row["rel_err_grad_x"])
-                key = (case.shape, case.batch, case.branch, case.mode, case.dtype)
+                key = _key(dict(row, impl=""))
                 if impl == "reference":
                     self.reference_grad_err[key] = row["rel_err_grad_x"]
                 tolerances.append(max(row["tolerance"], 4 * self.reference_grad_err.get(key, 0.0)))
@@ -356,6 +358,8 @@ class Sweep:
                 case_key = _key(dict(r, impl=""))
                 if r["impl"] == "reference" and r["status"] == "ok":
                     self.previous_reference_ms[case_key] = float(r["time_ms_median"])
+                    if r.get("rel_err_grad_x"):      # the train rows' tolerance rests on it
+                        self.reference_grad_err[case_key] = float(r["rel_err_grad_x"])
                 if r["status"] == "oom":
                     oom_key = (r["impl"], f"{r['C']}x{r['H']}x{r['W']}", r["branch"], r["mode"], r["dtype"])
                     self.oom_at[oom_key] = min(int(r["batch"]), self.oom_at.get(oom_key, 1 << 30))

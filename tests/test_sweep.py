@@ -130,6 +130,34 @@ def test_resume_runs_only_missing_rows(tiny_sweep, tmp_path):
     assert float(again[-1]["speedup_vs_reference"]) > 0     # from the reference row already in the CSV
 
 
+def test_resume_keeps_the_references_own_gradient_error(tiny_sweep, tmp_path, monkeypatch):
+    """A train row's tolerance is 4x the reference's own grad-x error: on --resume that error
+    comes back from the reference rows already in the CSV."""
+    _, out = tiny_sweep
+    rows = read_csv(out / "sweep.csv")
+    for r in rows:
+        if r["impl"] == "reference" and r["mode"] == "train":
+            r["rel_err_grad_x"] = "0.000125" if r["branch"] == "RGA-S" else r["rel_err_grad_x"]
+    with open(tmp_path / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    seen = {}
+    monkeypatch.setattr(sweep.Sweep, "measure_ceilings", lambda self: seen.update(self.reference_grad_err))
+    assert sweep.main(TINY + ["--impls", "reference,torch,triton", "--modes", "eval,train", "--no-plots",
+                              "--branches", "RGA-S,RGA-C,RGA-SC", "--out", str(tmp_path), "--resume"]) == 0
+    restored = {k[1]: v for k, v in seen.items()}            # key: ("", branch, mode, dtype, batch, C, H, W)
+    assert restored["RGA-S"] == 0.000125 and set(restored) == {"RGA-S", "RGA-C", "RGA-SC"}
+
+
+@pytest.mark.parametrize("batch", ["0", "-2", "two"])
+def test_bad_batch_is_a_usage_error(batch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--device", "cpu", "--shapes", "64x8x8", "--batch", batch, "--quiet"])
+    assert exit_info.value.code == 2
+    assert "batch" in capsys.readouterr().err
+
+
 def test_out_of_memory_is_a_result(tmp_path, monkeypatch):
     real_build = impls.build
 

@@ -201,7 +201,8 @@ def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype:
     those images, float32 in x's (B, C, N) layout: x scaled by in_gate along the branch's input
     axis (C for the spatial view, N for the channel view), rounded to the compute dtype as the
     kernel rounds it. One slice, and a view of x, where nothing changes x; else ``pieces``
-    slices, so that the copy alive at any time is a fraction of x."""
+    slices, so that the copy alive at any time is a fraction of x (eager only: under
+    torch.compile a Python loop over the batch would make every batch size a recompile)."""
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
 
@@ -212,7 +213,8 @@ def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype:
             part = part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
         return part.to(compute_dtype).float()
 
-    if in_gate is None and x.dtype == torch.float32 and compute_dtype == torch.float32:
+    if torch.compiler.is_compiling() or (in_gate is None and x.dtype == torch.float32
+                                         and compute_dtype == torch.float32):
         return [slice(0, b)], operand
     step = max(1, -(-b // pieces))
     return [slice(i, i + step) for i in range(0, b, step)], operand
@@ -220,7 +222,10 @@ def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype:
 
 def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
     """sum over ``dim`` of a * b in float32, (B, C, N) -> (B, N) or (B, C), a few images at a time:
-    the product's temporary is 1/pieces of a, not a whole one."""
+    the product's temporary is 1/pieces of a, not a whole one (eager; whole under torch.compile,
+    as in ``_gated_input``)."""
+    if torch.compiler.is_compiling():
+        return torch.linalg.vecdot(a, b.float(), dim=dim)
     step = max(1, -(-a.shape[0] // pieces))
     return torch.cat([torch.linalg.vecdot(ai, bi.float(), dim=dim) for ai, bi in zip(a.split(step), b.split(step))])
 

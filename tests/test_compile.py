@@ -12,6 +12,7 @@ import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from helpers import make_pair, rel_err
 from rga_triton import RGAModule
@@ -86,13 +87,15 @@ def test_block_compiles_without_graph_breaks_and_matches_eager(order, algorithm)
 
 
 def test_new_batch_size_and_autocast_compile_and_match_eager():
-    """A second batch size recompiles once with a dynamic batch; float16 autocast (backward
-    formulas stay float32, as in eager) gives eager's bits."""
+    """A second batch size recompiles once with a dynamic batch, and a third reuses that graph;
+    float16 autocast (a guard change: one more compile; backward formulas stay float32, as in
+    eager) gives eager's bits."""
     eager, _ = _block()
     compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(2)
-    for batch, autocast in ((2, False), (3, False), (4, True)):
+    for batch, autocast, frames in ((2, False, 1), (3, False, 2), (5, False, 2), (4, True, 3)):
         x = torch.randn(batch, 16, 6, 5, generator=gen).to(DEVICE)
         grad_out = torch.randn(x.shape, generator=gen).to(DEVICE)
         outs, grads = [], []
@@ -104,6 +107,7 @@ def test_new_batch_size_and_autocast_compile_and_match_eager():
             outs.append(out.detach()), grads.append(xin.grad)
         _close(outs[1], outs[0], f"output, batch {batch}")
         _close(grads[1], grads[0], f"grad x, batch {batch}")
+        assert counter.frame_count == frames, f"batch {batch}: {counter.frame_count} compiles, expected {frames}"
 
 
 def _rga_ops(gm) -> list:

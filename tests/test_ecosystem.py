@@ -147,6 +147,18 @@ def test_convert_rejects_blocks_it_cannot_rebuild():
         rga_triton.convert(model)
 
 
+@pytest.mark.parametrize("kwargs,words", [(dict(backend="bogus"), "backend must be one of"),
+                                          (dict(algorithm="fft"), "algorithm must be one of")])
+@pytest.mark.parametrize("with_block", [True, False], ids=["with-blocks", "no-block"])
+def test_convert_checks_backend_and_algorithm_first(kwargs, words, with_block):
+    model = authors_net() if with_block else nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=words) as info:
+        rga_triton.convert(model, **kwargs)
+    assert "cannot be rebuilt" not in str(info.value)          # the argument is named, not a block
+    if with_block:
+        assert isinstance(model.blocks[0], RGA_Module)        # nothing was changed
+
+
 # ------------------------------------------------------------------------------ load_checkpoint()
 
 def small_net(num_classes=5, seed=0):

@@ -10,8 +10,8 @@ embedding weight Wg = [W_in | W_out] (R, 2L), the W network conv1 (Hd, 1 + R) an
     logit = conv2 ReLU(BN_1(h))                          (L,)      the last BN is applied by the caller
 
 Train mode needs batch statistics of Z and h before their ReLUs: ``z_stats`` and
-``hidden_stats`` recompute Z tile by tile (cheaper than storing it: tp is K/R times
-smaller than Z) and reduce (mean, M2) per split; ``gate_logit`` then normalises.
+``hidden_stats`` recompute Z tile by tile (cheaper than storing it: tp, (2K, L), is 2K/R
+the size of Z, (R, L)) and reduce (mean, M2) per split; ``gate_logit`` then normalises.
 
 The tiled alternative (``relation_z_tiled``) builds G block by block on chip and feeds
 it straight into Wg, writing only Z (R, L); the gate kernels then read that Z. Both are

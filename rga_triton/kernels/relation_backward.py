@@ -39,9 +39,6 @@ from .relation import RelationOperands, _block_h, _hidden_tile, _z_tile
 from .tuned import tuned
 from .tuning import STAT_SPLIT, n_splits
 
-BN_ROWS = 6
-"""Rows of a BatchNorm's backward description: mean, inv_std, weight, bias, c_b, c_g."""
-
 GROUPS = 128
 """(image, position tile) groups of the relation backward: its partials are (GROUPS, Hd, R)
 whatever the batch and resolution, and GROUPS times the R blocks keeps a GPU busy."""
@@ -49,7 +46,8 @@ whatever the batch and resolution, and GROUPS times the R blocks keeps a GPU bus
 
 @triton.jit
 def _load_bn(bn_ptr, offs, mask, rows):
-    """The six rows of a BatchNorm's backward description at channels ``offs``."""
+    """A BatchNorm's backward description at channels ``offs``: float32 (6, rows) holding
+    mean, inv_std, weight, bias, c_b, c_g (built by ``rga_triton.ops._bn_rows``)."""
     mean = tl.load(bn_ptr + offs, mask=mask, other=0.0)
     inv_std = tl.load(bn_ptr + rows + offs, mask=mask, other=0.0)
     weight = tl.load(bn_ptr + 2 * rows + offs, mask=mask, other=0.0)

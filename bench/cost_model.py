@@ -32,8 +32,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # What each implementation computes, for the cost model.
 #   materialised: forms G = theta^T phi (L x L) and the 2L-channel concat [G^T; G] in global memory,
 #                 then the gg 1x1 conv over 2L channels (the authors' code; eager PyTorch).
-#   compiled:     the same algorithm under torch.compile; the permute copy of G is fused into the concat
-#                 write and the channel branch's transpose copy into the conv's read.
+#   compiled:     the same algorithm under torch.compile: the same tensors cross global memory (the
+#                 1x1 convs stay library calls, so G and the concat are still written and read).
 #   reassociated-unfused: Z = (W_in phi^T) theta + (W_out theta^T) phi in plain PyTorch ops; no L x L
 #                 tensor, but every op's output is a tensor in global memory (rga_triton backend="torch").
 #   reassociated: the fused Triton path; same FLOPs as reassociated-unfused, nothing but x, out and the
@@ -151,12 +151,12 @@ def intermediate_elements(c: int, h: int, w: int, branch: str, algorithm: str, *
 
     Conv -> BatchNorm -> ReLU chains are counted as one tensor (as if fused): a lower bound.
 
-    * materialised (eager reference), per branch:
-      theta, phi, gx embeddings 3 K L; G (L^2); the permuted copy of G that ``reshape`` makes (L^2);
-      the concat [G^T; G] (2 L^2); gg embedding R L; pooled mean L; concat y (1 + R) L;
-      W hidden Hd L; logit L. The channel branch also copies its transposed input (Cin L) for
-      the conv. With both branches, the spatially gated x (C N) is an intermediate.
-    * compiled: as materialised without the permuted copy of G and the transposed-input copy.
+    * materialised (eager reference) and compiled, per branch:
+      theta, phi, gx embeddings 3 K L; G (L^2); the concat [G^T; G] (2 L^2); gg embedding R L;
+      pooled mean L; concat y (1 + R) L; W hidden Hd L; logit L. G's transpose and the
+      channel branch's transposed input are views (the 1x1 convs read them in place, the
+      latter as a channels_last tensor), so they move nothing of their own. With both
+      branches, the spatially gated x (C N) is an intermediate.
     * reassociated-unfused (backend="torch"), per branch:
       the stacked projection 3 K L and its BN/ReLU output 3 K L; A = [A_in | A_out] 2 R K;
       [theta; phi] 2 K L; Z R L; relation R L; pooled L; y (1 + R) L; hidden Hd L; logit L;
@@ -170,10 +170,7 @@ def intermediate_elements(c: int, h: int, w: int, branch: str, algorithm: str, *
     for d in dims:
         tail = d.r * d.length + d.length + (1 + d.r) * d.length + d.hidden * d.length + d.length
         if algorithm in ("materialised", "compiled"):
-            copies = 1 if algorithm == "materialised" else 0
-            total += 3 * d.k * d.length + (3 + copies) * d.length ** 2 + tail
-            if d.name == "channel" and algorithm == "materialised":
-                total += d.cin * d.length
+            total += 3 * d.k * d.length + 3 * d.length ** 2 + tail
         elif algorithm == "reassociated-unfused":
             total += 6 * d.k * d.length + 2 * d.r * d.k + 2 * d.k * d.length + d.r * d.length + tail
         else:
@@ -187,21 +184,26 @@ def min_bytes(c: int, h: int, w: int, batch: int, branch: str, mode: str, algori
               **ratios) -> int:
     """Minimum bytes one step moves through global memory, all tensors in ``dtype``.
 
-    With X = B C N (input elements, = output elements), P = :func:`state_elements` and
-    S = B x :func:`intermediate_elements`:
+    With X = B C N (input elements, = output elements), P = :func:`state_elements`,
+    S = B x :func:`intermediate_elements` and b branches (1 or 2):
 
-    * eval:  read x, write out, read the parameters, write + read every intermediate:
-      X + X + P + 2 S
+    * eval: every gate depends on the whole map, so x cannot stay on chip from a branch's
+      projection to the pass that applies its gate: each branch's projection reads its input
+      (x, or for RGA-SC's second branch the gated map, formed on the fly by the fused path)
+      and one last pass reads x and writes out; plus the parameters, and a write + read of
+      every intermediate: (b + 1) X + X + P + 2 S. RGA-SC fused: 4 X + P (x read three
+      times, written once).
     * train: the forward above, then the backward reads grad_out and x (or what it saved),
       writes grad_x, reads the parameters and writes their gradients, and for every
       intermediate reads the saved tensor, writes its gradient and reads it back:
-      (X + X + P + 2 S) + (3 X + 2 P + 3 S) = 5 X + 3 P + 5 S
+      ((b + 2) X + P + 2 S) + (3 X + 2 P + 3 S) = (b + 5) X + 3 P + 5 S
     """
     x_elems = batch * c * h * w
     p_elems = state_elements(c, h, w, branch, **ratios)
     s_elems = batch * intermediate_elements(c, h, w, branch, algorithm, **ratios)
+    forward_x = (sum(BRANCHES[branch]) + 2) * x_elems
     if mode == "train":
-        elems = 5 * x_elems + 3 * p_elems + 5 * s_elems
+        elems = forward_x + 3 * x_elems + 3 * p_elems + 5 * s_elems
     else:
-        elems = 2 * x_elems + p_elems + 2 * s_elems
+        elems = forward_x + p_elems + 2 * s_elems
     return elems * DTYPE_BYTES[dtype]

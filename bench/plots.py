@@ -3,9 +3,11 @@
     python bench/plots.py bench/results/<device>/sweep.csv [--out DIR]
 
 One figure per (mode, dtype) for each kind, drawn for one branch (RGA-SC when present) at
-the largest batch size of that mode and dtype (roofline: every branch and batch). Bars of
-rows whose correctness check failed are hatched grey and never count as a win; rows that
-were not checked (the float64 oracle ran out of memory) are hatched in their colour.
+the largest batch size of that mode and dtype (roofline: every branch and batch). A row
+whose correctness check failed gets no bar, only a "WRONG" mark in its colour: a wrong
+answer is never drawn as a win. Rows that were not checked (the float64 oracle ran out of
+memory) are hatched in their colour. Rows run by Triton's interpreter on a CPU are checked
+but not timings, so they are left out and named in the note under the plot.
 Also rewrites summary.md next to the PNGs.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import math
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -50,10 +53,11 @@ def load_rows(csv_path: str) -> list[dict]:
 
 def _plain_log_labels(axis, low: float, high: float) -> None:
     """Tick labels like 0.5, 2, 300 instead of 5x10^-1 on a log axis; minor labels only within ~2 decades."""
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(fmt)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     few = low > 0 and high / low < 100
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if few else NullFormatter())
+    # minor ticks at 2x and 5x a power of ten only: 2, 3, ..., 9 crowd into one another
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
+                             if few else NullFormatter())
 
 
 def shape_label(row: dict) -> str:
@@ -105,33 +109,38 @@ def _by(rows, impl, shape):
 
 
 def _bar_style(row, impl):
-    """Face colour, hatch, edge colour for a bar: failed -> grey hatched, unchecked -> hatched."""
-    if row["correct"] is False:
-        return "#d9d9d9", "xx", "#555555"
+    """Face colour, hatch, edge colour for a bar: unchecked -> hatched."""
     if row["correct"] is None:
         return COLORS.get(impl, "#333333"), "//", "white"
     return COLORS.get(impl, "#333333"), None, "none"
 
 
-def _ran(rows, names) -> list[str]:
-    """The implementations with a timed or out-of-memory row among ``rows``."""
-    return [n for n in names if any(r["impl"] == n and r["status"] in ("ok", "oom") for r in rows)]
+def _ran(rows, names, measured=("ok",)) -> list[str]:
+    """The implementations with a ``measured`` (status) or out-of-memory row among ``rows``."""
+    return [n for n in names if any(r["impl"] == n and r["status"] in (*measured, "oom") for r in rows)]
 
 
 def _skip_note(fig, rows) -> None:
     skipped = sorted({(r["impl"], r.get("note") or "") for r in rows if r["status"] == "skipped"})
+    interpreted = sorted({r["impl"] for r in rows if r["status"] == "interpreted"})
     errors = sorted({r["impl"] for r in rows if r["status"] == "error"})
     parts = [f"skipped {impl}: {note}" for impl, note in skipped[:3]]
+    if interpreted:
+        parts.append(f"not timed: {', '.join(interpreted)} (Triton's interpreter on the CPU; checked only)")
     if errors:
         parts.append(f"errors: {', '.join(errors)} (see the CSV)")
     if parts:
-        fig.text(0.01, 0.005, "; ".join(parts)[:180], fontsize=7, color="#555555", ha="left", va="bottom")
+        lines = textwrap.wrap("; ".join(parts), width=170)
+        text = "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+        fig.text(0.01, 0.005, text, fontsize=7, color="#555555", ha="left", va="bottom")
 
 
-def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_oom=True, base=0.0):
+def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_oom=True, base=0.0,
+                  measured=("ok",)):
     """Grouped bars (groups: shapes, bars: implementations). ``value(row)`` -> height or None.
 
-    Bars start at ``base`` (1 for speed-ups: slower-than-reference bars point down).
+    Bars start at ``base`` (1 for speed-ups: slower-than-reference bars point down). Rows
+    whose status is in ``measured`` get a bar.
     """
     width = 0.8 / max(1, len(names))
     flagged = {"failed": False, "unchecked": False}
@@ -148,11 +157,16 @@ def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_
                 ax.text(xpos, 0.02, "OOM", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
                         va="bottom", fontsize=7, color="#d62728", fontweight="bold")
                 continue
-            h = value(row) if row["status"] == "ok" else None
+            h = value(row) if row["status"] in measured else None
             if h is None or h <= 0:
                 continue
+            if row["correct"] is False:        # no bar: a wrong answer is not a result
+                drawn.add(impl)
+                flagged["failed"] = True
+                ax.text(xpos, 0.02, "WRONG", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                        va="bottom", fontsize=7, color=COLORS.get(impl, "#333333"), fontweight="bold")
+                continue
             face, hatch, edge = _bar_style(row, impl)
-            flagged["failed"] |= row["correct"] is False
             flagged["unchecked"] |= row["correct"] is None
             ax.bar(xpos, h - base, width, bottom=base if base else None, color=face, hatch=hatch, edgecolor=edge,
                    linewidth=0.5)
@@ -176,7 +190,7 @@ def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_
     ax.grid(axis="y", which="both", alpha=0.3)
     handles = [Patch(color=COLORS.get(n, "#333333"), label=n) for n in names if n in drawn]
     if flagged["failed"]:
-        handles.append(Patch(facecolor="#d9d9d9", hatch="xx", edgecolor="#555555", label="failed correctness"))
+        handles.append(Patch(facecolor="white", edgecolor="white", label="WRONG: failed its correctness check"))
     if flagged["unchecked"]:
         handles.append(Patch(facecolor="white", hatch="//", edgecolor="#555555", label="not checked (oracle OOM)"))
     ax.legend(handles=handles, fontsize=8, loc="best")
@@ -223,11 +237,12 @@ def plot_speedup(mode, dtype, branch, batch, rows, out_dir) -> str:
 
 def plot_memory(mode, dtype, branch, batch, rows, out_dir) -> str:
     shapes = shapes_of(rows)
-    names = _ran(rows, impls_in(rows))
+    measured = ("ok", "interpreted")     # the interpreter's tensors are real: its memory counts, its time not
+    names = _ran(rows, impls_in(rows), measured)
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    _skip_note(fig, rows)
+    _skip_note(fig, [r for r in rows if r["status"] != "interpreted"])
     title = f"RGA peak memory of one step: {branch}, {mode}, {dtype}, batch {batch}"
-    if all(r["peak_mem_mb"] is None for r in rows if r["status"] == "ok"):
+    if all(r["peak_mem_mb"] is None for r in rows if r["status"] in measured):
         ax.set_title(title)
         ax.text(0.5, 0.5, "no peak memory was measured\n(this sweep ran on "
                 f"{rows[0].get('device', 'a CPU')})", ha="center", va="center", transform=ax.transAxes)
@@ -236,7 +251,7 @@ def plot_memory(mode, dtype, branch, batch, rows, out_dir) -> str:
     on_cpu = str(rows[0].get("device", "")).lower().startswith("cpu")
     label = ("peak live tensors of the step (MB, log scale;\nATen outputs on the CPU, compiled steps not measured)"
              if on_cpu else "peak memory allocated by the step (MB, log scale)")
-    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"], label, title)
+    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"], label, title, measured=measured)
     return _save(fig, out_dir, f"memory_{mode}_{dtype}.png")
 
 
@@ -269,6 +284,7 @@ def plot_roofline(mode, dtype, rows, out_dir) -> str | None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_labels(ax.xaxis, lo, hi)
+    _plain_log_labels(ax.yaxis, *ax.get_ylim())
     ax.set_xlabel("arithmetic intensity (FLOP / byte; analytic FLOPs over minimum bytes)")
     ax.set_ylabel("achieved TFLOP/s (analytic FLOPs / median time)")
     ax.set_title(f"RGA roofline: {mode}{' (forward + backward)' if mode == 'train' else ''}, {dtype}, "

@@ -33,7 +33,7 @@ def _cell(row) -> str:
     if row["status"] == "ok":
         text = f"{row['time_ms_median']:.3g}"
         return text + (" (wrong)" if row["correct"] is False else "")
-    return {"oom": "OOM", "skipped": "skip", "error": "ERR"}.get(row["status"], row["status"])
+    return {"oom": "OOM", "skipped": "skip", "error": "ERR", "interpreted": "interp."}.get(row["status"], row["status"])
 
 
 def best_fast(by_impl: dict) -> dict | None:
@@ -72,6 +72,9 @@ def write_summary(csv_path: str, md_path: str) -> str:
         unchecked = [r for r in rows if r["status"] == "ok" and r["correct"] is None]
         lines.append("Status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                      + f"; correctness failures {len(failed)}; unchecked {len(unchecked)}.\n")
+        if counts["interpreted"]:
+            lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, its time is "
+                         "not a timing and is left out of every ratio.\n")
         ceil = [f"copy {first['ceiling_gbps']:.0f} GB/s"] if first["ceiling_gbps"] else []
         by_dtype = {r["dtype"]: r["ceiling_tflops"] for r in rows if r["ceiling_tflops"]}
         ceil += [f"{d} matmul {t:.1f} TFLOP/s" for d, t in by_dtype.items()]

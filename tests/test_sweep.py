@@ -48,12 +48,17 @@ def test_sweep_rows_columns_and_correctness(tiny_sweep):
         if r["impl"] == "triton" and not impls.interpreting():   # no CUDA: skipped cleanly, with the reason
             assert r["status"] == "skipped" and "CUDA" in r["note"]
             continue
-        assert r["status"] == "ok", r
         assert r["correct"] == "True", r
         assert float(r["rel_err"]) <= 1e-4
         if r["mode"] == "train":
             assert float(r["rel_err_grad_x"]) <= 1e-4
+            # the reference's own grad x error sets the others' bar
+            assert (r["tolerance_grad_x"] == "") == (r["impl"] == "reference"), r
         assert r["checked_against"] == "reference-float64@cpu"
+        if r["impl"] == "triton":      # the interpreter on the CPU: checked, but its time is no timing
+            assert r["status"] == "interpreted" and r["speedup_vs_reference"] == "" and r["tflops"] == "", r
+            continue
+        assert r["status"] == "ok", r
         t20, t50, t80 = (float(r[k]) for k in ("time_ms_p20", "time_ms_median", "time_ms_p80"))
         assert 0 < t20 <= t50 <= t80
         assert float(r["peak_mem_mb"]) > 0     # CPU: live tensor bytes (bench/live_memory.py)
@@ -156,6 +161,38 @@ def test_bad_batch_is_a_usage_error(batch, capsys):
         sweep.main(["--device", "cpu", "--shapes", "64x8x8", "--batch", batch, "--quiet"])
     assert exit_info.value.code == 2
     assert "batch" in capsys.readouterr().err
+
+
+def test_a_wrong_answer_is_marked_and_never_drawn_as_a_win(tmp_path, monkeypatch):
+    real_build = impls.build
+
+    class Off(torch.nn.Module):           # 1.5x the right answer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 1.5
+
+    def build(impl, case, state, device):
+        module, label = real_build(impl, case, state, device)
+        return (Off(module) if impl == "torch" else module), label
+
+    monkeypatch.setattr(impls, "build", build)
+    bars, texts = [], []
+    real_bar, real_text = plots.plt.Axes.bar, plots.plt.Axes.text
+    monkeypatch.setattr(plots.plt.Axes, "bar", lambda ax, *a, **k: bars.append(k.get("color")) or real_bar(ax, *a, **k))
+    monkeypatch.setattr(plots.plt.Axes, "text", lambda ax, x, y, s, *a, **k: texts.append((s, k.get("color")))
+                        or real_text(ax, x, y, s, *a, **k))
+    status = sweep.main(["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--impls", "reference,torch",
+                         "--modes", "eval", "--branches", "RGA-SC", "--repeat", "2", "--quiet", "--out",
+                         str(tmp_path)])
+    assert status == 1                                    # a failed check fails the sweep
+    torch_row = next(r for r in read_csv(tmp_path / "sweep.csv") if r["impl"] == "torch")
+    assert torch_row["correct"] == "False" and torch_row["speedup_vs_reference"] == ""
+    assert plots.COLORS["torch"] not in bars              # no bar, in the speed-up or the memory plot ...
+    assert ("WRONG", plots.COLORS["torch"]) in texts      # ... a mark in its colour instead
+    assert "(wrong)" in (tmp_path / "summary.md").read_text()
 
 
 def test_out_of_memory_is_a_result(tmp_path, monkeypatch):

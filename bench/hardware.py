@@ -25,16 +25,20 @@ SPEC_SHEETS = [
 ]
 
 
-def tf32_enabled() -> bool:
-    """Whether float32 convs or matmuls may use TF32 tensor cores (cuDNN allows it by default)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+def tf32_state() -> str:
+    """Which float32 ops may use TF32 tensor cores, e.g. "matmul off, cudnn on" (PyTorch's default):
+    the two switches differ by default, and the reference's 1x1 convs follow cuDNN's."""
+    on = {True: "on", False: "off"}
+    return (f"matmul {on[bool(torch.backends.cuda.matmul.allow_tf32)]}, "
+            f"cudnn {on[bool(torch.backends.cudnn.allow_tf32)]}")
 
 
 def spec_sheet(device_name: str) -> dict | None:
     """{'label', 'gbps', 'tflops': {dtype: TFLOP/s}} for a recognised GPU, else None."""
     for pattern, label, gbps, rates in SPEC_SHEETS:
         if re.search(pattern, device_name, re.IGNORECASE):
-            fp32 = rates["tf32"] if tf32_enabled() else rates["fp32"]
+            # the measured float32 ceiling is a torch.matmul: the spec line follows the matmul switch
+            fp32 = rates["tf32"] if torch.backends.cuda.matmul.allow_tf32 else rates["fp32"]
             tflops = {"float32": fp32, "bfloat16": rates["bfloat16"], "float16": rates["float16"]}
             return {"label": f"{label} spec sheet", "gbps": gbps, "tflops": tflops}
     return None
@@ -102,7 +106,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "tf32": int(tf32_enabled()) if device.type == "cuda" else "",
+        "tf32": tf32_state() if device.type == "cuda" else "",
         "git_commit": git_commit(),
     }
 

@@ -246,7 +246,7 @@ class Sweep:
         self.ceilings = hardware.measure_ceilings(self.device, dtypes)
         self.spec = hardware.spec_sheet(self.env["device"]) if self.device.type == "cuda" else None
         rates = ", ".join(f"{d} {t:.1f}" for d, t in self.ceilings["matmul_tflops"].items())
-        tf32 = f" (TF32 {'on' if hardware.tf32_enabled() else 'off'})" if self.device.type == "cuda" else ""
+        tf32 = f" (TF32: {hardware.tf32_state()})" if self.device.type == "cuda" else ""
         self.log(f"device: {self.env['device']}; torch {self.env['torch']}, triton {self.env['triton']}, "
                  f"driver {self.env['driver'] or '-'}")
         self.log(f"measured ceilings: copy {self.ceilings['copy_gbps']:.0f} GB/s (read + write), "

@@ -363,3 +363,15 @@ def test_step_memory_stays_a_fraction_of_the_reference():
     assert peaks["torch"] <= 0.6 * peaks["reference"] and peaks["torch"] <= 11 * x_mb, peaks
     if "triton" in peaks:
         assert peaks["triton"] <= 0.3 * peaks["reference"] and peaks["triton"] <= 5.5 * x_mb, peaks
+
+
+def test_spec_float32_rate_follows_the_matmul_tf32_switch(monkeypatch):
+    """PyTorch's defaults differ (matmul off, cuDNN on): the spec line follows the switch of the
+    measured ceiling, a torch.matmul, and the CSV records both."""
+    from bench import hardware
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert hardware.tf32_state() == "matmul off, cudnn on"
+    assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 67.0
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 494.7

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks a lent machine is for, in the order they matter, each under 10 minutes.
 #
-#   bash bench/gpu_session.sh all      # for a 15-minute lease: one ~9-minute call doing the three below in short
+#   bash bench/gpu_session.sh all      # for a 15-minute lease: one call of at most 9.5 minutes doing the
+#                                      # three below in short (timeouts 45 + 150 + 240 + 130 s)
 #   bash bench/gpu_session.sh tests    # the test suite on CUDA: compiled kernels, forward and backward
 #   bash bench/gpu_session.sh tune     # tune RGA-SC stage shapes (B=64, float32 + bfloat16, eval + train)
 #   bash bench/gpu_session.sh train    # issue #6 table: RGA-SC training steps at the RGA-Net stages
@@ -10,36 +11,38 @@
 #
 # Results go to bench/results/<device>/ (commit them) and, when $OUT is set (the device tool),
 # are copied there as one tarball. The machine keeps its own torch and Triton (--no-deps).
-set -euo pipefail
+# Every step runs under `timeout` (a command past the device tool's 10 minutes returns nothing) and
+# whatever happens, the results are packed on exit: a failing or cut step still brings back its
+# log and the CSV rows written so far.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e . >/dev/null
 what="${1:?usage: bash bench/gpu_session.sh all|tests|tune|train|step|paper}"
 log="bench/results/gpu_session_${what}.log"
 mkdir -p bench/results
+pack() { if [ -n "${OUT:-}" ]; then tar czf "$OUT/results_${what}.tgz" bench/results rga_triton/configs; fi; }
+trap pack EXIT
 case "$what" in
   # Tests pin each kernel to its space's first config (RGA_TRITON_PIN_CONFIG=1): autotuning every tiny
   # test shape would take the whole lease; CI compiles every config of every space for sm_90 instead.
-  tests) RGA_TRITON_PIN_CONFIG=1 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
+  tests) RGA_TRITON_PIN_CONFIG=1 timeout 540 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
   all)
     # 0. does compilation scale over this host's threads (the premise of kernels/precompile.py)? (~20 s)
-    python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
+    timeout 45 python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
     # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
-    RGA_TRITON_PIN_CONFIG=1 timeout 180 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
+    RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
       tests/test_triton_path.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee -a "$log" || true
     # 2. tune the RGA-Net stages (float32, B=64), writing the config file after each shape (~4 min)
-    python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
-      --modes eval,train --time-limit 220 2>&1 | tee -a "$log" || true
+    timeout 240 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
+      --modes eval,train --time-limit 170 2>&1 | tee -a "$log" || true
     # 3. the issue #6 table with the tuned file: RGA-SC train + eval, reference vs torch vs triton (~2 min)
-    python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train,eval --dtypes float32 \
-      --impls reference,torch,triton --time-limit 100 --resume 2>&1 | tee -a "$log" || true ;;
-  tune)  python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
-           --dtypes float32,bfloat16 --modes eval,train 2>&1 | tee "$log" ;;
-  train) python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
+    timeout 130 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train,eval \
+      --dtypes float32 --impls reference,torch,triton --time-limit 80 --resume 2>&1 | tee -a "$log" || true ;;
+  tune)  timeout 560 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
+           --dtypes float32,bfloat16 --modes eval,train --time-limit 480 2>&1 | tee "$log" ;;
+  train) timeout 560 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
            --dtypes float32,bfloat16 --impls reference,compile,torch,triton --time-limit 480 --resume 2>&1 | tee "$log" ;;
-  step)  python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
-  paper) python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
+  step)  timeout 560 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
+  paper) timeout 560 python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
   *) echo "unknown step: $what" >&2; exit 2 ;;
 esac
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/results_${what}.tgz" bench/results rga_triton/configs
-fi

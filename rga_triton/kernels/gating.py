@@ -67,9 +67,10 @@ def _apply_gates_backward_kernel(x_ptr, grad_ptr, spatial_ptr, channel_ptr, dx_p
     c_mask = offs_c < C
     h = tl.load(channel_ptr + b * C + offs_c, mask=c_mask, other=0.0) if HAS_CHANNEL else 1.0
     dc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for n0 in range(pid_n * CHUNK_N, tl.minimum(N, (pid_n + 1) * CHUNK_N), BLOCK_N):
+    end = tl.minimum(N, (pid_n + 1) * CHUNK_N)
+    for n0 in range(pid_n * CHUNK_N, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        n_mask = offs_n < end       # the chunk's end: a BLOCK_N past it would count the next chunk twice
         mask = c_mask[:, None] & n_mask[None, :]
         g = tl.load(grad_ptr + b * stride_gb + offs_c[:, None] * stride_gc + offs_n[None, :] * stride_gn,
                     mask=mask, other=0.0).to(tl.float32)

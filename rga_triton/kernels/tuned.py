@@ -10,12 +10,15 @@ autotuning. On a miss it autotunes over the kernel's config space as
 File format::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
-     "kernels": {"_projection_apply_kernel": {"Cin=2048,K=256,L=256,dtype=float32":
+     "kernels": {"_projection_apply_kernel": {"Cin=2048,DOT_PRECISION=tf32x3,K=256,L=256,dtype=float32":
                  {"BLOCK_K": 64, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 8, "num_stages": 3}}},
      "algorithms": {"K=32,L=2048,R=256,dtype=float32,pass=train": "reassociated"}}
 
 A shape bucket is the kernel's autotune key (its shape arguments) plus the dtype of its
-first tensor argument, written ``name=value`` joined by commas. ``"algorithms"`` (optional)
+first tensor argument, written ``name=value`` joined by commas. A stored config must be one
+of the kernel's own config space (block sizes, num_warps, num_stages): those are the configs
+whose constraints the kernel relies on (dot shapes, chunk sizes) and that compile on every
+supported GPU; any other entry autotunes with a warning. ``"algorithms"`` (optional)
 holds the measured choice of ``algorithm="auto"`` per branch shape (``rga_triton.algorithm``).
 """
 from __future__ import annotations
@@ -86,13 +89,13 @@ class ConfigStore:
             warnings.warn(f"rga_triton: ignoring malformed tuned configuration {path} ({exc!r}); kernels "
                           f"autotune instead", stacklevel=4)
 
-    def lookup(self, kernel: str, bucket: str, block_names: set[str]) -> triton.Config | None:
-        """The stored config of (kernel, bucket), or None (autotune) when there is none or it does
-        not fit the kernel's block arguments ``block_names`` (one warning per entry)."""
+    def lookup(self, kernel: str, bucket: str, space: list[tuple[dict, int, int]]) -> triton.Config | None:
+        """The stored config of (kernel, bucket), or None (autotune) when there is none or it is not
+        in the kernel's config ``space`` of (blocks, num_warps, num_stages) (one warning per entry)."""
         entry = self.table.get(kernel, {}).get(bucket)
         if entry is None:
             return None
-        problem = entry_problem(entry, block_names)
+        problem = entry_problem(entry, space)
         if problem:
             if (kernel, bucket) not in self.rejected:
                 self.rejected.add((kernel, bucket))
@@ -107,27 +110,18 @@ class ConfigStore:
                                                             num_stages=config.num_stages)
 
 
-def _power_of_two(value, largest: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= largest \
-        and value & (value - 1) == 0
-
-
-def entry_problem(entry, block_names: set[str]) -> str | None:
-    """Why a stored config cannot launch a kernel whose block arguments are ``block_names``
-    (a file written for an older config space, or edited by hand); None when it can."""
+def entry_problem(entry, space: list[tuple[dict, int, int]]) -> str | None:
+    """Why a stored config is not one of ``space``'s (blocks, num_warps, num_stages) (a file
+    written for an older config space, or edited by hand); None when it is."""
     if not isinstance(entry, dict):
         return f"expected a dict of block sizes, got {type(entry).__name__}"
-    blocks = set(entry) - {"num_warps", "num_stages"}
-    if blocks != block_names:
-        return f"block sizes {sorted(blocks)} differ from the kernel's {sorted(block_names)}"
-    bad = {k: entry[k] for k in blocks if not _power_of_two(entry[k], 4096)}
-    if bad:
-        return f"block sizes must be powers of two, got {bad}"
-    if not _power_of_two(entry.get("num_warps", 4), 32):
-        return f"num_warps must be a power of two up to 32, got {entry['num_warps']!r}"
-    stages = entry.get("num_stages", 3)
-    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
-        return f"num_stages must be an int in [1, 8], got {stages!r}"
+    blocks = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
+    names = set(space[0][0])
+    if set(blocks) != names:
+        return f"block sizes {sorted(blocks)} differ from the kernel's {sorted(names)}"
+    if (blocks, entry.get("num_warps", 4), entry.get("num_stages", 3)) not in space:
+        return "not a config of the kernel's space " + ", ".join(
+            f"{b} warps={w} stages={st}" for b, w, st in space[:2]) + (", ..." if len(space) > 2 else "")
     return None
 
 
@@ -142,9 +136,11 @@ class TunedKernel:
         self.name = fn.__name__
         self.key = key
         self.space = space            # block-size dicts, before num_warps x num_stages
-        self.block_names = set(space[0])
-        if any(set(s) != self.block_names for s in space):
-            raise ValueError(f"{self.name}: every config in the space must set the same blocks {sorted(self.block_names)}")
+        if any(set(s) != set(space[0]) for s in space):
+            raise ValueError(f"{self.name}: every config in the space must set the same blocks {sorted(space[0])}")
+        # every (blocks, num_warps, num_stages) the space holds, pinned or not: what a stored config may be
+        self.allowed = [(dict(c.kwargs), c.num_warps, c.num_stages)
+                        for c in config_space(space, **config_kw, pin=False)]
         self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
@@ -161,7 +157,7 @@ class TunedKernel:
             device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
             STORE.ensure_loaded(device)
             bucket = self.bucket(bound)
-            config = STORE.lookup(self.name, bucket, self.block_names)
+            config = STORE.lookup(self.name, bucket, self.allowed)
             if config is not None:
                 self.last_source = "file"
                 meta = dict(config.kwargs)

@@ -21,10 +21,11 @@ def pinned() -> bool:
     return interpreting() or os.environ.get("RGA_TRITON_PIN_CONFIG", "0") not in ("", "0")
 
 
-def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
-    """The cross product of block-size dicts with num_warps and num_stages (first one only when pinned)."""
+def configs(space: list[dict], warps=(4, 8), stages=(2, 3), pin: bool = True) -> list[triton.Config]:
+    """The cross product of block-size dicts with num_warps and num_stages (first one only when
+    ``pin`` and :func:`pinned`)."""
     out = [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
-    return out[:1] if pinned() else out
+    return out[:1] if pin and pinned() else out
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:

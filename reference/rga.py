@@ -44,6 +44,8 @@ class RGA_Module(nn.Module):
     def __init__(self, in_channel, in_spatial, use_spatial=True, use_channel=True,
                  cha_ratio=8, spa_ratio=8, down_ratio=8, order="sc"):
         super().__init__()
+        if order not in ("sc", "cs", "parallel"):     # the oracle must not run "sc" for a typo
+            raise ValueError(f"order must be one of ('sc', 'cs', 'parallel'), got {order!r}")
         self.order = order      # not in the authors' module: "sc" is theirs; "cs", "parallel" from Table 1
         self.in_channel = in_channel
         self.in_spatial = in_spatial

@@ -456,3 +456,16 @@ def test_relation_maps_accepts_numpy_and_tensor_indices():
     for positions in ([np.int64(7), (np.int32(2), 3)], [torch.tensor(7), (torch.tensor(2), 3)]):
         got = rga_triton.relation_maps(module, x, positions)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relation_maps_leave_batchnorm_buffers_alone_in_train_mode(backend):
+    """README: relation maps use the module's current mode and change no BatchNorm buffer."""
+    if backend == "triton" and not (torch.cuda.is_available() or backend_mod.interpreting()):
+        pytest.skip("no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+    module = rga_triton.RGAModule(16, 24, spa_ratio=2, down_ratio=2, backend=backend).train()
+    before = copy.deepcopy(module.state_dict())
+    rows, cols = rga_triton.relation_maps(module, _randn(2, 16, 4, 6), [0, (3, 5)])
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert rows.shape == cols.shape == (2, 2, 4, 6) and torch.isfinite(rows).all()

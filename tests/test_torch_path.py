@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rga_triton
-from helpers import TOLERANCE, compare_steps, make_pair, rel_err
+from helpers import BATCHNORM_VARIANTS, compare_steps, make_pair, rel_err, TOLERANCE, vary_batchnorms
 from reference import RGA_Module
 
 BRANCHES = [(True, True), (True, False), (False, True)]
@@ -135,6 +135,17 @@ def test_no_square_affinity_is_formed(use_spatial, use_channel, c, h, w):
     assert _square_tensors(fast, x, size) == []
     # The detector does fire on the reference, which materialises G.
     assert _square_tensors(ref.train(), x, size)
+
+
+@pytest.mark.parametrize("variant", BATCHNORM_VARIANTS)
+@pytest.mark.parametrize("use_spatial,use_channel", [(True, False), (False, True), (True, True)],
+                         ids=["RGA-S", "RGA-C", "RGA-SC"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batchnorm_configurations_match_reference(variant, use_spatial, use_channel, train):
+    """track_running_stats=False, affine=False, a zero BatchNorm weight: as nn.BatchNorm2d does."""
+    ref, fast, x = make_pair(20, 6, 10, 3, use_spatial, use_channel, cha_ratio=3, down_ratio=4)
+    vary_batchnorms((ref, fast), variant)
+    compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, steps=2)
 
 
 # ---- bad input: each error names the argument -------------------------------------------------------

@@ -365,13 +365,17 @@ def test_step_memory_stays_a_fraction_of_the_reference():
         assert peaks["triton"] <= 0.3 * peaks["reference"] and peaks["triton"] <= 5.5 * x_mb, peaks
 
 
-def test_spec_float32_rate_follows_the_matmul_tf32_switch(monkeypatch):
+def test_spec_float32_rate_follows_the_matmul_tf32_switch():
     """PyTorch's defaults differ (matmul off, cuDNN on): the spec line follows the switch of the
     measured ceiling, a torch.matmul, and the CSV records both."""
     from bench import hardware
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert hardware.tf32_state() == "matmul off, cudnn on"
-    assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 67.0
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 494.7
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32     # set and restored by hand: these are properties of
+    try:                                            # module objects that monkeypatch cannot always undo
+        matmul.allow_tf32, cudnn.allow_tf32 = False, True
+        assert hardware.tf32_state() == "matmul off, cudnn on"
+        assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 67.0
+        matmul.allow_tf32 = True
+        assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 494.7
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved

@@ -138,10 +138,10 @@ class TunedKernel:
         self.space = space            # block-size dicts, before num_warps x num_stages
         if any(set(s) != set(space[0]) for s in space):
             raise ValueError(f"{self.name}: every config in the space must set the same blocks {sorted(space[0])}")
+        full = config_space(space, **config_kw)
         # every (blocks, num_warps, num_stages) the space holds, pinned or not: what a stored config may be
-        self.allowed = [(dict(c.kwargs), c.num_warps, c.num_stages)
-                        for c in config_space(space, **config_kw, pin=False)]
-        self.autotuned = triton.autotune(configs=config_space(space, **config_kw), key=key)(fn)
+        self.allowed = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in full]
+        self.autotuned = triton.autotune(configs=full[:1] if pinned() else full, key=key)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
         KERNELS[self.name] = self

@@ -21,11 +21,10 @@ def pinned() -> bool:
     return interpreting() or os.environ.get("RGA_TRITON_PIN_CONFIG", "0") not in ("", "0")
 
 
-def configs(space: list[dict], warps=(4, 8), stages=(2, 3), pin: bool = True) -> list[triton.Config]:
-    """The cross product of block-size dicts with num_warps and num_stages (first one only when
-    ``pin`` and :func:`pinned`)."""
-    out = [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
-    return out[:1] if pin and pinned() else out
+def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
+    """The cross product of block-size dicts with num_warps and num_stages (a pinned kernel
+    autotunes over the first one only; see :func:`pinned`)."""
+    return [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -73,8 +73,8 @@ def write_summary(csv_path: str, md_path: str) -> str:
         lines.append("Status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                      + f"; correctness failures {len(failed)}; unchecked {len(unchecked)}.\n")
         if counts["interpreted"]:
-            lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, its time is "
-                         "not a timing and is left out of every ratio.\n")
+            lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, it is not "
+                         "timed and is left out of every ratio.\n")
         ceil = [f"copy {first['ceiling_gbps']:.0f} GB/s"] if first["ceiling_gbps"] else []
         by_dtype = {r["dtype"]: r["ceiling_tflops"] for r in rows if r["ceiling_tflops"]}
         ceil += [f"{d} matmul {t:.1f} TFLOP/s" for d, t in by_dtype.items()]

@@ -317,13 +317,14 @@ class Sweep:
         del out
         held = None if impl.startswith("compile") else [x, grad_out, *module.parameters(), *module.buffers()]
         row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets, held)
+        if impl.startswith("triton") and self.device.type != "cuda":
+            # Triton's interpreter runs the kernels through NumPy: the check and the live tensors
+            # count, a time would not, so none is taken.
+            row.update(status="interpreted", note="Triton's interpreter on the CPU: checked, not timed")
+            return
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
         row.update(time_ms_median=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, runs=t.runs,
                    status="ok")
-        if impl.startswith("triton") and self.device.type != "cuda":
-            # Triton's interpreter runs the kernels through NumPy: the check counts, the time does not.
-            row.update(status="interpreted", note="Triton's interpreter on the CPU: checked, not a timing")
-            return
         seconds = t.median_ms * 1e-3
         row["tflops"] = row["flops"] / seconds / 1e12
         row["gbps"] = row["min_bytes"] / seconds / 1e9
@@ -469,7 +470,7 @@ class Sweep:
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"
         elif row["status"] == "interpreted":
             verdict = {True: "correct", False: "WRONG", None: "not checked"}[row["correct"]]
-            text = f"{verdict} under Triton's interpreter (rel err {_fmt(row['rel_err'])}; not a timing)"
+            text = f"{verdict} under Triton's interpreter (rel err {_fmt(row['rel_err'])}; not timed)"
         elif row["status"] == "skipped":
             text = f"skipped ({row['note']})"
         else:

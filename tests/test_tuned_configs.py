@@ -119,18 +119,26 @@ def test_channel_gate_gradient_partials_stay_in_their_chunk(store):
     assert rel_err(dc, expected_dc) <= TOLERANCE[torch.float32]
 
 
-def _learned_buckets(tuned) -> dict[str, set[str]]:
-    """Every (kernel, bucket) one RGA-SC train and eval step launches, both algorithms, and affinity()."""
-    buckets = {}
+def _exercise_every_kernel(tuned) -> set[str]:
+    """One RGA-SC train and eval step, both algorithms, against the float64 reference, and
+    affinity(): every tuned kernel launches. Returns the kernels a stored config launched."""
+    launched = set()
+
+    def from_file():
+        return {n for n, k in tuned.KERNELS.items() if k.last_source == "file"}
+
     for algorithm in ("reassociated", "tiled"):
         for train in (True, False):
             ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, device=DEVICE, backend="triton")
             fast.algorithm = algorithm
             compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, device=DEVICE)
-    rga_triton.affinity(torch.randn(2, 9, 70).to(DEVICE), torch.randn(2, 9, 45).to(DEVICE), backend="triton")
-    for kernel, recorded in tuned.STORE.recorded.items():
-        buckets.setdefault(kernel, set()).update(recorded)
-    return buckets
+            launched |= from_file()
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(2, 9, 70, generator=gen, dtype=torch.float64)
+    phi = torch.randn(2, 9, 45, generator=gen, dtype=torch.float64)
+    g = rga_triton.affinity(theta.float().to(DEVICE), phi.float().to(DEVICE), backend="triton")
+    assert rel_err(g, theta.transpose(1, 2) @ phi) <= TOLERANCE[torch.float32]
+    return launched | from_file()
 
 
 SPACE_SIZE = 6      # the largest config space (block sizes) of any kernel
@@ -142,28 +150,16 @@ def test_every_config_of_every_kernel_is_exact(store, index):
     other. Config ``index`` of every kernel (its last when the space is shorter) runs one RGA-SC
     train and eval step, both algorithms, against the float64 reference, and affinity()."""
     tuned, tmp_path = store
-    buckets = _learned_buckets(tuned)          # (imports every kernel module)
+    _exercise_every_kernel(tuned)              # learns the buckets (and imports every kernel module)
     assert max(len(k.space) for k in tuned.KERNELS.values()) == SPACE_SIZE
     table = {}
     for name, kernel in tuned.KERNELS.items():
         blocks = kernel.space[min(index, len(kernel.space) - 1)]
         _, warps, stages = next(a for a in kernel.allowed if a[0] == blocks)
-        table[name] = {b: dict(blocks, num_warps=warps, num_stages=stages) for b in buckets.get(name, ())}
+        table[name] = {b: dict(blocks, num_warps=warps, num_stages=stages) for b in tuned.STORE.recorded.get(name, ())}
     _device_file(tuned, tmp_path).write_text(json.dumps({"device": "x", "kernels": table}))
     tuned.STORE.reset()
-    launched = set()
-    for algorithm in ("reassociated", "tiled"):
-        for train in (True, False):
-            ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, device=DEVICE, backend="triton")
-            fast.algorithm = algorithm
-            compare_steps(ref, fast, x, train, TOLERANCE[torch.float32], torch.float32, device=DEVICE)
-            launched |= {n for n, k in tuned.KERNELS.items() if k.last_source == "file"}
-    gen = torch.Generator().manual_seed(3)
-    theta = torch.randn(2, 9, 70, generator=gen, dtype=torch.float64)
-    phi = torch.randn(2, 9, 45, generator=gen, dtype=torch.float64)
-    g = rga_triton.affinity(theta.float().to(DEVICE), phi.float().to(DEVICE), backend="triton")
-    assert rel_err(g, theta.transpose(1, 2) @ phi) <= TOLERANCE[torch.float32]
-    launched |= {n for n, k in tuned.KERNELS.items() if k.last_source == "file"}
+    launched = _exercise_every_kernel(tuned)
     assert launched == set(tuned.KERNELS), set(tuned.KERNELS) - launched
 
 

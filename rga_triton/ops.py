@@ -108,13 +108,13 @@ def _norm(rows: Tensor) -> Norm:
     return Norm(*rows.contiguous())
 
 
-def _operands(tp, gx_mean, a, z, compute_dtype) -> relation_kernels.RelationOperands:
+def _operands(tp, gx_mean, a, z) -> relation_kernels.RelationOperands:
     """The gate kernels' operands: Z from memory when it was materialised, else A and tp."""
     z = z if z.numel() else None
     r = z.shape[1] if z is not None else a.shape[1]
     return relation_kernels.RelationOperands(tp.contiguous(), gx_mean.contiguous(),
                                              None if z is not None else a.contiguous(),
-                                             z.contiguous() if z is not None else None, r, compute_dtype)
+                                             z.contiguous() if z is not None else None, r)
 
 
 def _branch_length(x: Tensor, view: str) -> int:
@@ -198,20 +198,21 @@ def _projection_setup(ctx, inputs, output):
 
 def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 4):
     """(batch slices, operand): ``operand(rows)`` is the operand the projection kernel multiplied for
-    those images, float32 in x's (B, C, N) layout: x scaled by in_gate along the branch's input
-    axis (C for the spatial view, N for the channel view), rounded to the compute dtype as the
-    kernel rounds it. One slice, and a view of x, where nothing changes x; else ``pieces``
-    slices, so that the copy alive at any time is a fraction of x (eager only: under
-    torch.compile a Python loop over the batch would make every batch size a recompile)."""
+    those images, float32 in x's (B, C, N) layout: x rounded to the compute dtype (a no-op but
+    under autocast), or x scaled by in_gate along the branch's input axis (C for the spatial
+    view, N for the channel view), which the kernel keeps to float32 accuracy. One slice, and a
+    view of x, where that changes nothing; else ``pieces`` slices, so that the copy alive at any
+    time is a fraction of x (eager only: under torch.compile a Python loop over the batch would
+    make every batch size a recompile)."""
     b, c, h, w = x.shape
     feats = x.reshape(b, c, h * w)
 
     def operand(rows: slice) -> Tensor:
         part = feats[rows]
-        if in_gate is not None:
-            gate = in_gate[rows]
-            part = part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
-        return part.to(compute_dtype).float()
+        if in_gate is None:
+            return part.to(compute_dtype).float()
+        gate = in_gate[rows]
+        return part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
 
     if torch.compiler.is_compiling() or (in_gate is None and x.dtype == torch.float32
                                          and compute_dtype == torch.float32):
@@ -334,15 +335,14 @@ def _(tp, wg, tiled, for_backward, keep_z, compute_dtype):
 
 
 @torch.library.custom_op("rga_triton::relation_norm", mutates_args=("bn_buffers",),
-                         schema="(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, "
-                                f"ScalarType compute_dtype, {_BN}) -> Tensor")
-def relation_norm(tp, gx_mean, a, z, w1, compute_dtype, bn_affine, bn_buffers, bn_settings):
+                         schema=f"(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, {_BN}) -> Tensor")
+def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
     """The norm (4, R + Hd) of the relation BatchNorm (rows of Z), then of the hidden one (rows of h).
 
     (a, z) as ``relation`` returned them; gx_mean: float32 (B, L); w1: (Hd, 1 + R[, 1, 1]).
     Train-mode BatchNorms measure their batch statistics and move their running statistics.
     """
-    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    ops = _operands(tp, gx_mean, a, z)
     w1f = weight_matrix(w1, torch.float32)
     count, r, hidden = ops.batch * ops.length, ops.r, w1f.shape[0]
     bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
@@ -374,7 +374,7 @@ def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, 
     ones and zeros where not affine) and batch_stats (per BatchNorm, whether ``norm`` holds
     batch statistics) only matter to backward.
     """
-    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    ops = _operands(tp, gx_mean, a, z)
     z_norm, h_norm = _split_norm(norm, ops.r)
     return relation_kernels.gate_logit(ops, weight_matrix(w1, torch.float32), z_norm.scale, z_norm.shift, h_norm.scale,
                                        h_norm.shift, weight_matrix(w2, torch.float32).flatten())
@@ -393,8 +393,8 @@ def _bn_rows(weight: Tensor, bias: Tensor, norm: Norm) -> Tensor:
 
 @torch.library.custom_op("rga_triton::gate_logit_backward", mutates_args=())
 def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
-                        bn_weight: Tensor, bn_bias: Tensor, norm: Tensor, batch_stats: list[bool],
-                        compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
+                        batch_stats: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kernel part of ``gate_logit``'s backward, all float32: dz (B, R, L), dgx_mean (B, L),
     dw1 (Hd, 1 + R), and sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden):
     sum dy, sum dy v_hat, and in the hidden rows dw2. (a, z) as ``relation`` kept them: the
@@ -404,7 +404,7 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     ``kernels/relation_backward.py``; with batch statistics, a first pass measures the sums
     their correction terms need.
     """
-    ops = _operands(tp, gx_mean, a, z, compute_dtype)
+    ops = _operands(tp, gx_mean, a, z)
     r, (z_batch, h_batch) = ops.r, batch_stats
     count = ops.batch * ops.length
     w1f, w2f = weight_matrix(w1, torch.float32), weight_matrix(w2, torch.float32).flatten()
@@ -450,7 +450,7 @@ def _gate_logit_backward(ctx, dlogit):
     if a.numel() == 0:
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
     dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
-        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats, ctx.compute_dtype)
+        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats)
     _, k2, length = tp.shape
     k, r = k2 // 2, dz.shape[1]
     da = torch.bmm(dz, tp.transpose(1, 2))

@@ -86,7 +86,7 @@ def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool,
     keeps neither A nor Z for backward; with it, Z is kept where :func:`keeps_z`."""
     keep_z = wants_grad and keeps_z(tp.shape[1])
     a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, keep_z, dtype)
-    norm = _norm(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), dtype,
+    norm = _norm(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(),
                                                 **batchnorm_args(bns)))
     return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,
                           [uses_batch_stats(bn) for bn in bns], dtype)

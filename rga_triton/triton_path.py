@@ -135,9 +135,9 @@ def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, a
     wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
     r = wg.shape[0]
     if algorithm == "tiled":
-        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r, dtype)
+        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
     else:
-        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r, dtype)
+        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
     z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W

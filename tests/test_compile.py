@@ -288,7 +288,7 @@ def test_opcheck_relation_ops(tiled, for_backward, keep_z):
     wg = branch.gg[0].weight.detach()
     torch.library.opcheck(OPS.relation, (tp, wg, tiled, for_backward, keep_z, torch.float32))
     a, z = OPS.relation(tp, wg, tiled, for_backward, keep_z, torch.float32)
-    args = (tp, gx_mean, a, z, conv1.weight.detach(), torch.float32)
+    args = (tp, gx_mean, a, z, conv1.weight.detach())
     torch.library.opcheck(OPS.relation_norm, args, batchnorm_args(gate_bns))
     norm = OPS.relation_norm(*args, **batchnorm_args(gate_bns))
     weight = torch.cat([bn.weight for bn in gate_bns]).detach()
@@ -300,8 +300,7 @@ def test_opcheck_relation_ops(tiled, for_backward, keep_z):
                                                torch.float32))
         dlogit = torch.randn_like(gx_mean)
         torch.library.opcheck(OPS.gate_logit_backward, (dlogit, tp, gx_mean, a, z, conv1.weight.detach(),
-                                                        conv2.weight.detach(), weight, bias, norm, flags,
-                                                        torch.float32))
+                                                        conv2.weight.detach(), weight, bias, norm, flags))
     else:       # inference operands (A or Z alone): no autograd to check
         torch.library.opcheck(OPS.gate_logit, (tp, gx_mean, wg, conv1.weight.detach(), conv2.weight.detach(),
                                                weight, bias, a, z, norm, flags, torch.float32))

@@ -9,6 +9,9 @@ W3 = [W_theta; W_phi; W_gx] is (3K, Cin). For each image:
     theta, phi = ReLU(P[:K] * scale + shift), ReLU(P[K:2K] * scale + shift)
     gx_mean[l] = mean_k ReLU(P[2K + k, l] * scale + shift)
 
+In half precision a gated tile is multiplied as two parts in the weights' dtype, hi + lo:
+rounded once, x * in_gate cost up to 6e-2 on train-mode weight gradients (see README).
+
 BatchNorm enters as a per-row (scale, shift): folded running statistics in eval, batch
 statistics in train, which ``projection_stats`` measures first (Welford within a program,
 Chan's merge across programs, all in float32).
@@ -21,7 +24,8 @@ import triton.language as tl
 
 from .stats import store_partials, welford_merge
 from .tuned import tuned
-from .tuning import STAT_SPLIT, dot_precision, n_splits
+from . import tuning
+from .tuning import STAT_SPLIT, n_splits
 
 
 @triton.jit
@@ -41,10 +45,17 @@ def _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin
                      mask=c_mask[:, None] & l_mask[None, :], other=0.0)
         if HAS_GATE:
             g = tl.load(gate_ptr + b * stride_gb + offs_c, mask=c_mask, other=0.0)
-            xt = xt.to(tl.float32) * g[:, None]
-        # x's dtype, or the autocast dtype of the weights (x float32 under torch.autocast); a
-        # gated tile rounds here as the reference's gated x rounds
-        acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=DOT_PRECISION)
+            xg = xt.to(tl.float32) * g[:, None]
+            hi = xg.to(w.dtype)
+            acc = tl.dot(w, hi, acc, input_precision=DOT_PRECISION)
+            if w.dtype != tl.float32:
+                # half-precision weights: x * gate rounded to w's dtype loses up to 6e-2 on some
+                # train-mode gradients (cancellation); hi + lo carries it to ~2x w's precision
+                lo = (xg - hi.to(tl.float32)).to(w.dtype)
+                acc = tl.dot(w, lo, acc, input_precision=DOT_PRECISION)
+        else:
+            # x's dtype, or the autocast dtype of the weights (x float32 under torch.autocast)
+            acc = tl.dot(w, xt.to(w.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -153,7 +164,7 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_stats_kernel[grid](x, gate, weight, stats, cin, length, rows, cols, *strides, stride_gb,
                                    HAS_GATE=has_gate, SPLIT=STAT_SPLIT,
-                                   DOT_PRECISION=dot_precision(weight.dtype, x.device))
+                                   DOT_PRECISION=tuning.dot_precision(x.device))
     return stats
 
 
@@ -172,6 +183,6 @@ def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scal
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
     _projection_apply_kernel[grid](x, gate, weight, scale, shift, tp, gx_mean, cin, length, k, *strides, stride_gb,
-                                   HAS_GATE=has_gate, DOT_PRECISION=dot_precision(weight.dtype, x.device))
+                                   HAS_GATE=has_gate, DOT_PRECISION=tuning.dot_precision(x.device))
     return tp, gx_mean
 

@@ -27,19 +27,18 @@ def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Confi
     return [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """How ``tl.dot`` treats float32 operands.
+def dot_precision(device: torch.device) -> str:
+    """How ``tl.dot`` treats float32 operands on ``device``.
 
     On CUDA: 'tf32x3', three TF32 products that recover float32 accuracy on tensor cores
-    (far faster than FMA-based IEEE dots), for float32 data whatever
-    ``torch.backends.cuda.matmul.allow_tf32`` says: a single TF32 product in the
-    projection puts the output error near 8e-4, over DESIGN.md's 1e-4 for float32.
-    Float32 products on half-precision data use plain 'tf32' (their contract is 2e-2).
-    Elsewhere (Triton's interpreter) 'ieee'.
+    (far faster than FMA-based IEEE dots), whatever ``torch.backends.cuda.matmul.allow_tf32``
+    says and whatever the block's dtype: a single TF32 product in the projection puts a
+    float32 output near 8e-4, over DESIGN.md's 1e-4, and on half-precision blocks the
+    relation products (float32 operands, sums that cancel) then miss 2e-2 on train-mode
+    gradients (up to 2e-1 on grad x, measured with ``tests/gpu_numerics.py``). Elsewhere
+    (Triton's interpreter) 'ieee'. Half-precision operands ignore it.
     """
-    if device.type != "cuda":
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "tf32x3" if device.type == "cuda" else "ieee"
 
 
 def n_splits(length: int) -> int:

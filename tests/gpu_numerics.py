@@ -2,10 +2,12 @@
 
 On the CPU the interpreter multiplies float32 operands in full float32 and the library asks
 for 'ieee' dots (``kernels/tuning.dot_precision``). On a GPU the library asks for what CUDA
-gets, and tensor cores then round float32 operands: to TF32 (10 mantissa bits, the low 13
-bits dropped) for 'tf32', and to a TF32 pair (hi, lo) for 'tf32x3', which sums
-hi*hi' + hi*lo' + lo*hi'. :func:`gpu_dot_numerics` makes the interpreter do both: precision
-decisions that only fail on a GPU then fail in CI.
+gets, and tensor cores then read float32 operands as TF32 (10 mantissa bits: the low 13
+bits dropped). 'tf32x3' is three such products, as Triton (3.6 to 3.9 checked, in the TTGIR
+they emit for sm_90) lowers it: hi = a rounded to TF32 (cvt.rna), lo = a - hi, then
+small = lo a' hi b' + hi a' lo b', with NaN in small replaced by 0 (an infinite operand
+makes lo NaN), and the result hi a' hi b' + small + acc. :func:`gpu_dot_numerics` makes the
+interpreter do both: precision decisions that only fail on a GPU then fail in CI.
 """
 from __future__ import annotations
 
@@ -37,13 +39,17 @@ def _emulated_dot(original):
         if a.dtype.primitive_bitwidth != 32 or mode not in ("TF32", "TF32X3"):
             return original(self, a, b, acc, input_precision, max_num_imprecise_acc)
         lhs, rhs = a.data.astype(np.float32), b.data.astype(np.float32)
+
+        def tf32_dot(x, y):
+            return np.matmul(tf32_truncated(x), tf32_truncated(y), dtype=np.float32)
+
         if mode == "TF32":
-            out = np.matmul(tf32_truncated(lhs), tf32_truncated(rhs), dtype=np.float32)
+            out = tf32_dot(lhs, rhs)
         else:
             lhs_hi, rhs_hi = tf32_rounded(lhs), tf32_rounded(rhs)
-            lhs_lo, rhs_lo = tf32_rounded(lhs - lhs_hi), tf32_rounded(rhs - rhs_hi)
-            out = (np.matmul(lhs_hi, rhs_lo, dtype=np.float32) + np.matmul(lhs_lo, rhs_hi, dtype=np.float32)
-                   + np.matmul(lhs_hi, rhs_hi, dtype=np.float32))
+            with np.errstate(invalid="ignore"):         # inf - inf: NaN, masked below as Triton masks it
+                small = tf32_dot(lhs - lhs_hi, rhs_hi) + tf32_dot(lhs_hi, rhs - rhs_hi)
+            out = tf32_dot(lhs_hi, rhs_hi) + np.where(np.isnan(small), np.float32(0), small)
         return interpreter.TensorHandle(out + acc.data, acc.dtype.scalar)
     return create_dot
 

@@ -84,6 +84,14 @@ def step_input(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.roll(k, dims=-1) * (-0.5) ** k if k else x
 
 
+def grad_error(actual: torch.Tensor, expected: torch.Tensor, whole: torch.Tensor) -> float:
+    """||actual - expected|| / max(||expected||, 1e-2 ||whole||): a parameter gradient's error, where
+    ``whole`` is the reference's whole parameter gradient (why the floor: :func:`compare_steps`).
+    Against 1 when both are zero (saturated gates pass no gradient at all)."""
+    scale = max(float(expected.norm()), 1e-2 * float(whole.norm())) or 1.0
+    return float((actual.double().cpu() - expected.double().cpu()).norm()) / scale
+
+
 def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1, grads=True):
     """Run ``steps`` forward/backward steps on both modules, each on its own input
     (:func:`step_input`); compare everything after each.
@@ -117,7 +125,7 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
         if grads:
             worst = max(worst, assert_close(f_gx, r_gx, max(tol, gx_floor), f"grad x, step {k}"))
         assert r_grads.keys() == f_grads.keys()
-        whole = torch.cat([g.flatten() for g in r_grads.values()]).norm()
+        whole = torch.cat([g.flatten() for g in r_grads.values()])
         for name in (r_grads if grads else ()):
             # A gradient under 1e-2 of the whole parameter gradient lies along a direction the
             # loss is (almost) invariant to, e.g. a conv feeding a train-mode BatchNorm of
@@ -127,9 +135,8 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
             # reference itself missed W_channel.3.weight by up to 3.5e-5 of 1e-3 |whole|, and
             # so did every float32 path, each seed a different one.)
             # (whole == 0: saturated gates pass no gradient at all; then absolute error, against 1)
-            scale = max(float(r_grads[name].norm()), 1e-2 * float(whole)) or 1.0
-            err = float((f_grads[name] - r_grads[name]).norm()) / scale
-            floor = min(4 * float((l_grads[name] - r_grads[name]).norm()) / scale, cap) if l_grads is not None else 0.0
+            err = grad_error(f_grads[name], r_grads[name], whole)
+            floor = min(4 * grad_error(l_grads[name], r_grads[name], whole), cap) if l_grads is not None else 0.0
             assert err <= max(tol, floor), (f"grad {name}, step {k}: relative error {err:.3e} > {tol:.0e} "
                                             f"(and > 4x the {dtype} reference's {floor / 4:.3e})")
             worst = max(worst, min(err, tol))

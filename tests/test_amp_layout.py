@@ -4,18 +4,20 @@ import copy
 import pytest
 import torch
 
-from helpers import TOLERANCE, make_pair, rel_err
+from helpers import TOLERANCE, grad_error, make_pair, rel_err
 from rga_triton import backend as backend_mod
 
 BACKENDS = ["torch"] + (["triton"] if backend_mod.interpreting() else [])
 
 
 def _run(module, x, grad_out, autocast_dtype=None):
+    """(out, grad x, {parameter name: grad}) of one forward + backward, under autocast if given."""
     x = x.detach().clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = module(x)
-    (grad_x,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
-    return out, grad_x
+    names, params = zip(*module.named_parameters())
+    grad_x, *grads = torch.autograd.grad(out, [x, *params], grad_out.to(out.dtype))
+    return out, grad_x, dict(zip(names, grads))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -23,23 +25,35 @@ def _run(module, x, grad_out, autocast_dtype=None):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_autocast_matches_reference(backend, autocast_dtype, train):
     """Under torch.autocast the module keeps float32 BatchNorm statistics and products that
-    cancel, and is at least as accurate as the reference under the same autocast: output
-    and grad x within DESIGN.md's 2e-2 of the float64 reference, or within 4x of the
-    autocast reference's own error where that exceeds it. The output dtype matches."""
+    cancel, and is at least as accurate as the reference under the same autocast: output,
+    grad x and every parameter gradient within DESIGN.md's 2e-2 of the float64 reference,
+    or, where the autocast reference itself misses that, within 4x its error up to 2x 2e-2
+    (the rule of ``helpers.compare_steps``). The output dtype matches."""
     if backend == "triton" and autocast_dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 arithmetic")
-    ref, fast, x = make_pair(64, 16, 8, 4, dtype=torch.float32, backend=backend)
+    # x and the parameters exactly representable in the autocast dtype, so that the test measures
+    # the arithmetic, not autocast's rounding of its inputs (which alone moves bfloat16 grad x by ~1e-1)
+    ref, fast, x = make_pair(64, 16, 8, 4, dtype=autocast_dtype, backend=backend)
+    fast.float()
     amp_ref = copy.deepcopy(ref).float()
     for m in (ref, amp_ref, fast):
         m.train(train)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    exact, exact_grad = _run(ref, x, grad_out)
-    amp_out, amp_grad = _run(amp_ref, x.float(), grad_out.float(), autocast_dtype)
-    out, grad_x = _run(fast, x.float(), grad_out.float(), autocast_dtype)
+    exact, exact_grad, exact_params = _run(ref, x, grad_out)
+    amp_out, amp_grad, amp_params = _run(amp_ref, x.float(), grad_out.float(), autocast_dtype)
+    out, grad_x, params = _run(fast, x.float(), grad_out.float(), autocast_dtype)
     assert out.dtype == amp_out.dtype
     tol = TOLERANCE[autocast_dtype]
-    assert rel_err(out, exact) <= max(tol, 4 * rel_err(amp_out, exact))
-    assert rel_err(grad_x, exact_grad) <= max(tol, 4 * rel_err(amp_grad, exact_grad))
+
+    def allowed(amp_error):
+        return max(tol, min(4 * amp_error, 2 * tol))
+
+    assert rel_err(out, exact) <= allowed(rel_err(amp_out, exact))
+    assert rel_err(grad_x, exact_grad) <= allowed(rel_err(amp_grad, exact_grad))
+    whole = torch.cat([g.flatten() for g in exact_params.values()])
+    for name, expected in exact_params.items():
+        err = grad_error(params[name], expected, whole)
+        assert err <= allowed(grad_error(amp_params[name], expected, whole)), f"grad {name}: {err:.3e}"
     for name, value in ref.state_dict().items():     # running statistics stay float32 and move alike
         if "running" in name:
             assert fast.state_dict()[name].dtype == torch.float32

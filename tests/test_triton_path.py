@@ -64,8 +64,9 @@ def test_half_precision_single_branch_train_matches_reference(dtype, use_spatial
 @pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA GPUs only")
 def test_float32_accuracy_holds_when_tf32_is_allowed():
     """The kernels keep float32 accuracy (3xTF32) when TF32 is allowed: forward outputs and
-    running statistics. Gradients are left out: backward recomputes through the torch path,
-    whose cuBLAS matmuls then use TF32 as the user asked (grad x ~1e-2 measured on an H100)."""
+    running statistics. Gradients are left out: backward's PyTorch matmuls (projection,
+    dA, dtp) then use TF32 as the user asked (grad x ~1e-2 measured on an H100, when backward
+    was still a torch-path recompute)."""
     torch.backends.cuda.matmul.allow_tf32 = True      # the autouse fixture restores it
     ref, fast, x = _pair((64, 16, 8, 4, 8, 8, 8))
     compare_steps(ref, fast, x, True, TOLERANCE_TF32, torch.float32, device=DEVICE, grads=False)

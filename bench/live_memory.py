@@ -28,11 +28,13 @@ class LiveTensorBytes(TorchDispatchMode):
     """Tracks ``live`` and ``peak`` bytes of the storages of tensors ops return while active.
 
     exclude: tensors alive before the step (inputs, parameters); views of them count nothing.
+    min_bytes: count only storages at least this large (say x's size, to count x-sized buffers).
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), min_bytes: int = 1):
         super().__init__()
         self.excluded = {_storage_key(t) for t in exclude}
+        self.min_bytes = max(1, min_bytes)
         self.tensors_on = {}        # storage key -> number of live tensors on it
         self.live = 0
         self.peak = 0
@@ -47,7 +49,7 @@ class LiveTensorBytes(TorchDispatchMode):
         if t.device.type == "meta" or t.is_sparse:
             return
         key = _storage_key(t)
-        if key[1] == 0 or key in self.excluded:
+        if key[1] < self.min_bytes or key in self.excluded:
             return
         if key not in self.tensors_on:
             self.tensors_on[key] = 0

@@ -214,42 +214,43 @@ def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype:
         gate = in_gate[rows]
         return part.float() * (gate[:, :, None] if view == "spatial" else gate[:, None, :])
 
-    if torch.compiler.is_compiling() or (in_gate is None and x.dtype == torch.float32
-                                         and compute_dtype == torch.float32):
-        return [slice(0, b)], operand
-    step = max(1, -(-b // pieces))
-    return [slice(i, i + step) for i in range(0, b, step)], operand
+    whole = in_gate is None and x.dtype == torch.float32 and compute_dtype == torch.float32
+    return _batch_slices(b, 1 if whole else pieces), operand
 
 
-def _batched_dot(a: Tensor, b: Tensor, dim: int, pieces: int = 8) -> Tensor:
-    """sum over ``dim`` of a * b in float32, (B, C, N) -> (B, N) or (B, C), a few images at a time:
-    the product's temporary is 1/pieces of a, not a whole one (eager; whole under torch.compile,
-    as in ``_gated_input``)."""
-    if torch.compiler.is_compiling():
-        return torch.linalg.vecdot(a, b.float(), dim=dim)
-    step = max(1, -(-a.shape[0] // pieces))
-    return torch.cat([torch.linalg.vecdot(ai, bi.float(), dim=dim) for ai, bi in zip(a.split(step), b.split(step))])
+def _batch_slices(batch: int, pieces: int) -> list:
+    """``pieces`` slices of the batch (fewer when it is smaller); one under torch.compile, where a Python
+    loop over the batch would make every batch size a recompile."""
+    if pieces == 1 or torch.compiler.is_compiling():
+        return [slice(0, batch)]            # no arithmetic on a symbolic batch size: no guard on it
+    step = max(1, -(-batch // pieces))
+    return [slice(i, i + step) for i in range(0, batch, step)]
 
 
-@_float32_backward
-def _projection_backward(ctx, dtp, dgx_mean):
-    """PyTorch: large matmuls and elementwise work, which the backend already does at bandwidth.
+def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
+                     needs=(True, True, True), dx: Optional[Tensor] = None):
+    """The gradients of ``projection`` from its inputs and its outputs' gradients (dtp, dgx_mean):
+    (dx, d_in_gate, dw3, d_bn_weight, d_bn_bias), with None for x, in_gate or w3 where ``needs``
+    (three flags, in that order) says no. ``dx``: an x-shaped gradient to add x's gradient into,
+    in place (the block's backward sums every branch's share in one buffer); else dx is new.
+
+    PyTorch: large matmuls and elementwise work, which the backend already does at bandwidth.
     Written to keep few temporaries alive: one (B, 3K, L) buffer carries P, then dy, then dP, and
     the gated input (when there is one) exists a few images at a time.
 
     X (B, Cin, L) is xg (B, C, N) for the spatial view and its transpose for the channel view,
     so every product below is taken in xg's layout (no transposed copy of x or dx).
     """
-    x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
+    need_x, need_gate, need_w3 = needs
     _, _, mean, inv_std = norm
     weight, bias = bn_weight.detach().float()[:, None], bn_bias.detach().float()[:, None]
-    w3c = weight_matrix(w3, ctx.compute_dtype).float()                 # (3K, Cin)
+    w3c = weight_matrix(w3, compute_dtype).float()                     # (3K, Cin)
     k = w3c.shape[0] // 3
-    spatial = ctx.view == "spatial"
+    spatial = view == "spatial"
     batch, c, h, w = x.shape
     count = batch * (h * w if spatial else c)
 
-    slices, gated = _gated_input(x, in_gate, ctx.view, ctx.compute_dtype)
+    slices, gated = _gated_input(x, in_gate, view, compute_dtype)
 
     def project(xg):        # P = W3 X for the images of xg
         return torch.matmul(w3c, xg if spatial else xg.transpose(1, 2))
@@ -268,32 +269,85 @@ def _projection_backward(ctx, dtp, dgx_mean):
     dy.masked_fill_(active.logical_not_(), 0.0)
     del active
     sum_b = dy.sum(dim=(0, 2))
-    sum_g = (dy * p_hat).sum(dim=(0, 2))
-    for i, batch_stats in enumerate(ctx.batch_stats):   # batch-statistics terms (eval rows have none)
-        if batch_stats:
+    sum_g = sum((dy[rows] * p_hat[rows]).sum(dim=(0, 2)) for rows in _batch_slices(batch, 8))   # a slice's temporary
+    for i, batch_stats_i in enumerate(batch_stats):     # batch-statistics terms (eval rows have none)
+        if batch_stats_i:
             rows = slice(i * k, (i + 1) * k)
             dy[:, rows] -= p_hat[:, rows].mul_(sum_g[rows, None]).add_(sum_b[rows, None]).div_(count)
     del p_hat, buf
     dp = dy.mul_(weight * inv_std[:, None])                             # dP (B, 3K, L)
-    dw3 = w3c.new_zeros(w3c.shape)
+    dw3 = None
+    if need_w3:
+        dw3 = w3c.new_zeros(w3c.shape)
+        for rows in slices:
+            xg = gated(rows)
+            if spatial:     # sum_b dP[b] X[b]^T: (b, 3K, C) per image is small next to X
+                dw3 += torch.bmm(dp[rows], xg.transpose(1, 2)).sum(dim=0)
+            else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (b*C, N) in place
+                dw3.addmm_(dp[rows].transpose(0, 1).reshape(3 * k, -1), xg.reshape(-1, xg.shape[2]))
+        dw3 = dw3.to(w3.dtype).view(w3.shape)
+    dx, d_gate = _input_grads(x, in_gate, w3c, dp, spatial, slices, dx, need_x, need_gate and in_gate is not None)
+    return dx, d_gate, dw3, sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype)
+
+
+def _input_grads(x, in_gate, w3c, dp, spatial: bool, slices, dx, need_x: bool, need_gate: bool):
+    """(dx, d_in_gate) of the projection: dX = W3^T dP, scaled by in_gate along the branch's input
+    axis (C for the spatial view, N for the channel view) and added into ``dx`` in place (written
+    to a new tensor where dx is None; None unless ``need_x``), and in_gate's gradient, the sum
+    of x * W3^T dP over the other axis (None unless ``need_gate``).
+
+    Taken in x's (B, C, N) layout, ``slices`` of the batch at a time, with no x-sized temporary
+    in float32: the spatial view folds the gate into W3^T (a C x 3K matrix per image) and takes
+    the gate's gradient from dP x^T (3K x C per image); the channel view, whose gate runs along
+    the product's output axis, scales one slice of W3^T dP at a time.
+    """
+    batch, c, h, w = x.shape
+    feats = x.reshape(batch, c, h * w)
+    beta = 0.0 if dx is None else 1.0
+    if need_x and dx is None:
+        dx = gating.empty_like_merged(x)
+    out = dx.view(feats.shape) if need_x else None
+    d_gate = x.new_empty(in_gate.shape, dtype=torch.float32) if need_gate else None
     for rows in slices:
-        xg = gated(rows)
-        if spatial:     # sum_b dP[b] X[b]^T: (b, 3K, C) per image is small next to X
-            dw3 += torch.bmm(dp[rows], xg.transpose(1, 2)).sum(dim=0)
-        else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (b*C, N) in place
-            dw3.addmm_(dp[rows].transpose(0, 1).reshape(3 * k, -1), xg.reshape(-1, xg.shape[2]))
-    # dX = W3^T dP, in xg's layout: (B, C, N)
-    dxg = torch.matmul(w3c.t(), dp) if spatial else torch.matmul(dp.transpose(1, 2), w3c)
-    del dp, dy
-    d_gate = None
-    if in_gate is not None:
-        feats = x.reshape(dxg.shape)
-        if ctx.needs_input_grad[1]:
-            d_gate = _batched_dot(dxg, feats, dim=2 if spatial else 1)
-        dxg.mul_(in_gate[:, :, None] if spatial else in_gate[:, None, :])
-    dx = dxg.view(x.shape).to(x.dtype)
-    return (dx, d_gate, dw3.to(w3.dtype).view(w3.shape), sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype),
-            None, None, None, None)
+        images = dp[rows].shape[0]
+        if spatial:
+            if d_gate is not None:      # d_gate[b, c] = sum_k W3[k, c] (dP[b] x[b]^T)[k, c]
+                d_gate[rows] = torch.linalg.vecdot(torch.bmm(dp[rows], feats[rows].float().transpose(1, 2)),
+                                                   w3c, dim=1)
+            if need_x:                  # dX[b] = (W3^T * g[b]) dP[b]
+                w_t = w3c.t()
+                w_t = w_t.expand(images, -1, -1) if in_gate is None else w_t * in_gate[rows, :, None]
+                _add_product(out[rows], w_t, dp[rows], beta)
+        elif in_gate is None:           # dX[b]^T = dP[b]^T W3
+            if need_x:
+                _add_product(out[rows], dp[rows].transpose(1, 2), w3c.expand(images, -1, -1), beta)
+        else:                           # dX[b]^T = (dP[b]^T W3) * g[b] along N
+            raw = torch.matmul(dp[rows].transpose(1, 2), w3c)                  # (b, C, N), float32
+            if d_gate is not None:
+                d_gate[rows] = torch.linalg.vecdot(raw, feats[rows].float(), dim=1)
+            if need_x:
+                raw.mul_(in_gate[rows, None, :])
+                out[rows].add_(raw) if beta else out[rows].copy_(raw)
+    return dx, d_gate
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
+    """out = beta * out + a @ b (batched), in place; a float32 product rounded once where out is half."""
+    if out.dtype == a.dtype:
+        out.baddbmm_(a, b, beta=beta)
+    elif beta:
+        out.add_(torch.bmm(a, b))
+    else:
+        out.copy_(torch.bmm(a, b))
+
+
+@_float32_backward
+def _projection_backward(ctx, dtp, dgx_mean):
+    x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
+    dx, d_gate, dw3, d_weight, d_bias = projection_grads(
+        x, in_gate, w3, bn_weight, bn_bias, norm, ctx.view, ctx.compute_dtype, ctx.batch_stats, dtp, dgx_mean,
+        needs=ctx.needs_input_grad[:3])
+    return dx, d_gate, dw3, d_weight, d_bias, None, None, None, None
 
 
 projection.register_autograd(_projection_backward, setup_context=_projection_setup)
@@ -442,20 +496,20 @@ def _gate_logit_setup(ctx, inputs, output):
     ctx.batch_stats, ctx.compute_dtype, ctx.device_type = batch_stats, compute_dtype, tp.device.type
 
 
-@_float32_backward
-def _gate_logit_backward(ctx, dlogit):
-    """The kernels for the attention network and the relation BatchNorm (``gate_logit_backward``),
-    then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]: four batched matmuls."""
-    tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm = ctx.saved_tensors
+def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit):
+    """The gradients of ``gate_logit`` from its inputs and the logit's gradient: (dtp, dgx_mean, dwg,
+    dw1, dw2, d_bn_weight, d_bn_bias). The kernels for the attention network and the relation
+    BatchNorm (``gate_logit_backward``), then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]:
+    four batched matmuls."""
     if a.numel() == 0:
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
     dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
-        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, ctx.batch_stats)
+        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats)
     _, k2, length = tp.shape
     k, r = k2 // 2, dz.shape[1]
     da = torch.bmm(dz, tp.transpose(1, 2))
     dtp = torch.bmm(a.transpose(1, 2), dz)
-    wf = weight_matrix(wg, ctx.compute_dtype).float()
+    wf = weight_matrix(wg, compute_dtype).float()
     w_in, w_out = wf[:, :length], wf[:, length:]
     da_in, da_out = da[:, :, :k], da[:, :, k:]
     dtp[:, k:] += torch.matmul(da_in.transpose(1, 2), w_in)
@@ -464,7 +518,13 @@ def _gate_logit_backward(ctx, dlogit):
     dw_out = torch.einsum("brk,bkl->rl", da_out, tp[:, :k])
     dwg = torch.cat([dw_in, dw_out], dim=1).to(wg.dtype).view(wg.shape)
     return (dtp, dgx_mean, dwg, dw1.to(w1.dtype).view(w1.shape), sums[2, r:].to(w2.dtype).view(w2.shape),
-            sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype), None, None, None, None, None)
+            sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype))
+
+
+@_float32_backward
+def _gate_logit_backward(ctx, dlogit):
+    return (*gate_logit_grads(*ctx.saved_tensors, ctx.batch_stats, ctx.compute_dtype, dlogit),
+            None, None, None, None, None)
 
 
 gate_logit.register_autograd(_gate_logit_backward, setup_context=_gate_logit_setup)

@@ -14,8 +14,11 @@ differentiates its own step:
   (B, R, L: R L floats per image, never L x L) is either materialised once in forward (one
   batched matmul, A tp) and read by every later pass, or, where its reduction is short
   (:data:`RECOMPUTE_Z_MAX_K2`), rebuilt tile by tile from A and tp in each pass.
-- ``projection`` and ``apply_gates`` differentiate in PyTorch: their backward is two
-  large matmuls and elementwise work, which cuBLAS and PyTorch already do at bandwidth.
+- ``projection`` differentiates in PyTorch: its backward is large matmuls and elementwise
+  work, which cuBLAS and PyTorch already do at bandwidth. ``apply_gates`` has a backward kernel.
+- x's gradient lives in one buffer in eager training: x is threaded through the projections
+  (each hands the next reader of x a view of it, :class:`_ThreadedProjection`), so each
+  projection's backward adds its share into the gradient the later readers left.
 
 BatchNorm buffers move once, in forward (the ``*_norm`` ops), exactly as nn.BatchNorm2d
 moves them; backward uses the statistics forward normalised with. Every backward reduction
@@ -26,10 +29,13 @@ materialising Z, reading A and tp as the inference path does.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from .batchnorm import batch_norm, uses_batch_stats
-from .ops import batchnorm_args
+from .ops import batchnorm_args, projection_grads
 from .triton_path import branch_algorithm, compose_gates, compute_dtype, folded, mergeable
 
 ops = torch.ops.rga_triton
@@ -57,14 +63,20 @@ def _norm(bns, measure) -> torch.Tensor:
     return torch.stack(folded(bns))
 
 
-def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):
-    """tp = [theta; phi] float32 (B, 2K, L), gx_mean float32 (B, L) of the ``view`` branch reading x
-    (scaled by in_gate (B, Cin) where given); differentiable in x, in_gate, w3 (3K, Cin) and the
-    affine rows bn_weight, bn_bias (3K,) of ``bns`` (theta's, phi's and gx's BatchNorm, whose
-    running statistics move in train mode)."""
+def projection_inputs(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype) -> tuple:
+    """The arguments of ``ops.projection`` for the ``view`` branch reading x (scaled by in_gate (B, Cin)
+    where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns``
+    (theta's, phi's and gx's BatchNorm): measures the batch statistics first where one of them
+    uses them (moving its running statistics in train mode)."""
     norm = _norm(bns, lambda: ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
                                                   **batchnorm_args(bns)))
-    return ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns])
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns]
+
+
+def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):
+    """tp = [theta; phi] float32 (B, 2K, L), gx_mean float32 (B, L) (:func:`projection_inputs`);
+    differentiable in x, in_gate, w3, bn_weight and bn_bias."""
+    return ops.projection(*projection_inputs(x, in_gate, w3, bn_weight, bn_bias, bns, view, dtype))
 
 
 RECOMPUTE_Z_MAX_K2 = 64
@@ -92,31 +104,74 @@ def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool,
                           [uses_batch_stats(bn) for bn in bns], dtype)
 
 
-def _branch_gate(branch, x: torch.Tensor, view: str, in_gate, tiled: bool, wants_grad: bool) -> torch.Tensor:
-    """Sigmoid gate (B, L), float32, of one branch, differentiable in x, in_gate and every parameter."""
+class _ThreadedProjection(torch.autograd.Function):
+    """``ops.projection`` that also hands x on, as a view, to the block's next reader of x.
+
+    Eager backward only. x's readers form a chain (each projection, then ``apply_gates``), so
+    x's gradient reaches each projection as one tensor, the later readers' sum, and backward
+    adds this projection's share into it in place: one x-sized gradient buffer for the whole
+    block. With x read by each op directly, every projection would hand autograd a new
+    x-sized gradient to sum, and a train step would peak one x-sized tensor higher.
+    """
+
+    @staticmethod
+    def forward(ctx, x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats):
+        tp, gx_mean = ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats)
+        ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
+        ctx.settings = view, dtype, batch_stats
+        ctx.set_materialize_grads(False)
+        return tp, gx_mean, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dtp, dgx_mean, dx):
+        # dx: the later readers' gradient, a buffer only this chain holds (the next projection's or
+        # apply_gates' new tensor), so adding into it in place is safe
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):     # float32, as ops.py's formulas
+            grads = projection_grads(*ctx.saved_tensors, *ctx.settings, dtp, dgx_mean,
+                                     needs=ctx.needs_input_grad[:3], dx=dx)
+        return *grads, None, None, None, None
+
+
+def branch_gate(branch, x: torch.Tensor, view: str, in_gate, tiled: bool, wants_grad: bool,
+                threaded: bool = False):
+    """(sigmoid gate (B, L) float32, x) of one branch, differentiable in x, in_gate and every parameter.
+    ``threaded``: the projection is :class:`_ThreadedProjection`, and the x returned is the view that
+    the block's next reader of x must read; else it is x."""
     dtype = compute_dtype(x)
     embeds = (branch.theta, branch.phi, branch.gx)
     embed_bns = [seq[1] for seq in embeds]
     w3 = torch.cat([seq[0].weight.flatten(1) for seq in embeds])         # (3K, Cin)
-    tp, gx_mean = project(x, in_gate, w3, *_affine_rows(embed_bns, x), embed_bns, view, dtype)
+    projection = projection_inputs(x, in_gate, w3, *_affine_rows(embed_bns, x), embed_bns, view, dtype)
+    if threaded:
+        tp, gx_mean, x = _ThreadedProjection.apply(*projection)
+    else:
+        tp, gx_mean = ops.projection(*projection)
     conv1, bn1, _, conv2, bn2 = branch.W
     gate_bns = [branch.gg[1], bn1]
     logit = relation_gate(tp, gx_mean, branch.gg[0].weight, conv1.weight, conv2.weight,
                           *_affine_rows(gate_bns, x), gate_bns, tiled, dtype, wants_grad)
-    return torch.sigmoid(batch_norm(logit.unsqueeze(1), bn2).squeeze(1))
+    return torch.sigmoid(batch_norm(logit.unsqueeze(1), bn2).squeeze(1)), x
 
 
-def autograd_forward(module, x: torch.Tensor, wants_grad: bool = True) -> torch.Tensor:
+def autograd_forward(module, x: torch.Tensor, wants_grad: bool = True, threaded: Optional[bool] = None) -> torch.Tensor:
     """The block's output through the ops, differentiable; updates BatchNorm buffers in train mode.
 
-    ``wants_grad=False`` skips what only backward reads (Z and A kept in memory).
+    ``wants_grad=False`` skips what only backward reads (Z and A kept in memory). ``threaded``
+    (default: when a gradient is wanted in eager mode; torch.compile traces the ops' own
+    formulas) chains x through the projections (:class:`_ThreadedProjection`).
     """
     x = mergeable(x)
     grad_pass = "train" if wants_grad else "forward"
+    if threaded is None:
+        threaded = wants_grad and not torch.compiler.is_compiling()
+    reader = [x]        # the tensor the next reader of x reads: x, or the last projection's view of it
 
     def gate(name, in_gate=None):
         tiled = branch_algorithm(module, name, compute_dtype(x), x.device, grad_pass) == "tiled"
-        return _branch_gate(module.branch(name), x, name, in_gate, tiled, wants_grad)
+        sigmoid_gate, reader[0] = branch_gate(module.branch(name), reader[0], name, in_gate, tiled, wants_grad,
+                                              threaded)
+        return sigmoid_gate
 
     spatial, channel = compose_gates(module, gate)
-    return ops.apply_gates(x, spatial, channel)
+    return ops.apply_gates(reader[0], spatial, channel)

@@ -227,6 +227,27 @@ def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep):
     assert len(spy.kept) == 4 and all(k == (keep == "kept") for k in spy.kept)
 
 
+@pytest.mark.parametrize("order", ["sc", "cs", "parallel"])
+def test_backward_holds_one_x_sized_gradient(order):
+    """Eager backward threads x through the projections, so every branch adds its share of grad x
+    into one buffer. The composition torch.compile traces (each projection hands autograd a new
+    x-sized gradient to sum) holds two or more at once; the tracker must see that difference.
+    At this shape no other backward intermediate is as large as x."""
+    from bench.live_memory import LiveTensorBytes
+    module = _module(c=16, h=6, w=5, order=order).float().to(DEVICE).train()
+    x = torch.randn(3, 16, 6, 5, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    grads, held = {}, {}
+    for threaded in (True, False):
+        out = triton_autograd.autograd_forward(module, x, threaded=threaded)
+        with LiveTensorBytes([x, grad_out, out], min_bytes=x.nbytes) as tracker:
+            grads[threaded] = torch.autograd.grad(out, [x, *module.parameters()], grad_out)
+        held[threaded] = tracker.peak / x.nbytes
+    assert held[True] == 1 and held[False] >= 2, held
+    for threaded_grad, composed_grad in zip(grads[True], grads[False], strict=True):
+        assert rel_err(threaded_grad, composed_grad) <= 1e-6
+
+
 def test_backward_twice_with_retain_graph_gives_the_same_gradients():
     """Backward must not overwrite what forward saved."""
     ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,

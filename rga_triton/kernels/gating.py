@@ -96,7 +96,7 @@ def mergeable(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
 
 
-def _empty_like_merged(x: torch.Tensor) -> torch.Tensor:
+def empty_like_merged(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor like x, in x's memory format where H and W merge, else contiguous."""
     out = torch.empty_like(x)                  # x's memory format (channels_last stays channels_last)
     return out if out.stride(2) == x.shape[3] * out.stride(3) else torch.empty(x.shape, dtype=x.dtype,
@@ -111,7 +111,7 @@ def apply_gates(x: torch.Tensor, spatial: torch.Tensor | None, channel: torch.Te
     batch, c, h, w = x.shape
     n = h * w
     x = mergeable(x)
-    out = _empty_like_merged(x)
+    out = empty_like_merged(x)
     dummy = spatial if spatial is not None else channel
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), batch)  # noqa: E731
     _apply_gates_kernel[grid](x, spatial if spatial is not None else dummy, channel if channel is not None else dummy,
@@ -131,7 +131,7 @@ def apply_gates_backward(grad_out: torch.Tensor, x: torch.Tensor, spatial: torch
     batch, c, h, w = x.shape
     n = h * w
     x, grad_out = mergeable(x), mergeable(grad_out)
-    dx = _empty_like_merged(x)
+    dx = empty_like_merged(x)
     position_chunks, channel_blocks = triton.cdiv(n, GATE_CHUNK_N), triton.cdiv(c, GATE_BLOCK_C)
     f32 = dict(device=x.device, dtype=torch.float32)
     ds = torch.empty((batch, channel_blocks, n), **f32) if spatial is not None else None

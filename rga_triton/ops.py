@@ -285,8 +285,11 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
                 dw3 += torch.bmm(dp[rows], xg.transpose(1, 2)).sum(dim=0)
             else:           # X[b]^T = xg[b]: stack the batch along the reduction, xg as (b*C, N) in place
                 dw3.addmm_(dp[rows].transpose(0, 1).reshape(3 * k, -1), xg.reshape(-1, xg.shape[2]))
+            del xg
         dw3 = dw3.to(w3.dtype).view(w3.shape)
-    dx, d_gate = _input_grads(x, in_gate, w3c, dp, spatial, slices, dx, need_x, need_gate and in_gate is not None)
+    # grad x takes float32 temporaries of a slice's size where it takes any: an eighth of the batch
+    dx_slices = slices if len(slices) == 1 else _batch_slices(batch, 8)
+    dx, d_gate = _input_grads(x, in_gate, w3c, dp, spatial, dx_slices, dx, need_x, need_gate and in_gate is not None)
     return dx, d_gate, dw3, sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype)
 
 
@@ -445,18 +448,26 @@ def _bn_rows(weight: Tensor, bias: Tensor, norm: Norm) -> Tensor:
     return torch.stack([norm.mean, norm.inv_std, weight.float(), bias.float(), zeros, zeros])
 
 
+DZ_SLICE_MIN_BYTES = 1 << 24
+"""dZ (B, R, L), float32, is written and consumed a quarter of the batch at a time when the whole
+would take at least this many bytes: at RGA-Net's stage 1 (spatial branch) and stages 3-4
+(channel branch) it is as large as x or larger, and a train step's peak is where it lives."""
+
+
 @torch.library.custom_op("rga_triton::gate_logit_backward", mutates_args=())
 def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
                         bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
-                        batch_stats: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The kernel part of ``gate_logit``'s backward, all float32: dz (B, R, L), dgx_mean (B, L),
-    dw1 (Hd, 1 + R), and sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden):
-    sum dy, sum dy v_hat, and in the hidden rows dw2. (a, z) as ``relation`` kept them: the
-    kernels read Z from z, or rebuild its tiles from a and tp where z is empty.
+                        batch_stats: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The kernel part of ``gate_logit``'s backward, all float32: dA = dZ tp^T (B, R, 2K), A^T dZ
+    (B, 2K, L) (tp's gradient through Z's right factor), dgx_mean (B, L), dw1 (Hd, 1 + R), and
+    sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden): sum dy, sum dy v_hat, and
+    in the hidden rows dw2. (a, z) as ``relation`` kept them: the kernels read Z from z, or
+    rebuild its tiles from a and tp where z is empty.
 
     The attention network and the relation BatchNorm run per position tile in
     ``kernels/relation_backward.py``; with batch statistics, a first pass measures the sums
-    their correction terms need.
+    their correction terms need. dZ never leaves the op: it is written, and multiplied into dA
+    and A^T dZ, a slice of the batch at a time (:data:`DZ_SLICE_MIN_BYTES`).
     """
     ops = _operands(tp, gx_mean, a, z)
     r, (z_batch, h_batch) = ops.r, batch_stats
@@ -476,18 +487,31 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     if z_batch:
         z_sums, dw1_rel, _ = relation_backward(ops, w1f, z_bn, dh, sums=True, write=False)
         z_bn[4:] = z_sums / count
-        dz = relation_backward(ops, w1f, z_bn, dh, sums=False, write=True)[2]
-    else:
-        z_sums, dw1_rel, dz = relation_backward(ops, w1f, z_bn, dh, sums=True, write=True)
+    a, tp = a.contiguous(), ops.tp
+    da = tp.new_empty((ops.batch, r, ops.k2))
+    dtp = torch.empty_like(tp)
+    dz_bytes = ops.batch * r * ops.length * 4
+    parts = []
+    with torch.autocast(tp.device.type, enabled=False):        # the products stay float32
+        for rows in _batch_slices(ops.batch, 4 if dz_bytes >= DZ_SLICE_MIN_BYTES else 1):
+            part = _operands(tp[rows], gx_mean[rows], a[rows], z[rows] if z.numel() else z)
+            sums_part, dw1_part, dz = relation_backward(part, w1f, z_bn, dh[rows], sums=not z_batch, write=True)
+            parts.append((sums_part, dw1_part))
+            torch.bmm(dz, tp[rows].transpose(1, 2), out=da[rows])
+            torch.bmm(a[rows].transpose(1, 2), dz, out=dtp[rows])
+            del dz
+    if not z_batch:     # the slices' sums, added in a fixed order
+        z_sums, dw1_rel = (torch.stack(t).sum(dim=0) for t in zip(*parts))
     sums = torch.cat([torch.cat([z_sums, torch.zeros_like(z_sums[:1])]), h_sums], dim=1)
-    return dz, dgx_mean, torch.cat([dw1_pool[:, None], dw1_rel], dim=1), sums
+    return da, dtp, dgx_mean, torch.cat([dw1_pool[:, None], dw1_rel], dim=1), sums
 
 
 @gate_logit_backward.register_fake
 def _(dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, *rest):
     new = lambda *shape: tp.new_empty(shape, dtype=torch.float32)  # noqa: E731
     hidden, r = w1.shape[0], (z.shape[1] if z.numel() else a.shape[1])
-    return new(tp.shape[0], r, tp.shape[2]), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
+    batch, k2, length = tp.shape
+    return new(batch, r, k2), new(batch, k2, length), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
 
 
 def _gate_logit_setup(ctx, inputs, output):
@@ -499,21 +523,20 @@ def _gate_logit_setup(ctx, inputs, output):
 def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit):
     """The gradients of ``gate_logit`` from its inputs and the logit's gradient: (dtp, dgx_mean, dwg,
     dw1, dw2, d_bn_weight, d_bn_bias). The kernels for the attention network and the relation
-    BatchNorm (``gate_logit_backward``), then PyTorch through Z = A tp, A = [W_in phi^T | W_out theta^T]:
-    four batched matmuls."""
+    BatchNorm, and the products through Z = A tp (``gate_logit_backward``), then PyTorch through
+    A = [W_in phi^T | W_out theta^T]: two batched matmuls into tp's gradient, two for W_in, W_out."""
     if a.numel() == 0:
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
-    dz, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
+    da, dtp, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
         dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats)
-    _, k2, length = tp.shape
-    k, r = k2 // 2, dz.shape[1]
-    da = torch.bmm(dz, tp.transpose(1, 2))
-    dtp = torch.bmm(a.transpose(1, 2), dz)
+    batch, k2, length = tp.shape
+    k, r = k2 // 2, da.shape[1]
     wf = weight_matrix(wg, compute_dtype).float()
     w_in, w_out = wf[:, :length], wf[:, length:]
     da_in, da_out = da[:, :, :k], da[:, :, k:]
-    dtp[:, k:] += torch.matmul(da_in.transpose(1, 2), w_in)
-    dtp[:, :k] += torch.matmul(da_out.transpose(1, 2), w_out)
+    # tp's gradient through A's factors (theta, phi), added in place: dphi += dA_in^T W_in, dtheta += dA_out^T W_out
+    dtp[:, k:].baddbmm_(da_in.transpose(1, 2), w_in.expand(batch, -1, -1))
+    dtp[:, :k].baddbmm_(da_out.transpose(1, 2), w_out.expand(batch, -1, -1))
     dw_in = torch.einsum("brk,bkl->rl", da_in, tp[:, k:])
     dw_out = torch.einsum("brk,bkl->rl", da_out, tp[:, :k])
     dwg = torch.cat([dw_in, dw_out], dim=1).to(wg.dtype).view(wg.shape)

@@ -1,8 +1,17 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import pytest
-import torch
+# A fresh inductor cache per test session: PyTorch's compile caches do not see changes to a custom
+# op's autograd formula or fake (pytorch/pytorch#144344), and a stale entry would test old code.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rga_triton_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reference/, bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # helpers

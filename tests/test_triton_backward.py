@@ -57,9 +57,17 @@ def _assert_grads_close(actual, expected, names):
 MODES = [(True,) * 5, (False,) * 5, (True, False, True, False, True), (False, True, False, True, False)]
 
 
+@pytest.fixture(params=["dz-whole", "dz-sliced"])
+def dz_slices(request, monkeypatch):
+    """dZ written and consumed in one piece (test shapes are small), or a slice of the batch at a time."""
+    if request.param == "dz-sliced":
+        monkeypatch.setattr(rga_triton.ops, "DZ_SLICE_MIN_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("modes", MODES, ids=["train", "eval", "mixed-a", "mixed-b"])
 @pytest.mark.parametrize("name", ["spatial", "channel"])
-def test_relation_gate_function_matches_autograd(name, modes):
+def test_relation_gate_function_matches_autograd(name, modes, dz_slices):
     """relation_gate: tp, gx_mean -> logit before the last BatchNorm, every input's gradient."""
     module = _module()
     branch = module.branch(name)
@@ -216,7 +224,7 @@ class _RelationSpy:
 
 
 @pytest.mark.parametrize("keep", ["kept", "rebuilt"])
-def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep):
+def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep, dz_slices):
     """Z in memory, or rebuilt from A and tp in every pass (triton_autograd.keeps_z): both exact."""
     monkeypatch.setattr(triton_autograd, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
     spy = _RelationSpy()

@@ -16,7 +16,9 @@
 # log and the CSV rows written so far.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q --no-deps -e . >/dev/null
+# the machine keeps its torch and Triton; PYTHONPATH too, in case its pip cannot build (no setuptools >= 77 there)
+python -m pip install -q --no-deps -e . >/dev/null 2>&1 || echo "pip install -e . failed: using PYTHONPATH" >&2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 what="${1:?usage: bash bench/gpu_session.sh all|tests|tune|train|step|paper}"
 log="bench/results/gpu_session_${what}.log"
 mkdir -p bench/results

@@ -155,6 +155,36 @@ def test_projection_function_matches_autograd(name, modes, gated):
     _assert_grads_close(actual, expected, names)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "in-gate"])
+@pytest.mark.parametrize("view", ["spatial", "channel"])
+def test_projection_grads_add_into_a_given_dx(view, gated, dtype):
+    """projection_grads(dx=buffer), as the threaded eager backward calls it, adds x's gradient into
+    the buffer in place (a slice of the batch at a time where x is half or gated): the same as a
+    new dx added to it. 5 images: slices of uneven size."""
+    gen = torch.Generator().manual_seed(3)
+    batch, c, h, w, k = 5, 12, 3, 7, 4
+    cin, length = (c, h * w) if view == "spatial" else (h * w, c)
+    x = torch.randn(batch, c, h, w, generator=gen).to(dtype)
+    in_gate = torch.rand(batch, cin, generator=gen) if gated else None
+    norm = torch.stack([torch.ones(3 * k), torch.zeros(3 * k), torch.randn(3 * k, generator=gen),
+                        torch.rand(3 * k, generator=gen) + 0.5])
+    args = (x, in_gate, torch.randn(3 * k, cin, generator=gen).to(dtype), torch.rand(3 * k, generator=gen) + 0.5,
+            torch.randn(3 * k, generator=gen), norm, view, dtype, [True, False, True],
+            torch.randn(batch, 2 * k, length, generator=gen), torch.randn(batch, length, generator=gen))
+    fresh, gate_grad, *param_grads = rga_triton.ops.projection_grads(*args)
+    start = torch.randn(x.shape, generator=gen).to(dtype)
+    buffer = start.clone()
+    into, gate_grad_into, *param_grads_into = rga_triton.ops.projection_grads(*args, dx=buffer)
+    assert into is buffer
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=4e-3)
+    torch.testing.assert_close(buffer.float(), start.float() + fresh.float(), **tol)
+    assert (gate_grad is None) == (not gated)
+    for a, b in zip([gate_grad] + param_grads, [gate_grad_into] + param_grads_into, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert rga_triton.ops.projection_grads(*args, needs=(False, True, True))[0] is None
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded-grad"])
 @pytest.mark.parametrize("gates", ["spatial", "channel", "both"])
 def test_apply_gates_backward_matches_autograd(gates, layout):

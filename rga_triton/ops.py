@@ -196,7 +196,7 @@ def _projection_setup(ctx, inputs, output):
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
 
-def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 4):
+def _gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 8):
     """(batch slices, operand): ``operand(rows)`` is the operand the projection kernel multiplied for
     those images, float32 in x's (B, C, N) layout: x rounded to the compute dtype (a no-op but
     under autocast), or x scaled by in_gate along the branch's input axis (C for the spatial
@@ -235,8 +235,9 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
     in place (the block's backward sums every branch's share in one buffer); else dx is new.
 
     PyTorch: large matmuls and elementwise work, which the backend already does at bandwidth.
-    Written to keep few temporaries alive: one (B, 3K, L) buffer carries P, then dy, then dP, and
-    the gated input (when there is one) exists a few images at a time.
+    Written to keep few temporaries alive: P (B, 3K, L) is normalised in place and freed once dy,
+    which becomes dP in place, has its batch-statistics terms; the gated input (when there is one)
+    and grad x's float32 temporaries exist a few images at a time.
 
     X (B, Cin, L) is xg (B, C, N) for the spatial view and its transpose for the channel view,
     so every product below is taken in xg's layout (no transposed copy of x or dx).
@@ -287,9 +288,7 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
                 dw3.addmm_(dp[rows].transpose(0, 1).reshape(3 * k, -1), xg.reshape(-1, xg.shape[2]))
             del xg
         dw3 = dw3.to(w3.dtype).view(w3.shape)
-    # grad x takes float32 temporaries of a slice's size where it takes any: an eighth of the batch
-    dx_slices = slices if len(slices) == 1 else _batch_slices(batch, 8)
-    dx, d_gate = _input_grads(x, in_gate, w3c, dp, spatial, dx_slices, dx, need_x, need_gate and in_gate is not None)
+    dx, d_gate = _input_grads(x, in_gate, w3c, dp, spatial, slices, dx, need_x, need_gate and in_gate is not None)
     return dx, d_gate, dw3, sum_g.to(bn_weight.dtype), sum_b.to(bn_bias.dtype)
 
 

@@ -29,20 +29,26 @@ class LiveTensorBytes(TorchDispatchMode):
 
     exclude: tensors alive before the step (inputs, parameters); views of them count nothing.
     min_bytes: count only storages at least this large (say x's size, to count x-sized buffers).
+    snapshot: keep ``at_peak``, the (bytes, "shape dtype") of every storage live at the peak,
+    largest first: what a step's peak is made of.
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = (), min_bytes: int = 1):
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), min_bytes: int = 1, snapshot: bool = False):
         super().__init__()
         self.excluded = {_storage_key(t) for t in exclude}
         self.min_bytes = max(1, min_bytes)
         self.tensors_on = {}        # storage key -> number of live tensors on it
         self.live = 0
         self.peak = 0
+        self.snapshot = snapshot
+        self.described = {}         # storage key -> its first tensor's "shape dtype" (snapshot only)
+        self.at_peak = []
 
     def _release(self, key) -> None:
         self.tensors_on[key] -= 1
         if self.tensors_on[key] == 0:
             del self.tensors_on[key]
+            self.described.pop(key, None)
             self.live -= key[1]
 
     def _track(self, t: torch.Tensor) -> None:
@@ -54,7 +60,12 @@ class LiveTensorBytes(TorchDispatchMode):
         if key not in self.tensors_on:
             self.tensors_on[key] = 0
             self.live += key[1]
-            self.peak = max(self.peak, self.live)
+            if self.snapshot:
+                self.described[key] = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+            if self.live > self.peak:
+                self.peak = self.live
+                if self.snapshot:
+                    self.at_peak = sorted(((k[1], self.described[k]) for k in self.tensors_on), reverse=True)
         self.tensors_on[key] += 1
         weakref.finalize(t, self._release, key)
 

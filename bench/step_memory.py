@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from bench import impls, timing  # noqa: E402
 from bench.impls import Case  # noqa: E402
+from bench.live_memory import LiveTensorBytes  # noqa: E402
 
 BRANCHES = ("RGA-S", "RGA-C", "RGA-SC")
 
@@ -35,20 +36,27 @@ def _shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def step_peaks(case: Case, names: list[str], device: torch.device) -> dict[str, float]:
-    """Peak MB of one train step of each implementation on the same inputs and parameters."""
+def step_peaks(case: Case, names: list[str], device: torch.device, breakdown: int = 0):
+    """Peak MB of one train step of each implementation on the same inputs and parameters, and (CPU,
+    ``breakdown`` > 0) the ``breakdown`` largest (bytes, "shape dtype") of the tensors live at its peak."""
     state = impls.master_state(case, device)
     x, grad_out = impls.make_inputs(case, device)
-    peaks = {}
+    peaks, parts = {}, {}
     for name in names:
         module, _ = impls.build(name, case, state, device)
         fn, resets, _ = impls.make_step(module, x, grad_out, train=True)
         fn()                                         # first call: autotuning, caches
         held = [x, grad_out, *module.parameters(), *module.buffers()]
         peaks[name], _ = timing.peak_memory(fn, device, resets, held)
+        if breakdown and device.type == "cpu":       # the same step again, recording what its peak holds
+            for t in resets:
+                t.grad = None                        # the step creates its gradients, as measured above
+            with LiveTensorBytes(held, snapshot=True) as tracker:
+                fn()
+            parts[name] = tracker.at_peak[:breakdown]
         del module, fn
         impls.free_memory(device)
-    return peaks
+    return peaks, parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--impls", default="reference,torch,triton",
                         help="comma-separated, from reference, torch, triton, triton-tiled")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="CPU: also list the N largest tensors live at each step's peak")
     args = parser.parse_args(argv)
     names = args.impls.split(",")
     unknown = [n for n in names if n not in ("reference", "torch", "triton", "triton-tiled")]
@@ -72,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--impls: the Triton path cannot run here ({reason})")
     c, h, w = args.shape
     case = Case(c, h, w, args.batch, args.branch, "train", args.dtype)
-    peaks = step_peaks(case, names, device)
+    try:
+        peaks, parts = step_peaks(case, names, device, args.breakdown)
+    except ValueError as error:         # a shape the block cannot take, in the module's own words
+        parser.error(f"--shape {c}x{h}x{w}: {error}")
     x_mb = case.batch * c * h * w * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2 ** 20
     print(f"{args.branch} train step, C={c} at {h}x{w}, B={args.batch}, {args.dtype} on {device.type} "
           f"(x is {x_mb:.1f} MB)")
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"  {name:13s} {peaks[name]:9.1f} MB = {peaks[name] / x_mb:5.1f} x the input = "
               f"{100 * peaks[name] / peaks[first]:5.1f} % of {first}")
+        for nbytes, what in parts.get(name, []):
+            print(f"      {nbytes / 2 ** 20:9.1f} MB = {nbytes / 2 ** 20 / x_mb:5.2f} x  {what}")
     return 0
 
 

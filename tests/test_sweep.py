@@ -90,6 +90,17 @@ def test_live_tensor_bytes_hand_count():
         del d
     assert tracker.live == 0 and tracker.peak == 4004
     assert peak_tensor_bytes(lambda: torch.zeros(250) + torch.zeros(250)) == 3000
+    with LiveTensorBytes([held], snapshot=True) as tracker:       # what the peak is made of, largest first
+        b = held.exp()
+        c = b.sum()
+        del b, c
+        d = torch.zeros(3, 10, dtype=torch.float64)
+        del d
+    assert tracker.at_peak == [(4000, "(1000,) float32"), (4, "() float32")]
+    with LiveTensorBytes([held], min_bytes=1000) as tracker:      # only storages of 1000 bytes or more
+        c = held.exp().sum()
+        del c
+    assert tracker.peak == 4000
 
 
 def test_triton_skipped_without_cuda_or_interpreter(monkeypatch):

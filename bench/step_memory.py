@@ -12,6 +12,7 @@ the ratio to the first one.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -47,13 +48,15 @@ def step_peaks(case: Case, names: list[str], device: torch.device, breakdown: in
         fn, resets, _ = impls.make_step(module, x, grad_out, train=True)
         fn()                                         # first call: autotuning, caches
         held = [x, grad_out, *module.parameters(), *module.buffers()]
-        peaks[name], _ = timing.peak_memory(fn, device, resets, held)
-        if breakdown and device.type == "cpu":       # the same step again, recording what its peak holds
+        if breakdown and device.type == "cpu":       # timing.peak_memory's CPU count, keeping what the peak holds
             for t in resets:
-                t.grad = None                        # the step creates its gradients, as measured above
+                t.grad = None                        # the step creates its gradients
+            gc.collect()
             with LiveTensorBytes(held, snapshot=True) as tracker:
                 fn()
-            parts[name] = tracker.at_peak[:breakdown]
+            peaks[name], parts[name] = tracker.peak / 2 ** 20, tracker.at_peak[:breakdown]
+        else:
+            peaks[name], _ = timing.peak_memory(fn, device, resets, held)
         del module, fn
         impls.free_memory(device)
     return peaks, parts

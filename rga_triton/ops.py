@@ -122,9 +122,9 @@ def _branch_length(x: Tensor, view: str) -> int:
     return x.shape[2] * x.shape[3] if view == "spatial" else x.shape[1]
 
 
-def _float32_backward(backward):
+def float32_backward(backward):
     """Run a backward formula with autocast off: its products stay float32, as in eager backward
-    (torch.compile traces backward under the forward's autocast state). ctx.device_type: set in setup."""
+    (torch.compile traces backward under the forward's autocast state). ctx.device_type: set in setup or forward."""
     @functools.wraps(backward)
     def run(ctx, *grads):
         if not torch.is_autocast_enabled(ctx.device_type):     # eager backward: nothing to switch off
@@ -328,8 +328,7 @@ def _input_grads(x, in_gate, w3c, dp, spatial: bool, slices, dx, need_x: bool, n
             if d_gate is not None:
                 d_gate[rows] = torch.linalg.vecdot(raw, feats[rows].float(), dim=1)
             if need_x:
-                raw.mul_(in_gate[rows, None, :])
-                out[rows].add_(raw) if beta else out[rows].copy_(raw)
+                _add_into(out[rows], raw.mul_(in_gate[rows, None, :]), beta)
     return dx, d_gate
 
 
@@ -337,13 +336,19 @@ def _add_product(out: Tensor, a: Tensor, b: Tensor, beta: float) -> None:
     """out = beta * out + a @ b (batched), in place; a float32 product rounded once where out is half."""
     if out.dtype == a.dtype:
         out.baddbmm_(a, b, beta=beta)
-    elif beta:
-        out.add_(torch.bmm(a, b))
     else:
-        out.copy_(torch.bmm(a, b))
+        _add_into(out, torch.bmm(a, b), beta)
 
 
-@_float32_backward
+def _add_into(out: Tensor, value: Tensor, beta: float) -> None:
+    """out = beta * out + value in place, beta 0 or 1 (0: out's old contents, uninitialised, are not read)."""
+    if beta:
+        out.add_(value)
+    else:
+        out.copy_(value)
+
+
+@float32_backward
 def _projection_backward(ctx, dtp, dgx_mean):
     x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
     dx, d_gate, dw3, d_weight, d_bias = projection_grads(
@@ -543,7 +548,7 @@ def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, ba
             sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype))
 
 
-@_float32_backward
+@float32_backward
 def _gate_logit_backward(ctx, dlogit):
     return (*gate_logit_grads(*ctx.saved_tensors, ctx.batch_stats, ctx.compute_dtype, dlogit),
             None, None, None, None, None)

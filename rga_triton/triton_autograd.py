@@ -35,7 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .batchnorm import batch_norm, uses_batch_stats
-from .ops import batchnorm_args, projection_grads
+from .ops import batchnorm_args, float32_backward, projection_grads
 from .triton_path import branch_algorithm, compose_gates, compute_dtype, folded, mergeable
 
 ops = torch.ops.rga_triton
@@ -119,17 +119,18 @@ class _ThreadedProjection(torch.autograd.Function):
         tp, gx_mean = ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats)
         ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
         ctx.settings = view, dtype, batch_stats
+        ctx.device_type = x.device.type
         ctx.set_materialize_grads(False)
         return tp, gx_mean, x.view_as(x)
 
     @staticmethod
     @once_differentiable
+    @float32_backward
     def backward(ctx, dtp, dgx_mean, dx):
         # dx: the later readers' gradient, a buffer only this chain holds (the next projection's or
         # apply_gates' new tensor), so adding into it in place is safe
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):     # float32, as ops.py's formulas
-            grads = projection_grads(*ctx.saved_tensors, *ctx.settings, dtp, dgx_mean,
-                                     needs=ctx.needs_input_grad[:3], dx=dx)
+        grads = projection_grads(*ctx.saved_tensors, *ctx.settings, dtp, dgx_mean,
+                                 needs=ctx.needs_input_grad[:3], dx=dx)
         return *grads, None, None, None, None
 
 

@@ -28,9 +28,10 @@ in PyTorch (``triton_path.folded``). Per branch, then ``apply_gates``:
 
 A norm is float32 (4, rows) over a group's BatchNorms, their rows concatenated: scale, shift
 (bn(v) = v * scale + shift), and the mean and 1/std it normalised with; the differentiated
-op takes the group's affine rows (bn_weight, bn_bias) as inputs. ``gate_logit``'s backward
-runs kernels, so it is an op too (``gate_logit_backward``); the other backward formulas are
-PyTorch, traced into the compiled backward. Every group of BatchNorms is passed as the same
+op takes the group's affine rows (bn_weight, bn_bias) as inputs. ``gate_logit``'s and
+``projection``'s backward run kernels, so they are ops too (``gate_logit_backward``,
+``projection_backward``); the rest of the backward formulas are PyTorch, traced into the
+compiled backward. Every group of BatchNorms is passed as the same
 three arguments (:func:`batchnorm_args`), rebuilt inside the op as :class:`BatchNormView`
 objects, which ``triton_path.normalizers`` and ``batchnorm.py`` read like the modules.
 
@@ -45,6 +46,7 @@ nn.BatchNorm2d (1 / num_batches_tracked is a data-dependent float); inside the o
 """
 import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -52,6 +54,7 @@ from torch import Tensor
 
 from .kernels import relation as relation_kernels
 from .kernels import gating
+from .kernels import projection_backward as projection_backward_kernels
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation_backward import hidden_backward, relation_backward
 from .triton_path import Norm, input_views, mergeable, normalizers, weight_matrix
@@ -227,6 +230,13 @@ def _batch_slices(batch: int, pieces: int) -> list:
     return [slice(i, i + step) for i in range(0, batch, step)]
 
 
+PROJECTION_BACKWARDS = ("kernels", "torch")
+PROJECTION_BACKWARD = os.environ.get("RGA_TRITON_PROJECTION_BACKWARD", "kernels")
+"""How the projection is differentiated: ``"kernels"`` (``kernels/projection_backward.py``, 3xTF32 on
+CUDA) or ``"torch"`` (:func:`projection_grads_torch`, PyTorch's float32 matmuls), the formula the
+kernels replaced, kept to measure them against (``RGA_TRITON_PROJECTION_BACKWARD=torch``)."""
+
+
 def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
                      needs=(True, True, True), dx: Optional[Tensor] = None):
     """The gradients of ``projection`` from its inputs and its outputs' gradients (dtp, dgx_mean):
@@ -234,7 +244,50 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
     (three flags, in that order) says no. ``dx``: an x-shaped gradient to add x's gradient into,
     in place (the block's backward sums every branch's share in one buffer); else dx is new.
 
-    PyTorch: large matmuls and elementwise work, which the backend already does at bandwidth.
+    Kernels (see ``kernels/projection_backward.py``): dP (B, 3K, L) is the one temporary of
+    the projection's size; X is read through its strides (no transposed or gated copy of x).
+    """
+    if PROJECTION_BACKWARD not in PROJECTION_BACKWARDS:
+        raise ValueError(f"RGA_TRITON_PROJECTION_BACKWARD must be one of {PROJECTION_BACKWARDS}, "
+                         f"got {PROJECTION_BACKWARD!r}")
+    if PROJECTION_BACKWARD == "torch":
+        return projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats,
+                                      dtp, dgx_mean, needs, dx)
+    need_x, need_gate, need_w3 = needs
+    x = mergeable(x)
+    shape, strides = input_views(x)[view]
+    batch, _, length = shape
+    wc = weight_matrix(w3, compute_dtype)                               # (3K, Cin), as forward multiplied
+    k = wc.shape[0] // 3
+    rows = _bn_rows(bn_weight.detach(), bn_bias.detach(), _norm(norm))
+    batch_rows = torch.tensor(batch_stats, device=x.device).repeat_interleave(k)
+    in_gate = in_gate.detach().contiguous() if in_gate is not None else None
+    dtp = dtp.contiguous() if dtp is not None else x.new_zeros((batch, 2 * k, length), dtype=torch.float32)
+    dgx_mean = dgx_mean.contiguous() if dgx_mean is not None else x.new_zeros((batch, length), dtype=torch.float32)
+    dp, sums = projection_backward_kernels.projection_dp(x, shape, strides, wc, in_gate, rows, batch_rows, dtp,
+                                                         dgx_mean)
+    del dtp, dgx_mean
+    dw3 = None
+    if need_w3:
+        dw3 = projection_backward_kernels.weight_grad(x, shape, strides, wc, dp, in_gate)
+        dw3 = dw3.to(w3.dtype).view(w3.shape)
+    d_gate = None
+    if need_x or (need_gate and in_gate is not None):
+        accumulate = dx is not None
+        if need_x and dx is None:
+            dx = gating.empty_like_merged(x)
+        d_gate = projection_backward_kernels.input_grad(
+            x, shape, strides, wc.float(), dp, in_gate, dx if need_x else None,
+            input_views(dx)[view][1] if need_x else None, accumulate)
+    return (dx if need_x else None), (d_gate if need_gate else None), dw3, sums[1].to(bn_weight.dtype), \
+        sums[0].to(bn_bias.dtype)
+
+
+def projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
+                           needs=(True, True, True), dx: Optional[Tensor] = None):
+    """:func:`projection_grads` as PyTorch ops (``PROJECTION_BACKWARD = "torch"``).
+
+    Large matmuls and elementwise work, which the backend already does at bandwidth.
     Written to keep few temporaries alive: P (B, 3K, L) is normalised in place and freed once dy,
     which becomes dP in place, has its batch-statistics terms; the gated input (when there is one)
     and grad x's float32 temporaries exist a few images at a time.
@@ -348,13 +401,41 @@ def _add_into(out: Tensor, value: Tensor, beta: float) -> None:
         out.copy_(value)
 
 
+@torch.library.custom_op("rga_triton::projection_backward", mutates_args=())
+def projection_backward(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                        norm: Tensor, view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
+                        dtp: Optional[Tensor], dgx_mean: Optional[Tensor],
+                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`projection_grads` with the kernels, as an op (torch.compile traces the backward formula):
+    (dx, d_in_gate, dw3, d_bn_weight, d_bn_bias), each empty (0,) where ``needs`` says no."""
+    grads = projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
+                             needs)
+    empty = x.new_empty((0,))
+    return tuple(g.clone() if i >= 3 else g if g is not None else empty for i, g in enumerate(grads))
+
+
+@projection_backward.register_fake
+def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean, needs):
+    empty = x.new_empty((0,))
+    need_x, need_gate, need_w3 = needs
+    return (_fake_gated(x) if need_x else empty,
+            torch.empty_like(in_gate) if need_gate and in_gate is not None else empty,
+            torch.empty_like(w3) if need_w3 else empty, torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+
+
 @float32_backward
 def _projection_backward(ctx, dtp, dgx_mean):
     x, in_gate, w3, bn_weight, bn_bias, norm = ctx.saved_tensors
-    dx, d_gate, dw3, d_weight, d_bias = projection_grads(
-        x, in_gate, w3, bn_weight, bn_bias, norm, ctx.view, ctx.compute_dtype, ctx.batch_stats, dtp, dgx_mean,
-        needs=ctx.needs_input_grad[:3])
-    return dx, d_gate, dw3, d_weight, d_bias, None, None, None, None
+    args = (x, in_gate, w3, bn_weight, bn_bias, norm, ctx.view, ctx.compute_dtype, ctx.batch_stats, dtp, dgx_mean,
+            list(ctx.needs_input_grad[:3]))
+    if PROJECTION_BACKWARD == "torch":      # PyTorch ops: traced into the compiled backward
+        grads = projection_grads_torch(*args)
+    else:
+        dx, d_gate, dw3, d_weight, d_bias = torch.ops.rga_triton.projection_backward(*args)
+        need_x, need_gate, need_w3 = ctx.needs_input_grad[:3]
+        grads = (dx if need_x else None, d_gate if need_gate and in_gate is not None else None,
+                 dw3 if need_w3 else None, d_weight, d_bias)
+    return (*grads, None, None, None, None)
 
 
 projection.register_autograd(_projection_backward, setup_context=_projection_setup)

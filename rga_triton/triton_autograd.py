@@ -14,8 +14,9 @@ differentiates its own step:
   (B, R, L: R L floats per image, never L x L) is either materialised once in forward (one
   batched matmul, A tp) and read by every later pass, or, where its reduction is short
   (:data:`RECOMPUTE_Z_MAX_K2`), rebuilt tile by tile from A and tp in each pass.
-- ``projection`` differentiates in PyTorch: its backward is large matmuls and elementwise
-  work, which cuBLAS and PyTorch already do at bandwidth. ``apply_gates`` has a backward kernel.
+- ``projection`` has the backward kernels of ``kernels/projection_backward.py`` (P recomputed
+  with BatchNorm and ReLU backward in the epilogue, then grad x and dW3 as matmuls with
+  epilogues); ``apply_gates`` has a backward kernel.
 - x's gradient lives in one buffer in eager training: x is threaded through the projections
   (each hands the next reader of x a view of it, :class:`_ThreadedProjection`), so each
   projection's backward adds its share into the gradient the later readers left.

@@ -18,18 +18,21 @@ import triton  # noqa: E402
 
 from rga_triton.kernels import tuned  # noqa: E402
 
-KERNEL_MODULES = ("projection", "relation", "relation_backward", "gating", "batchnorm", "affinity")
+KERNEL_MODULES = ("projection", "projection_backward", "relation", "relation_backward", "gating", "batchnorm",
+                  "affinity")
 for _name in KERNEL_MODULES:
     importlib.import_module(f"rga_triton.kernels.{_name}")
 
 # Boolean switches: the value launches use most first, the other one compiled once.
 SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE": (False, True),
             "SUMS": (True, False), "WRITE": (True, False), "HAS_SPATIAL": (True, False),
-            "HAS_CHANNEL": (True, False), "HAS_AFFINE": (True, False), "UPDATE": (True, False)}
+            "HAS_CHANNEL": (True, False), "HAS_AFFINE": (True, False), "UPDATE": (True, False),
+            "STORE_DP": (True, False), "WRITE_DX": (True, False), "ACCUMULATE": (True, False)}
 FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32, "BLOCK_C": 64, "BLOCK_COLS": 64}
 FLOAT_SCALARS = {"factor", "eps"}
 HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16
-UNTUNED = {"_bn_finalize_kernel": ("batchnorm", [{}])}
+UNTUNED = {"_bn_finalize_kernel": ("batchnorm", [{}]),
+           "_projection_dp_kernel": ("projection_backward", [dict(BLOCK_ROWS=32, BLOCK_L=128)])}
 
 
 def kernel(name: str):

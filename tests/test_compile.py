@@ -14,6 +14,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import rga_triton.ops
 from helpers import make_pair, rel_err
 from rga_triton import RGAModule
 from rga_triton import backend as backend_mod
@@ -131,16 +132,20 @@ def _recording_backend(seen):
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
 
 
-def test_graphs_hold_the_ops_forward_and_backward():
+@pytest.mark.parametrize("projection_backward", ["kernels", "torch"])
+def test_graphs_hold_the_ops_forward_and_backward(projection_backward, monkeypatch):
     """One graph each way: train mode calls every op per branch (the mutating ones functionalized),
-    eval mode no mutating op (running statistics fold in PyTorch)."""
+    eval mode no mutating op (running statistics fold in PyTorch). The projection's backward is an
+    op with its kernels, PyTorch ops traced into the graph with its PyTorch formula."""
+    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", projection_backward)
     module, x = _block()
     seen = {"forward": [], "backward": []}
     compiled = torch.compile(module.train(), fullgraph=True, backend=_recording_backend(seen))
     compiled(x.clone().requires_grad_(True)).sum().backward()
     per_branch = ["projection_norm", "projection", "relation", "relation_norm", "gate_logit"]
     assert sorted(seen["forward"]) == sorted(2 * per_branch + ["apply_gates"])
-    assert sorted(seen["backward"]) == ["apply_gates_backward"] + ["gate_logit_backward"] * 2
+    assert sorted(seen["backward"]) == sorted(["apply_gates_backward"] + ["gate_logit_backward"] * 2
+                                              + ["projection_backward"] * 2 * (projection_backward == "kernels"))
     seen["forward"].clear()
     with torch.no_grad():
         compiled.eval()(x)

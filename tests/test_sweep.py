@@ -362,9 +362,10 @@ def test_results_dir_names_are_normalised():
 
 def test_step_memory_stays_a_fraction_of_the_reference():
     """bench/step_memory.py on one shape: a train step's peak memory, the gradients included.
-    The bounds leave ~25% headroom over what the current code measures (triton 3.55x the input
-    since grad x lives in one buffer, 4.5x before; torch 9.0x, reference 19.2x); a step that
-    starts keeping another x-sized tensor fails them."""
+    The bounds leave ~25% headroom over what the current code measures (triton 3.2x the input
+    since the projection's backward runs as kernels, 3.55x before, 4.5x before grad x lived in
+    one buffer; torch 9.0x, reference 19.2x); a step that starts keeping another x-sized tensor
+    fails them."""
     from bench import step_memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = ["reference", "torch"] + ([] if impls.triton_unavailable(device) else ["triton"])
@@ -374,7 +375,7 @@ def test_step_memory_stays_a_fraction_of_the_reference():
     assert peaks["reference"] > 15 * x_mb                  # it does hold (B, N, N) affinities
     assert peaks["torch"] <= 0.6 * peaks["reference"] and peaks["torch"] <= 11 * x_mb, peaks
     if "triton" in peaks:
-        assert peaks["triton"] <= 0.3 * peaks["reference"] and peaks["triton"] <= 4.4 * x_mb, peaks
+        assert peaks["triton"] <= 0.3 * peaks["reference"] and peaks["triton"] <= 4.0 * x_mb, peaks
 
 
 def test_spec_float32_rate_follows_the_matmul_tf32_switch():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rga_triton
+import rga_triton.kernels.projection_backward
 from helpers import TOLERANCE, compare_steps, grad_error, make_pair, rel_err, step
 from rga_triton import backend as backend_mod
 from rga_triton.batchnorm import batch_norm
@@ -109,16 +110,40 @@ def test_relation_gate_function_matches_autograd(name, modes, dz_slices):
                                            "h weight", "h bias"])
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "in-gate"])
-@pytest.mark.parametrize("modes", MODES[:3], ids=["train", "eval", "mixed"])
-@pytest.mark.parametrize("name", ["spatial", "channel"])
-def test_projection_function_matches_autograd(name, modes, gated):
-    """project: x (and the other branch's gate) -> tp, gx_mean, every input's gradient."""
-    module = _module(c=19, h=5, w=7)
+@pytest.fixture(params=rga_triton.ops.PROJECTION_BACKWARDS)
+def projection_backward(request, monkeypatch):
+    """The projection differentiated by its kernels, or by the PyTorch formula they replaced."""
+    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", request.param)
+    return request.param
+
+
+SIZES = {"small": (3, 19, 5, 7), "tiles": (3, 70, 9, 33)}
+"""(B, C, H, W) of the projection tests: one block of everything, or several row blocks (3K = 69 and
+111), position tiles and statistics splits (L = 297 in the spatial branch), with dW3 reduced over
+the whole batch in one program (the kernels only, in train mode)."""
+
+
+PROJECTION_CASES = [
+    pytest.param(size, name, modes, gated, backward, id=f"{backward}-{size}-{name}-{mode_id}-{gate_id}")
+    for backward in rga_triton.ops.PROJECTION_BACKWARDS
+    for size in (SIZES if backward == "kernels" else ["small"])
+    for name in ("spatial", "channel")
+    for modes, mode_id in zip(MODES[:3] if size == "small" else MODES[:1], ("train", "eval", "mixed"))
+    for gated, gate_id in ((False, "plain"), (True, "in-gate"))]
+
+
+@pytest.mark.parametrize("size, name, modes, gated, backward", PROJECTION_CASES)
+def test_projection_function_matches_autograd(size, name, modes, gated, backward, monkeypatch):
+    """project: x (and the other branch's gate) -> tp, gx_mean, every input's gradient; differentiated
+    by the kernels (every size) or the PyTorch formula (small)."""
+    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", backward)
+    monkeypatch.setattr(rga_triton.kernels.projection_backward, "WEIGHT_GRAD_PROGRAMS", 1)
+    batch, c, h, w = SIZES[size]
+    module = _module(c=c, h=h, w=w)
     branch = module.branch(name)
     _set_modes(branch, modes)
-    x = torch.randn(3, 19, 5, 7, dtype=torch.float64)
-    gate_width = 19 if name == "spatial" else 35
+    x = torch.randn(batch, c, h, w, dtype=torch.float64)
+    gate_width = c if name == "spatial" else h * w
     in_gate = torch.rand(3, gate_width, dtype=torch.float64) if gated else None
     bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
     convs = [seq[0].weight for seq in (branch.theta, branch.phi, branch.gx)]
@@ -135,7 +160,7 @@ def test_projection_function_matches_autograd(name, modes, gated):
     inputs = [x64] + ([g64] if gated else []) + params
     expected = _grads(outputs, inputs, grad_outs)
 
-    fast_module = _module(c=19, h=5, w=7).float().to(DEVICE)
+    fast_module = _module(c=c, h=h, w=w).float().to(DEVICE)
     fast_module.load_state_dict(module.state_dict())
     fast_branch = fast_module.branch(name)
     _set_modes(fast_branch, modes)
@@ -158,7 +183,7 @@ def test_projection_function_matches_autograd(name, modes, gated):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "in-gate"])
 @pytest.mark.parametrize("view", ["spatial", "channel"])
-def test_projection_grads_add_into_a_given_dx(view, gated, dtype):
+def test_projection_grads_add_into_a_given_dx(view, gated, dtype, projection_backward):
     """projection_grads(dx=buffer), as the threaded eager backward calls it, adds x's gradient into
     the buffer in place (a slice of the batch at a time where x is half or gated): the same as a
     new dx added to it. 5 images: slices of uneven size."""

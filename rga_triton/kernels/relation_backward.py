@@ -36,25 +36,13 @@ import triton
 import triton.language as tl
 
 from .relation import RelationOperands, _block_h, _hidden_tile, _z_tile
+from .stats import load_bn_rows
 from .tuned import tuned
 from .tuning import STAT_SPLIT, n_splits
 
 GROUPS = 128
 """(image, position tile) groups of the relation backward: its partials are at most (GROUPS, Hd, R)
 whatever the batch and resolution, and GROUPS times the R blocks keeps a GPU busy."""
-
-
-@triton.jit
-def _load_bn(bn_ptr, offs, mask, rows):
-    """A BatchNorm's backward description at channels ``offs``: float32 (6, rows) holding
-    mean, inv_std, weight, bias, c_b, c_g (built by ``rga_triton.ops._bn_rows``)."""
-    mean = tl.load(bn_ptr + offs, mask=mask, other=0.0)
-    inv_std = tl.load(bn_ptr + rows + offs, mask=mask, other=0.0)
-    weight = tl.load(bn_ptr + 2 * rows + offs, mask=mask, other=0.0)
-    bias = tl.load(bn_ptr + 3 * rows + offs, mask=mask, other=0.0)
-    c_b = tl.load(bn_ptr + 4 * rows + offs, mask=mask, other=0.0)
-    c_g = tl.load(bn_ptr + 5 * rows + offs, mask=mask, other=0.0)
-    return mean, inv_std, weight, bias, c_b, c_g
 
 
 _HIDDEN_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
@@ -77,7 +65,7 @@ def _hidden_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_p
     b = tl.program_id(1).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HIDDEN
-    mean, inv_std, weight, bias, c_b, c_g = _load_bn(h_bn_ptr, offs_h, h_mask, HIDDEN)
+    mean, inv_std, weight, bias, c_b, c_g = load_bn_rows(h_bn_ptr, offs_h, h_mask, HIDDEN)
     w2 = tl.load(w2_ptr + offs_h, mask=h_mask, other=0.0)
     w_pool = tl.load(w1_ptr + offs_h * (R + 1), mask=h_mask, other=0.0)
     sum_b = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -140,7 +128,7 @@ def _relation_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_bn_ptr, dh_ptr, dz
     r_mask = offs_r < R
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HIDDEN
-    mean, inv_std, weight, bias, c_b, c_g = _load_bn(z_bn_ptr, offs_r, r_mask, R)
+    mean, inv_std, weight, bias, c_b, c_g = load_bn_rows(z_bn_ptr, offs_r, r_mask, R)
     # W1's relation columns, transposed: (BLOCK_R, BLOCK_H)
     w1_t = tl.load(w1_ptr + offs_h[None, :] * (R + 1) + 1 + offs_r[:, None],
                    mask=r_mask[:, None] & h_mask[None, :], other=0.0)

@@ -1,4 +1,5 @@
-"""In-kernel statistics: a Welford/Chan merge of one tile into running (mean, M2, count)."""
+"""In-kernel statistics: a Welford/Chan merge of one tile into running (mean, M2, count), and the
+BatchNorm rows that backward kernels read."""
 import triton
 import triton.language as tl
 
@@ -22,3 +23,16 @@ def store_partials(stats_ptr, rows, row_mask, rows_total, n_cols, col, mean, m2)
     """Write one program's (mean, M2) into column ``col`` of the partials (2, rows_total, n_cols)."""
     tl.store(stats_ptr + rows * n_cols + col, mean, mask=row_mask)
     tl.store(stats_ptr + (rows_total + rows) * n_cols + col, m2, mask=row_mask)
+
+
+@triton.jit
+def load_bn_rows(bn_ptr, offs, mask, rows):
+    """A BatchNorm's backward description at channels ``offs``: float32 (6, rows) holding
+    mean, inv_std, weight, bias, c_b, c_g (built by ``rga_triton.ops._bn_rows``)."""
+    mean = tl.load(bn_ptr + offs, mask=mask, other=0.0)
+    inv_std = tl.load(bn_ptr + rows + offs, mask=mask, other=0.0)
+    weight = tl.load(bn_ptr + 2 * rows + offs, mask=mask, other=0.0)
+    bias = tl.load(bn_ptr + 3 * rows + offs, mask=mask, other=0.0)
+    c_b = tl.load(bn_ptr + 4 * rows + offs, mask=mask, other=0.0)
+    c_g = tl.load(bn_ptr + 5 * rows + offs, mask=mask, other=0.0)
+    return mean, inv_std, weight, bias, c_b, c_g

@@ -131,7 +131,7 @@ STORE = ConfigStore()
 class TunedKernel:
     """A ``@triton.jit`` kernel launched with a stored config when the GPU's file has one."""
 
-    def __init__(self, fn, space: list[dict], key: list[str], **config_kw):
+    def __init__(self, fn, space: list[dict], key: list[str], restore_value: tuple = (), **config_kw):
         self.fn = fn
         self.name = fn.__name__
         self.key = key
@@ -141,7 +141,9 @@ class TunedKernel:
         full = config_space(space, **config_kw)
         # every (blocks, num_warps, num_stages) the space holds, pinned or not: what a stored config may be
         self.allowed = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in full]
-        self.autotuned = triton.autotune(configs=full[:1] if pinned() else full, key=key)(fn)
+        # restore_value: buffers a launch reads and writes, reset between the autotuner's trials
+        self.autotuned = triton.autotune(configs=full[:1] if pinned() else full, key=key,
+                                         restore_value=list(restore_value) or None)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
         KERNELS[self.name] = self
@@ -176,6 +178,7 @@ class TunedKernel:
         return launch
 
 
-def tuned(space: list[dict], key: list[str], **config_kw):
-    """Decorator: ``@tuned(space, key)`` over ``@triton.jit``; see the module docstring."""
-    return lambda fn: TunedKernel(fn, space, key, **config_kw)
+def tuned(space: list[dict], key: list[str], restore_value: tuple = (), **config_kw):
+    """Decorator: ``@tuned(space, key)`` over ``@triton.jit``; see the module docstring. ``restore_value``:
+    the pointer arguments a launch adds into, which autotuning restores after each trial."""
+    return lambda fn: TunedKernel(fn, space, key, restore_value, **config_kw)

@@ -260,11 +260,10 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
     wc = weight_matrix(w3, compute_dtype)                               # (3K, Cin), as forward multiplied
     k = wc.shape[0] // 3
     rows = _bn_rows(bn_weight.detach(), bn_bias.detach(), _norm(norm))
-    batch_rows = torch.tensor(batch_stats, device=x.device).repeat_interleave(k)
     in_gate = in_gate.detach().contiguous() if in_gate is not None else None
     dtp = dtp.contiguous() if dtp is not None else x.new_zeros((batch, 2 * k, length), dtype=torch.float32)
     dgx_mean = dgx_mean.contiguous() if dgx_mean is not None else x.new_zeros((batch, length), dtype=torch.float32)
-    dp, sums = projection_backward_kernels.projection_dp(x, shape, strides, wc, in_gate, rows, batch_rows, dtp,
+    dp, sums = projection_backward_kernels.projection_dp(x, shape, strides, wc, in_gate, rows, batch_stats, dtp,
                                                          dgx_mean)
     del dtp, dgx_mean
     dw3 = None

@@ -180,6 +180,16 @@ def test_projection_function_matches_autograd(size, name, modes, gated, backward
     _assert_grads_close(actual, expected, names)
 
 
+def test_unknown_projection_backward_setting_names_the_variable(monkeypatch):
+    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", "cublas")
+    module = _module().float().to(DEVICE)
+    module.backend = "triton"
+    x = torch.randn(2, 20, 6, 10, device=DEVICE, requires_grad=True)
+    out = module(x)
+    with pytest.raises(ValueError, match="RGA_TRITON_PROJECTION_BACKWARD must be one of .*'cublas'"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "in-gate"])
 @pytest.mark.parametrize("view", ["spatial", "channel"])

@@ -206,13 +206,14 @@ def _weight_grad_kernel(dp_ptr, x_ptr, gate_ptr, w_ptr, dw_ptr, Cin, L, ROWS, B,
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
-def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_rows, dtp, dgx_mean):
+def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp, dgx_mean):
     """dP float32 (B, 3K, L) and the sums float32 (2, 3K): sum dy, sum dy p_hat over images and positions.
 
     x, shape, strides: X as ``projection_stats`` reads it; weight: W3 (3K, Cin) contiguous in the compute
     dtype; in_gate: float32 (B, Cin) or None; bn_rows: float32 (6, 3K) (mean, inv_std, weight, bias, 0, 0),
-    whose batch-statistics terms this fills in for the rows where ``batch_rows`` (bool (3K,)) is set;
-    dtp: float32 (B, 2K, L); dgx_mean: float32 (B, L).
+    whose batch-statistics terms this fills in for the BatchNorms (K rows each) that ``batch_stats``
+    (three flags: theta's, phi's, gx's) says normalised with the batch; dtp: float32 (B, 2K, L);
+    dgx_mean: float32 (B, L).
     """
     batch, cin, length = shape
     rows = weight.shape[0]
@@ -220,14 +221,16 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_rows, dtp, 
     dp = torch.empty((batch, rows, length), device=x.device, dtype=torch.float32)
     partials = torch.empty((2, rows, cols), device=x.device, dtype=torch.float32)
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
-    direct = not bool(batch_rows.any())         # no batch-statistics terms: dP in one pass
+    direct = not any(batch_stats)               # no batch-statistics terms: dP in one pass
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_grad_kernel[grid](x, gate, weight, bn_rows, dtp, dgx_mean, dp, partials, cin, length, rows, cols,
                                   *strides, stride_gb, HAS_GATE=has_gate, STORE_DP=direct, SPLIT=STAT_SPLIT,
                                   DOT_PRECISION=tuning.dot_precision(x.device))
     sums = partials.sum(dim=2)
     if not direct:
-        bn_rows[4:] = torch.where(batch_rows, sums / (batch * length), 0.0)
+        k = rows // 3
+        for i in (i for i, used in enumerate(batch_stats) if used):
+            bn_rows[4:, i * k:(i + 1) * k] = sums[:, i * k:(i + 1) * k] / (batch * length)
         block_rows, block_l = 32, 128
         _projection_dp_kernel[(triton.cdiv(length, block_l), triton.cdiv(rows, block_rows), batch)](
             dp, bn_rows, dtp, dgx_mean, length, rows, BLOCK_ROWS=block_rows, BLOCK_L=block_l)

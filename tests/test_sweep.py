@@ -392,3 +392,18 @@ def test_spec_float32_rate_follows_the_matmul_tf32_switch():
         assert hardware.spec_sheet("NVIDIA H100 80GB HBM3")["tflops"]["float32"] == 494.7
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_step_memory_breakdown_lists_what_the_peak_holds(capsys):
+    """--breakdown N: after each implementation's peak, its N largest live tensors, largest first,
+    which together fit in that peak (and an x-sized one, the output or grad x, is among them)."""
+    import re
+    from bench import step_memory
+    assert step_memory.main(["--shape", "128x16x16", "--batch", "8", "--impls", "torch", "--breakdown", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    peak_mb = float(re.search(r"torch\s+([\d.]+) MB", lines[1]).group(1))
+    parts = [line for line in lines[2:] if re.match(r"\s+[\d.]+ MB = ", line)]
+    assert len(parts) == 3, lines
+    sizes = [float(line.split()[0]) for line in parts]
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) <= peak_mb + 0.05, lines
+    assert any(" 1.00 x  (8, 128, " in line for line in parts), lines      # x is 1 MB

@@ -216,3 +216,12 @@ def test_stale_entry_autotunes_with_one_warning(store, entry, words):
     assert all(words in m for m in messages), messages
     assert tuned.KERNELS["_projection_apply_kernel"].last_source == "autotune"
     assert tuned.KERNELS["_gate_logit_kernel"].last_source == "file"     # the good entries still launch
+
+
+def test_a_kernel_that_adds_into_its_output_is_restored_between_autotune_trials():
+    """grad x's kernel adds into the gradient the block's later readers of x left (ACCUMULATE): each
+    autotune trial must start from that gradient, not from the previous trial's sum."""
+    from rga_triton.kernels import projection_backward, tuned
+    kernel = tuned.KERNELS[projection_backward._input_grad_kernel.name]
+    assert kernel.autotuned.restore_value == ["dx_ptr"]
+    assert all(k.autotuned.restore_value == [] for name, k in tuned.KERNELS.items() if k is not kernel)

@@ -52,12 +52,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .batchnorm import uses_batch_stats
 from .kernels import relation as relation_kernels
 from .kernels import gating
 from .kernels import projection_backward as projection_backward_kernels
-from .kernels.projection import projection_apply, projection_stats
+from .kernels.projection import projection_apply
 from .kernels.relation_backward import hidden_backward, relation_backward
-from .triton_path import Norm, input_views, mergeable, normalizers, weight_matrix
+from .triton_path import Norm, input_views, measure_projection, mergeable, normalizers, weight_matrix
 
 CUMULATIVE = math.nan
 """``momentum`` in ``bn_settings`` for ``momentum=None`` (nn.BatchNorm2d's cumulative average)."""
@@ -144,10 +145,11 @@ _BN = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"     #
 
 @torch.library.custom_op("rga_triton::projection_norm", mutates_args=("bn_buffers",),
                          schema="(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, "
-                                f"{_BN}) -> Tensor")
+                                f"{_BN}) -> (Tensor, Tensor)")
 def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
-    """The norm (4, 3K) of the theta, phi and gx BatchNorms for P = W3 (X * in_gate), when one of them is
-    in train mode (in eval the wrapper folds the running statistics in PyTorch, mutating nothing).
+    """(norm (4, 3K) of the theta, phi and gx BatchNorms, P float32 (B, 3K, L)) for P = W3 (X * in_gate),
+    called when one of them is in train mode (in eval the wrapper folds the running statistics in
+    PyTorch, mutating nothing; P is then empty (0,)). ``projection`` reads P instead of multiplying again.
 
     x: (B, C, H, W), read as the ``view`` branch's X (B, Cin, L); in_gate: float32 (B, Cin)
     or None; w3: (3K, Cin[, 1, 1]). Train-mode BatchNorms measure P's batch statistics and
@@ -160,41 +162,45 @@ def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, 
     k = w3c.shape[0] // 3
     in_gate = in_gate.contiguous() if in_gate is not None else None
     bns = batchnorm_views([k] * 3, bn_affine, bn_buffers, bn_settings)
-    norm = normalizers(bns, lambda: projection_stats(x, shape, strides, w3c, in_gate), batch * length,
-                       (batch, k, length), length)
-    return torch.stack(norm)
+    norm, p = measure_projection(bns, x, shape, strides, w3c, in_gate)
+    return torch.stack(norm), (p if p is not None else x.new_empty((0,), dtype=torch.float32))
 
 
 @projection_norm.register_fake
-def _(x, in_gate, w3, view, compute_dtype, *bn):
-    return x.new_empty((4, w3.shape[0]), dtype=torch.float32)
+def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
+    rows = w3.shape[0]
+    measured = any(uses_batch_stats(bn) for bn in batchnorm_views([rows // 3] * 3, bn_affine, bn_buffers, bn_settings))
+    p_shape = (x.shape[0], rows, _branch_length(x, view)) if measured else (0,)
+    return x.new_empty((4, rows), dtype=torch.float32), x.new_empty(p_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("rga_triton::projection", mutates_args=())
 def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
-               view: str, compute_dtype: torch.dtype, batch_stats: list[bool]) -> tuple[Tensor, Tensor]:
+               view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
+               p: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """tp = [theta; phi] float32 (B, 2K, L) and gx_mean float32 (B, L), normalised with ``norm``.
 
     bn_weight, bn_bias: (3K,) the three BatchNorms' affine rows (ones and zeros where not
     affine); batch_stats: per BatchNorm, whether ``norm`` holds batch statistics. Both
-    only matter to backward.
+    only matter to backward. p: P as ``projection_norm`` kept it, or None or empty (P is multiplied here).
     """
     x = mergeable(x)
     shape, strides = input_views(x)[view]
     in_gate = in_gate.contiguous() if in_gate is not None else None
     norm = _norm(norm)
-    return projection_apply(x, shape, strides, weight_matrix(w3, compute_dtype), norm.scale, norm.shift, in_gate)
+    return projection_apply(x, shape, strides, weight_matrix(w3, compute_dtype), norm.scale, norm.shift, in_gate,
+                            p.contiguous() if p is not None and p.numel() else None)
 
 
 @projection.register_fake
-def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats):
+def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, p=None):
     batch, length, k = x.shape[0], _branch_length(x, view), w3.shape[0] // 3
     return (x.new_empty((batch, 2 * k, length), dtype=torch.float32),
             x.new_empty((batch, length), dtype=torch.float32))
 
 
 def _projection_setup(ctx, inputs, output):
-    x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats = inputs
+    x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, _ = inputs
     ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
 
@@ -434,7 +440,7 @@ def _projection_backward(ctx, dtp, dgx_mean):
         need_x, need_gate, need_w3 = ctx.needs_input_grad[:3]
         grads = (dx if need_x else None, d_gate if need_gate and in_gate is not None else None,
                  dw3 if need_w3 else None, d_weight, d_bias)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 projection.register_autograd(_projection_backward, setup_context=_projection_setup)

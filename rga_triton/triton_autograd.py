@@ -68,10 +68,12 @@ def projection_inputs(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype)
     """The arguments of ``ops.projection`` for the ``view`` branch reading x (scaled by in_gate (B, Cin)
     where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns``
     (theta's, phi's and gx's BatchNorm): measures the batch statistics first where one of them
-    uses them (moving its running statistics in train mode)."""
-    norm = _norm(bns, lambda: ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
-                                                  **batchnorm_args(bns)))
-    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns]
+    uses them (moving its running statistics in train mode), keeping P for ``ops.projection``."""
+    if any(uses_batch_stats(bn) for bn in bns):
+        norm, p = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype, **batchnorm_args(bns))
+    else:
+        norm, p = torch.stack(folded(bns)), None
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], p
 
 
 def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):
@@ -116,8 +118,8 @@ class _ThreadedProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats):
-        tp, gx_mean = ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats)
+    def forward(ctx, x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p):
+        tp, gx_mean = ops.projection(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p)
         ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
         ctx.settings = view, dtype, batch_stats
         ctx.device_type = x.device.type
@@ -132,7 +134,7 @@ class _ThreadedProjection(torch.autograd.Function):
         # apply_gates' new tensor), so adding into it in place is safe
         grads = projection_grads(*ctx.saved_tensors, *ctx.settings, dtp, dgx_mean,
                                  needs=ctx.needs_input_grad[:3], dx=dx)
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 def branch_gate(branch, x: torch.Tensor, view: str, in_gate, tiled: bool, wants_grad: bool,

@@ -27,7 +27,8 @@ for _name in KERNEL_MODULES:
 SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE": (False, True),
             "SUMS": (True, False), "WRITE": (True, False), "HAS_SPATIAL": (True, False),
             "HAS_CHANNEL": (True, False), "HAS_AFFINE": (True, False), "UPDATE": (True, False),
-            "STORE_DP": (True, False), "WRITE_DX": (True, False), "ACCUMULATE": (True, False)}
+            "STORE_DP": (True, False), "WRITE_DX": (True, False), "ACCUMULATE": (True, False),
+            "STORE_P": (True, False), "P_IN": (False, True)}
 FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32, "BLOCK_C": 64, "BLOCK_COLS": 64}
 FLOAT_SCALARS = {"factor", "eps"}
 HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16

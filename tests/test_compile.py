@@ -273,10 +273,16 @@ def test_opcheck_projection_ops(view, train):
     in_gate = torch.rand(x.shape[0], x.shape[1], device=DEVICE) if view == "spatial" else None
     args = (x, in_gate, w3.detach(), view, torch.float32)
     torch.library.opcheck(OPS.projection_norm, args, batchnorm_args(bns))
-    norm = OPS.projection_norm(*args, **batchnorm_args(bns))
+    norm, p = OPS.projection_norm(*args, **batchnorm_args(bns))
     weight, bias = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
-    torch.library.opcheck(OPS.projection, (_leaf(x), in_gate, _leaf(w3), _leaf(weight), _leaf(bias), norm, view,
-                                           torch.float32, [bn.training for bn in bns]))
+    batch_stats = [bn.training for bn in bns]
+    for kept in (p, None):          # P as projection_norm kept it, or multiplied again
+        torch.library.opcheck(OPS.projection, (_leaf(x), in_gate, _leaf(w3), _leaf(weight), _leaf(bias), norm, view,
+                                               torch.float32, batch_stats, kept))
+    tp, gx_mean = OPS.projection(x, in_gate, w3, weight, bias, norm, view, torch.float32, batch_stats, p)
+    torch.library.opcheck(OPS.projection_backward, (x, in_gate, w3.detach(), weight.detach(), bias.detach(), norm,
+                                                    view, torch.float32, batch_stats, torch.randn_like(tp),
+                                                    torch.randn_like(gx_mean), [True, in_gate is not None, True]))
 
 
 @pytest.mark.parametrize("tiled,for_backward,keep_z", [(False, False, False), (True, False, False),
@@ -284,9 +290,9 @@ def test_opcheck_projection_ops(view, train):
 def test_opcheck_relation_ops(tiled, for_backward, keep_z):
     x, branch, bns, w3 = _branch_inputs()
     with torch.no_grad():
-        norm = OPS.projection_norm(x, None, w3, "spatial", torch.float32, **batchnorm_args(bns))
+        norm, p = OPS.projection_norm(x, None, w3, "spatial", torch.float32, **batchnorm_args(bns))
         weight, bias = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
-        tp, gx_mean = OPS.projection(x, None, w3, weight, bias, norm, "spatial", torch.float32, [True] * 3)
+        tp, gx_mean = OPS.projection(x, None, w3, weight, bias, norm, "spatial", torch.float32, [True] * 3, p)
     conv1, bn1, _, conv2, _ = branch.W
     gate_bns = [branch.gg[1], bn1]
     gate_bns[1].eval()          # one BatchNorm with running statistics, one with the batch's

@@ -14,7 +14,8 @@ rounded once, x * in_gate cost up to 6e-2 on train-mode weight gradients (see RE
 
 BatchNorm enters as a per-row (scale, shift): folded running statistics in eval, batch
 statistics in train, which ``projection_stats`` measures first (Welford within a program,
-Chan's merge across programs, all in float32).
+Chan's merge across programs, all in float32). In train the statistics pass also stores P
+(B, 3K, L) float32, and the apply pass reads it instead of multiplying W3 and X again.
 """
 from __future__ import annotations
 
@@ -60,14 +61,19 @@ def _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin
 
 
 @triton.jit
-def _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+def _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, row_mask, offs_l, l_mask, Cin, L, ROWS,
                 stride_xb, stride_xc, stride_xl, stride_gb,
-                HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                HAS_GATE: tl.constexpr, P_IN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                 BLOCK_L: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """ReLU(P[rows, l] * scale[rows] + shift[rows]): the embedding with its BatchNorm as an affine map."""
-    acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
-                        stride_xb, stride_xc, stride_xl, stride_gb,
-                        HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
+    """ReLU(P[rows, l] * scale[rows] + shift[rows]): the embedding with its BatchNorm as an affine map.
+    P_IN: P read from p (B, ROWS, L) float32, as the statistics pass stored it; else multiplied here."""
+    if P_IN:
+        acc = tl.load(p_ptr + b * ROWS * L + rows[:, None] * L + offs_l[None, :],
+                      mask=row_mask[:, None] & l_mask[None, :], other=0.0)
+    else:
+        acc = _project_tile(x_ptr, gate_ptr, w_ptr, b, rows, row_mask, offs_l, l_mask, Cin,
+                            stride_xb, stride_xc, stride_xl, stride_gb,
+                            HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
     return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -75,13 +81,15 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, row_mask,
 
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
         dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64)],
-       key=["Cin", "L", "ROWS", "DOT_PRECISION"])
+       key=["Cin", "L", "ROWS", "STORE_P", "DOT_PRECISION"])
 @triton.jit
-def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_cols,
+def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, ROWS, n_cols,
                              stride_xb, stride_xc, stride_xl, stride_gb,
-                             HAS_GATE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_GATE: tl.constexpr, STORE_P: tl.constexpr, SPLIT: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """stats[:, rows, b * splits + s] = (mean, M2) of P[rows, l] over the positions of split s.
+    """stats[:, rows, b * splits + s] = (mean, M2) of P[rows, l] over the positions of split s;
+    STORE_P: p[b] = P (ROWS, L) float32 too.
 
     Grid: (splits, cdiv(ROWS, BLOCK_ROWS), B). stats: float32 (2, ROWS, n_cols).
     """
@@ -100,19 +108,23 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, Cin, L, ROWS, n_
                             stride_xb, stride_xc, stride_xl, stride_gb,
                             HAS_GATE, BLOCK_C, BLOCK_ROWS, BLOCK_L, DOT_PRECISION)
         mean, m2, count = welford_merge(acc, l_mask, mean, m2, count)
+        if STORE_P:
+            tl.store(p_ptr + b * ROWS * L + rows[:, None] * L + offs_l[None, :], acc,
+                     mask=row_mask[:, None] & l_mask[None, :])
     store_partials(stats_ptr, rows, row_mask, ROWS, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
 @tuned([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
         dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
         dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)],
-       key=["Cin", "L", "K", "DOT_PRECISION"])
+       key=["Cin", "L", "K", "P_IN", "DOT_PRECISION"])
 @triton.jit
-def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,
+def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,
                              stride_xb, stride_xc, stride_xl, stride_gb,
-                             HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_GATE: tl.constexpr, P_IN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """tp[b] = [theta; phi] (2K, L) and gx_mean[b] (L,), float32.
+    """tp[b] = [theta; phi] (2K, L) and gx_mean[b] (L,), float32, from P multiplied here or (P_IN) read
+    from p (B, 3K, L).
 
     Grid: (cdiv(L, BLOCK_L), 2 * cdiv(K, BLOCK_K) + 1, B). The last program row of axis 1
     reduces the gx section over all K channels (gx itself is never stored).
@@ -127,8 +139,9 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
         offs_k = (pid_r % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         rows = section * K + offs_k
-        y = _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
-                        stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L, DOT_PRECISION)
+        y = _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask, Cin, L,
+                        3 * K, stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, P_IN, BLOCK_C, BLOCK_K, BLOCK_L,
+                        DOT_PRECISION)
         tl.store(tp_ptr + b * 2 * K * L + rows[:, None] * L + offs_l[None, :], y.to(tp_ptr.dtype.element_ty),
                  mask=k_mask[:, None] & l_mask[None, :])
     else:
@@ -137,9 +150,9 @@ def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, tp_pt
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             rows = 2 * K + offs_k
-            y = _embed_tile(x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask, Cin,
-                            stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, BLOCK_C, BLOCK_K, BLOCK_L,
-                            DOT_PRECISION)
+            y = _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, k_mask, offs_l, l_mask,
+                            Cin, L, 3 * K, stride_xb, stride_xc, stride_xl, stride_gb, HAS_GATE, P_IN, BLOCK_C, BLOCK_K,
+                            BLOCK_L, DOT_PRECISION)
             total += tl.sum(tl.where(k_mask[:, None], y, 0.0), axis=0)
         tl.store(gx_mean_ptr + b * L + offs_l, total / K, mask=l_mask)
 
@@ -150,8 +163,10 @@ def _gate_args(in_gate: torch.Tensor | None, x: torch.Tensor):
     return in_gate, in_gate.stride(0), True
 
 
-def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_gate: torch.Tensor | None = None):
-    """Per-split (mean, M2) of P = W3 (X * in_gate) for each of W3's rows: float32 (2, 3K, B * splits).
+def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_gate: torch.Tensor | None = None,
+                     keep_p: bool = False):
+    """Per-split (mean, M2) of P = W3 (X * in_gate) for each of W3's rows: float32 (2, 3K, B * splits),
+    and with ``keep_p`` P itself, float32 (B, 3K, L), for ``projection_apply`` to read (else None).
 
     x: the tensor X is read from; shape, strides: X's (B, Cin, L) and its strides in x;
     weight: (3K, Cin) contiguous in the compute dtype (x's, or autocast's); in_gate: float32 (B, Cin) or None.
@@ -160,19 +175,21 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     rows = weight.shape[0]
     cols = batch * n_splits(length)
     stats = torch.empty((2, rows, cols), device=x.device, dtype=torch.float32)
+    p = torch.empty((batch, rows, length), device=x.device, dtype=torch.float32) if keep_p else None
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
-    _projection_stats_kernel[grid](x, gate, weight, stats, cin, length, rows, cols, *strides, stride_gb,
-                                   HAS_GATE=has_gate, SPLIT=STAT_SPLIT,
+    _projection_stats_kernel[grid](x, gate, weight, stats, p if keep_p else stats, cin, length, rows, cols, *strides,
+                                   stride_gb, HAS_GATE=has_gate, STORE_P=keep_p, SPLIT=STAT_SPLIT,
                                    DOT_PRECISION=tuning.dot_precision(x.device))
-    return stats
+    return stats, p
 
 
 def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scale: torch.Tensor,
-                     shift: torch.Tensor, in_gate: torch.Tensor | None = None):
+                     shift: torch.Tensor, in_gate: torch.Tensor | None = None, p: torch.Tensor | None = None):
     """theta and phi stacked, (B, 2K, L) float32, and gx's channel mean (B, L) float32.
 
-    scale, shift: float32 (3K,), the BatchNorm of each row of W3 as an affine map.
+    scale, shift: float32 (3K,), the BatchNorm of each row of W3 as an affine map; p: P float32 (B, 3K, L)
+    as ``projection_stats`` kept it (read instead of multiplying W3 and X again), or None.
     """
     batch, cin, length = shape
     k = weight.shape[0] // 3
@@ -182,7 +199,7 @@ def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scal
     gx_mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
-    _projection_apply_kernel[grid](x, gate, weight, scale, shift, tp, gx_mean, cin, length, k, *strides, stride_gb,
-                                   HAS_GATE=has_gate, DOT_PRECISION=tuning.dot_precision(x.device))
+    _projection_apply_kernel[grid](x, gate, weight, p if p is not None else tp, scale, shift, tp, gx_mean, cin,
+                                   length, k, *strides, stride_gb, HAS_GATE=has_gate, P_IN=p is not None,
+                                   DOT_PRECISION=tuning.dot_precision(x.device))
     return tp, gx_mean
-

@@ -10,7 +10,7 @@ autotuning. On a miss it autotunes over the kernel's config space as
 File format::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
-     "kernels": {"_projection_apply_kernel": {"Cin=2048,DOT_PRECISION=tf32x3,K=256,L=256,dtype=float32":
+     "kernels": {"_projection_apply_kernel": {"Cin=2048,DOT_PRECISION=tf32x3,K=256,L=256,P_IN=False,dtype=float32":
                  {"BLOCK_K": 64, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 8, "num_stages": 3}}},
      "algorithms": {"K=32,L=2048,R=256,dtype=float32,pass=train": "reassociated"}}
 

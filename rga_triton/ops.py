@@ -413,10 +413,12 @@ def projection_backward(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_wei
                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`projection_grads` with the kernels, as an op (torch.compile traces the backward formula):
     (dx, d_in_gate, dw3, d_bn_weight, d_bn_bias), each empty (0,) where ``needs`` says no."""
-    grads = projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
-                             needs)
+    dx, d_gate, dw3, d_weight, d_bias = projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view,
+                                                         compute_dtype, batch_stats, dtp, dgx_mean, needs)
     empty = x.new_empty((0,))
-    return tuple(g.clone() if i >= 3 else g if g is not None else empty for i, g in enumerate(grads))
+    # d_weight and d_bias are rows of one tensor of sums, and an op's outputs may not alias each other
+    return (dx if dx is not None else empty, d_gate if d_gate is not None else empty,
+            dw3 if dw3 is not None else empty, d_weight.clone(), d_bias.clone())
 
 
 @projection_backward.register_fake

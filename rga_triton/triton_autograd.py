@@ -69,11 +69,15 @@ def projection_inputs(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype)
     where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns``
     (theta's, phi's and gx's BatchNorm): measures the batch statistics first where one of them
     uses them (moving its running statistics in train mode), keeping P for ``ops.projection``."""
-    if any(uses_batch_stats(bn) for bn in bns):
-        norm, p = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype, **batchnorm_args(bns))
-    else:
-        norm, p = torch.stack(folded(bns)), None
-    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], p
+    kept = {}           # P, where the statistics pass measured (and stored) it
+
+    def measure():
+        norm, kept["p"] = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
+                                              **batchnorm_args(bns))
+        return norm
+
+    norm = _norm(bns, measure)
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], kept.get("p")
 
 
 def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype):

@@ -10,6 +10,7 @@ import triton
 import triton.testing
 
 from .algorithm import ALGORITHMS, branch_dims, bucket
+from .checks import is_positive_int
 from .kernels.tuned import KERNELS, STORE, config_dir, device_file_name
 from .module import RGAModule
 
@@ -135,16 +136,12 @@ def _check_selection(shapes, batch_sizes, branches, dtypes, modes, algorithms) -
         if odd or not values:
             raise ValueError(f"{arg} must be a non-empty selection from {allowed}, got {tuple(values)!r}")
     shapes = [tuple(s) if isinstance(s, (tuple, list)) else s for s in shapes]
-    if not shapes or any(not isinstance(s, tuple) or len(s) != 3 or not all(_positive_int(d) for d in s)
+    if not shapes or any(not isinstance(s, tuple) or len(s) != 3 or not all(is_positive_int(d) for d in s)
                          for s in shapes):
         raise ValueError(f"shapes must be a non-empty list of (C, H, W) positive ints, got {shapes!r}")
-    if not batch_sizes or not all(_positive_int(b) for b in batch_sizes):
+    if not batch_sizes or not all(is_positive_int(b) for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty selection of positive ints, got {tuple(batch_sizes)!r}")
     return shapes
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_device(device) -> torch.device:

@@ -335,6 +335,16 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients():
         assert torch.equal(a, b)
 
 
+def test_double_backward_raises_pytorchs_error():
+    """The kernels' backward is once differentiable: differentiating it again is PyTorch's RuntimeError,
+    never a silently wrong second derivative (README: use backend="torch" for gradient penalties)."""
+    _, fast, x = make_pair(12, 5, 6, 2, cha_ratio=2, spa_ratio=3, down_ratio=2, device=DEVICE, backend="triton")
+    xin = x.float().to(DEVICE).requires_grad_(True)
+    grad_x, = torch.autograd.grad(fast(xin).square().sum(), xin, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.square().sum().backward()
+
+
 @pytest.mark.parametrize("wants", ["x", "params", "frozen-embeddings"])
 def test_partial_requires_grad_matches_reference(wants):
     ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,

@@ -50,22 +50,23 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     cases = [(b, br, dt, m, alg) for b in batch_sizes for br in branches for dt in dtypes for m in modes
              for alg in algorithms]
     progress = _progress(len(shapes) * len(cases), verbose)
-    try:
-        for c, h, w in shapes:
-            for batch, branch, dtype, mode, algorithm in cases:
-                if time.perf_counter() > deadline:
-                    raise TimeoutError
-                module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
-                _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
-                torch.cuda.synchronize(device)
-                progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
-            if len(set(algorithms)) > 1:
-                chosen.update(measure_algorithms([(c, h, w)], batch_sizes, branches, dtypes, modes, device,
-                                                 algorithms, verbose))
-            save_config(path, device_name, kernels, STORE.recorded, chosen)
-    except TimeoutError:
-        if verbose:
-            print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
+    with torch.cuda.device(device):     # Triton launches, and do_bench times, on the current device
+        try:
+            for c, h, w in shapes:
+                for batch, branch, dtype, mode, algorithm in cases:
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError
+                    module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
+                    _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
+                    torch.cuda.synchronize(device)
+                    progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
+                if len(set(algorithms)) > 1:
+                    chosen.update(measure_algorithms([(c, h, w)], batch_sizes, branches, dtypes, modes, device,
+                                                     algorithms, verbose))
+                save_config(path, device_name, kernels, STORE.recorded, chosen)
+        except TimeoutError:
+            if verbose:
+                print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
     kernels = save_config(path, device_name, kernels, STORE.recorded, chosen)
     STORE.table, STORE.algorithms = kernels, chosen
     if verbose:

@@ -1,6 +1,7 @@
 """Which implementation runs a call: ``"torch"`` or ``"triton"``, and why."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -109,3 +110,18 @@ def warn_once(reason: str) -> None:
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
         warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=4)
+
+
+def on_device_of(t: torch.Tensor):
+    """A context in which ``t``'s CUDA device is the current one, for eager Triton launches.
+
+    Triton launches on the current device whatever tensors it is handed (PyTorch's own CUDA
+    ops switch to their inputs' device; a Python launcher does not), so a module on cuda:1 run
+    while cuda:0 is current would launch its kernels on the wrong GPU. Backward needs no guard:
+    the autograd engine runs each device's nodes with that device current. Neither do compiled
+    graphs, whose wrapper code sets the device itself.
+    """
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+

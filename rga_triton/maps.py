@@ -50,7 +50,8 @@ class _TritonAffinity(torch.autograd.Function):
     def forward(ctx, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         from .kernels.affinity import affinity as triton_affinity
         ctx.save_for_backward(theta, phi)
-        return triton_affinity(theta, phi)
+        with _backend.on_device_of(theta):
+            return triton_affinity(theta, phi)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .algorithm import branch_dims, choose
+from .backend import on_device_of
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
                         uses_batch_stats)
 from .cache import memo
@@ -225,8 +226,9 @@ def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
         return torch_forward(module, x)
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    # torch.compile traces the custom ops (ops.py); fused_forward reads modules and memoises by data_ptr
-    if wants_grad or torch.compiler.is_compiling():
-        from .triton_autograd import autograd_forward      # imports this module
-        return autograd_forward(module, x, wants_grad)
-    return fused_forward(module, x)
+    with on_device_of(x):
+        # torch.compile traces the custom ops (ops.py); fused_forward reads modules and memoises by data_ptr
+        if wants_grad or torch.compiler.is_compiling():
+            from .triton_autograd import autograd_forward      # imports this module
+            return autograd_forward(module, x, wants_grad)
+        return fused_forward(module, x)

@@ -238,3 +238,55 @@ def test_memoised_constants_follow_parameter_and_buffer_updates():
         ref.load_state_dict(make_pair(20, 6, 10, 3, cha_ratio=3, down_ratio=4, seed=7)[0].state_dict())
         fast.load_state_dict(ref.state_dict())
         assert rel_err(fast(xd), ref(x)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("wants_grad", [False, True], ids=["no-grad", "grad"])
+def test_kernels_launch_inside_the_inputs_device_guard(monkeypatch, wants_grad):
+    """Triton launches on the current CUDA device, so the Triton path makes x's device current
+    (``backend.on_device_of``) before its first launch; here a spy stands in for the guard and
+    the output pass checks that it runs inside."""
+    from rga_triton import triton_path
+    from rga_triton.kernels import gating
+    guarded, seen = [], []
+
+    class Spy:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            guarded.append(self.t)
+
+        def __exit__(self, *exc):
+            guarded.pop()
+
+    def spying(launch):
+        def run(x, *args):
+            seen.append(bool(guarded) and guarded[-1].data_ptr() == x.data_ptr())   # x or a view of it
+            return launch(x, *args)
+        return run
+
+    monkeypatch.setattr(triton_path, "on_device_of", Spy)
+    monkeypatch.setattr(triton_path, "apply_gates", spying(triton_path.apply_gates))
+    monkeypatch.setattr(gating, "apply_gates", spying(gating.apply_gates))
+    _, fast, x = _pair(TAIL_SHAPES[0])
+    x = x.float().to(DEVICE).requires_grad_(wants_grad)
+    with torch.set_grad_enabled(wants_grad):
+        fast(x)
+    assert seen == [True]
+
+
+def test_device_guard_is_a_no_op_off_cuda():
+    with backend_mod.on_device_of(torch.zeros(1)):
+        pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_module_on_the_second_gpu_matches_the_first():
+    ref, fast, x = _pair(TAIL_SHAPES[0])
+    x = x.float()
+    out = {}
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        with torch.cuda.device(0):      # cuda:0 current, whatever the module's device
+            out[index] = fast.to(device).eval()(x.to(device)).cpu()
+    assert torch.equal(out[0], out[1])

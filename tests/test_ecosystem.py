@@ -1,4 +1,4 @@
-"""convert(), load_checkpoint(), torch.compile, DistributedDataParallel, and the examples."""
+"""convert(), load_checkpoint(), torch.compile, inference_mode and activation checkpointing, DistributedDataParallel, and the examples."""
 from __future__ import annotations
 
 import argparse

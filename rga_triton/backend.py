@@ -63,6 +63,27 @@ def triton_unsupported_reason(x: torch.Tensor) -> str | None:
     return None
 
 
+MAX_HIDDEN = 128
+"""The widest attention-network hidden layer the Triton kernels take: RGA-Net's widest (the first
+stage of a 512 x 256 input). The kernels hold a position tile's hidden activations in one block,
+and the relation backward kernel's shared memory grows with it: at 128 its configs need 48 to
+160 KiB (sm_90, two pipeline stages; autotuning skips those a GPU cannot hold, and every GPU
+since Turing holds the smallest), at 256 up to 320 KiB, past any GPU's. Every config of every
+kernel compiles at this width in CI (tests/compile_kernels.py)."""
+
+
+def module_unsupported_reason(module) -> str | None:
+    """Why the Triton kernels cannot take ``module``'s shapes, or None when they can."""
+    for name, size, ratio in (("spatial", "in_spatial", "spa_ratio"), ("channel", "in_channel", "cha_ratio")):
+        net = getattr(module, f"W_{name}", None)
+        if net is not None and net[0].out_channels > MAX_HIDDEN:
+            return (f"the {name} branch's attention network has {net[0].out_channels} hidden channels "
+                    f"((1 + {size} // {ratio}) // down_ratio with {size}={getattr(module, size)}, "
+                    f"{ratio}={getattr(module, ratio)}, down_ratio={module.down_ratio}) and the Triton kernels "
+                    f"take at most {MAX_HIDDEN}: raise down_ratio or {ratio}, or use backend='torch'")
+    return None
+
+
 def capability_reason(capability: tuple[int, int], bfloat16: bool, device_name) -> str | None:
     """Why a GPU of ``capability`` cannot run the kernels (``device_name()`` names it), or None.
 
@@ -89,11 +110,12 @@ def check_algorithm(algorithm) -> str:
     return algorithm
 
 
-def resolve(backend: str, x: torch.Tensor) -> str:
-    """The backend that runs ``x``: explicit choices are honoured or refused, ``"auto"`` falls back."""
+def resolve(backend: str, x: torch.Tensor, module=None) -> str:
+    """The backend that runs ``x`` (through ``module``, an RGAModule, where given): explicit choices
+    are honoured or refused, ``"auto"`` falls back."""
     if backend == "torch":
         return "torch"
-    reason = triton_unsupported_reason(x)
+    reason = triton_unsupported_reason(x) or (module_unsupported_reason(module) if module is not None else None)
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run this input: {reason}")

@@ -112,7 +112,7 @@ class RGAModule(nn.Module):
                                  "layers in a process group of several ranks (use backend='torch' or 'auto')")
             _backend.warn_once("train-mode SyncBatchNorm synchronises its statistics on the torch path")
             backend = "torch"
-        if _backend.resolve(backend, x) == "triton":
+        if _backend.resolve(backend, x, self) == "triton":
             from .triton_path import rga_forward as triton_forward
             return triton_forward(self, x)
         return torch_forward(self, x)

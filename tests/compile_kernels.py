@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
+from rga_triton.backend import MAX_HIDDEN  # noqa: E402
 from rga_triton.kernels import tuned  # noqa: E402
 
 KERNEL_MODULES = ("projection", "projection_backward", "relation", "relation_backward", "gating", "batchnorm",
@@ -62,8 +63,9 @@ def variants(name: str) -> list[tuple[str, dict, bool]]:
     out = [(f"{name}-config{i}", {**base, **blocks}, False) for i, blocks in enumerate(space)]
     for switch in (a for a in constexpr if a in SWITCHES):
         out.append((f"{name}-{switch}={SWITCHES[switch][1]}", {**base, **space[0], switch: SWITCHES[switch][1]}, False))
-    if "BLOCK_H" in constexpr:      # 512 x 256 inputs: 128 hidden channels at the first stage
-        out.append((f"{name}-BLOCK_H=128", {**base, **space[0], "BLOCK_H": 128}, False))
+    if "BLOCK_H" in constexpr:      # the widest hidden layer the kernels take (512 x 256 inputs' first stage)
+        out += [(f"{name}-BLOCK_H={MAX_HIDDEN}-config{i}", {**base, **blocks, "BLOCK_H": MAX_HIDDEN}, False)
+                for i, blocks in enumerate(space)]
     if HALF_POINTERS & set(inspect.signature(jit.fn).parameters):
         values = {**base, **space[0]}
         if "HAS_GATE" in values:        # a gated half-precision operand takes its own branch (hi + lo)

@@ -224,6 +224,32 @@ def test_triton_without_gpu_or_interpreter_says_so(monkeypatch):
         fast.cpu()(x.float())     # a CPU tensor, no interpreter
 
 
+def test_too_wide_attention_network_is_refused_or_falls_back(monkeypatch):
+    """(1 + 128 // 1) // 1 = 129 hidden channels, over backend.MAX_HIDDEN: backend="triton" names the
+    arguments; "auto" runs the torch path (matching the reference) after one warning that says why."""
+    ref, fast, x = make_pair(4, 8, 16, 2, use_channel=False, cha_ratio=2, spa_ratio=1, down_ratio=1,
+                             device=DEVICE, backend="triton")
+    assert backend_mod.MAX_HIDDEN == 128
+    with pytest.raises(ValueError, match=r"spatial branch's attention network has 129 hidden channels "
+                                         r"\(\(1 \+ in_spatial // spa_ratio\) // down_ratio with in_spatial=128, "
+                                         r"spa_ratio=1, down_ratio=1\) and the Triton kernels take at most 128"):
+        fast(x.float().to(DEVICE))
+    fast.backend = "auto"
+    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    with pytest.warns(UserWarning, match="129 hidden channels"):
+        out = fast(x.float().to(DEVICE))
+    assert rel_err(out.double().cpu(), ref(x)) <= TOLERANCE_TF32
+
+
+def test_widest_attention_network_taken_matches_reference():
+    """(1 + 255) // 2 = 128 hidden channels, backend.MAX_HIDDEN: the kernels' largest hidden block."""
+    ref, fast, x = make_pair(4, 15, 17, 2, use_channel=False, cha_ratio=2, spa_ratio=1, down_ratio=2,
+                             device=DEVICE, backend="triton")
+    assert fast.W_spatial[0].out_channels == backend_mod.MAX_HIDDEN
+    compare_steps(ref, fast, x, True, TOLERANCE[torch.float32] if DEVICE == "cpu" else TOLERANCE_TF32,
+                  torch.float32, device=DEVICE, steps=1)
+
+
 def test_memoised_constants_follow_parameter_and_buffer_updates():
     ref, fast, x = _pair(TAIL_SHAPES[0])
     ref.eval(), fast.eval()

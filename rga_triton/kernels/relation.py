@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import MAX_HIDDEN
 from .stats import store_partials, welford_merge
 from .tuned import tuned
 from . import tuning
@@ -258,6 +259,8 @@ class RelationOperands:
 
 
 def _block_h(hidden: int) -> int:
+    if hidden > MAX_HIDDEN:     # RGAModule sends such modules to the torch path (backend.module_unsupported_reason)
+        raise ValueError(f"the attention network's hidden width {hidden} exceeds the kernels' {MAX_HIDDEN}")
     return max(16, triton.next_power_of_2(hidden))
 
 

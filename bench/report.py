@@ -27,11 +27,20 @@ def _ratio(value) -> str:
     return "-" if value is None else f"x{value:.3g}"
 
 
+HOST_BOUND = 0.9
+"""A row whose host time (``host_ms``: Python, dispatch, launches) is at least this share of its
+median time is host-bound: timed alone, the GPU waits for the host between kernels."""
+
+
+def host_bound(row) -> bool:
+    return bool(row.get("host_ms") and row["time_ms_median"] and row["host_ms"] >= HOST_BOUND * row["time_ms_median"])
+
+
 def _cell(row) -> str:
     if row is None:
         return ""
     if row["status"] == "ok":
-        text = f"{row['time_ms_median']:.3g}"
+        text = f"{row['time_ms_median']:.3g}" + (" (host)" if host_bound(row) else "")
         return text + (" (wrong)" if row["correct"] is False else "")
     return {"oom": "OOM", "skipped": "skip", "error": "ERR", "interpreted": "interp."}.get(row["status"], row["status"])
 
@@ -113,7 +122,10 @@ def write_summary(csv_path: str, md_path: str) -> str:
         groups[(key[5], key[6], key[4])].append(key)
     for (mode, dtype, branch), keys in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         lines.append(f"## {mode}{' (forward + backward)' if mode == 'train' else ' (forward)'}, {dtype}, {branch}\n")
-        lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation.\n")
+        lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation. "
+                     "`(host)`: host-bound, the host took at least 90 % of that time to issue the step "
+                     "(column `host_ms`), so the GPU idled between kernels; in a model, earlier work queued on "
+                     "the GPU hides that.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")

@@ -54,7 +54,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 COLUMNS = [
     "impl", "algorithm", "branch", "mode", "dtype", "batch", "C", "H", "W", "N", "input_hw", "stage",
     "status", "correct", "rel_err", "rel_err_grad_x", "tolerance", "tolerance_grad_x", "checked_against",
-    "time_ms_median", "time_ms_p20", "time_ms_p80", "runs", "first_call_s", "peak_mem_mb",
+    "time_ms_median", "time_ms_p20", "time_ms_p80", "runs", "host_ms", "first_call_s", "peak_mem_mb",
     "flops", "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference",
     "ceiling_tflops", "ceiling_gbps", "spec_tflops", "spec_gbps", "spec_label", "note",
     "device", "driver", "cuda", "torch", "triton", "python", "tf32", "git_commit", "timestamp",
@@ -324,7 +324,7 @@ class Sweep:
             return
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
         row.update(time_ms_median=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, runs=t.runs,
-                   status="ok")
+                   host_ms=timing.host_ms(fn, self.device, resets), status="ok")
         seconds = t.median_ms * 1e-3
         row["tflops"] = row["flops"] / seconds / 1e12
         row["gbps"] = row["min_bytes"] / seconds / 1e9

@@ -112,6 +112,41 @@ def _time_cuda(fn, repeat, grad_to_none, estimate_ms) -> Timing:
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+HOST_CALLS = 5
+"""Calls timed back to back by :func:`host_ms` (their launches must fit the GPU's launch queue)."""
+SPIN_CYCLES = 100_000_000
+"""GPU cycles of the spin kernel that keeps the GPU busy while the host issues a step (~50 ms)."""
+
+
+def host_ms(fn: Callable[[], object], device: torch.device,
+            grad_to_none: Sequence[torch.Tensor] | None = None) -> float | None:
+    """The host's time to issue one ``fn()`` on CUDA, in ms: Python, dispatch and kernel launches,
+    measured while a spin kernel (``torch.cuda._sleep``) keeps the GPU busy, so no launch waits
+    for the GPU. A step whose host time reaches its GPU time is host-bound: timed alone, the GPU
+    idles between its kernels; inside a model, earlier work queued on the GPU hides that.
+    None on the CPU, without the spin kernel, or when the call waited for the GPU anyway (a
+    synchronising step: its host time cannot be told from the spin's)."""
+    if device.type != "cuda" or not hasattr(torch.cuda, "_sleep"):
+        return None
+    _reset(grad_to_none)
+    fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    torch.cuda._sleep(SPIN_CYCLES)
+    torch.cuda.synchronize(device)
+    spin_ms = (time.perf_counter() - start) * 1e3
+    times = []
+    for _ in range(HOST_CALLS):
+        _reset(grad_to_none)
+        torch.cuda._sleep(SPIN_CYCLES)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize(device)
+    host = float(np.median(times))
+    return host if host < 0.5 * spin_ms else None
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device,
                 grad_to_none: Sequence[torch.Tensor] | None = None,
                 held: Sequence[torch.Tensor] | None = None) -> tuple[float | None, float]:

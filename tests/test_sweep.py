@@ -14,8 +14,8 @@ from reference import RGA_Module
 
 REQUIRED_COLUMNS = {
     "impl", "C", "H", "W", "N", "batch", "branch", "mode", "dtype", "status", "correct", "rel_err",
-    "time_ms_median", "time_ms_p20", "time_ms_p80", "peak_mem_mb", "flops", "min_bytes", "tflops", "gbps",
-    "device", "driver", "torch", "triton", "python",
+    "time_ms_median", "time_ms_p20", "time_ms_p80", "host_ms", "peak_mem_mb", "flops", "min_bytes", "tflops",
+    "gbps", "device", "driver", "torch", "triton", "python",
 }
 TINY = ["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--dtypes", "float32", "--repeat", "2", "--quiet"]
 
@@ -61,6 +61,7 @@ def test_sweep_rows_columns_and_correctness(tiny_sweep):
         assert r["status"] == "ok", r
         t20, t50, t80 = (float(r[k]) for k in ("time_ms_p20", "time_ms_median", "time_ms_p80"))
         assert 0 < t20 <= t50 <= t80
+        assert r["host_ms"] == ""      # host-bound or not is a GPU question (bench/timing.host_ms)
         assert float(r["peak_mem_mb"]) > 0     # CPU: live tensor bytes (bench/live_memory.py)
         assert int(r["flops"]) > 0 and int(r["min_bytes"]) > 0
         assert float(r["tflops"]) == pytest.approx(int(r["flops"]) / (t50 * 1e-3) / 1e12, rel=1e-3)
@@ -119,6 +120,32 @@ def test_sweep_plots_and_summary(tiny_sweep):
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
     assert "## Headline" in summary and "| torch |" in summary and "64x8x8" in summary
+
+
+def test_host_bound_rows_are_marked_in_the_summary(tmp_path):
+    """A row whose host time reaches 90 % of its median time is marked (host) in summary.md."""
+    from bench import report
+    rows = []
+    for impl, median, host in (("reference", "10.0", "1.0"), ("torch", "2.0", "1.9"), ("triton", "1.0", "0.5")):
+        row = {k: "" for k in sweep.COLUMNS}
+        row.update(impl=impl, branch="RGA-SC", mode="train", dtype="float32", batch="64", C="2048", H="16", W="8",
+                   N="128", status="ok", correct="True", time_ms_median=median, time_ms_p20=median,
+                   time_ms_p80=median, host_ms=host, peak_mem_mb="1", device="GPU", torch="x", python="x")
+        rows.append(row)
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = open(report.write_summary(str(path), str(tmp_path / "summary.md"))).read()
+    assert "| 10 | 2 (host) | 1 |" in summary
+    assert report.host_bound({"host_ms": 0.9, "time_ms_median": 1.0})
+    assert not report.host_bound({"host_ms": None, "time_ms_median": 1.0})
+
+
+def test_host_time_is_a_gpu_measure():
+    from bench import timing
+    assert timing.host_ms(lambda: None, torch.device("cpu")) is None
 
 
 def test_plots_standalone_on_existing_csv(tiny_sweep, tmp_path):

@@ -52,11 +52,24 @@ class ConfigStore:
     """The tuned configs of one device, loaded once from its JSON file."""
 
     def __init__(self):
+        self.generation = 0         # counts the tables set: launches memoise their lookups per generation
         self.device_name: str | None = None
         self.table: dict[str, dict[str, dict]] = {}
         self.algorithms: dict[str, str] = {}          # algorithm bucket -> "reassociated" or "tiled"
         self.recorded: dict[str, dict[str, dict]] = {}
         self.rejected: set[tuple[str, str]] = set()     # (kernel, bucket) entries warned about
+        self._names: dict[tuple, str] = {}            # (device type, index) -> device name
+
+    @property
+    def table(self) -> dict[str, dict[str, dict]]:
+        """kernel -> bucket -> stored config. Set it whole (never edit it in place): setting it starts a
+        new generation, which drops every launch's memoised lookup."""
+        return self._table
+
+    @table.setter
+    def table(self, value: dict[str, dict[str, dict]]) -> None:
+        self._table = value
+        self.generation += 1
 
     def reset(self) -> None:
         self.device_name = None
@@ -66,7 +79,10 @@ class ConfigStore:
         self.rejected = set()
 
     def ensure_loaded(self, device: torch.device) -> None:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        key = (device.type, device.index)
+        name = self._names.get(key)
+        if name is None:        # asked once per device: every launch calls this
+            name = self._names[key] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if name == self.device_name:
             return
         self.device_name, self.table, self.algorithms, self.rejected = name, {}, {}, set()
@@ -146,7 +162,16 @@ class TunedKernel:
                                          restore_value=list(restore_value) or None)(fn)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
+        self.resolved: dict[str, tuple[int, triton.Config | None]] = {}   # bucket -> (STORE generation, lookup)
         KERNELS[self.name] = self
+
+    def stored_config(self, bucket: str) -> triton.Config | None:
+        """``STORE.lookup`` of this kernel's bucket, memoised until the store's table is replaced."""
+        generation, config = self.resolved.get(bucket, (None, None))
+        if generation != STORE.generation:
+            config = STORE.lookup(self.name, bucket, self.allowed)
+            self.resolved[bucket] = (STORE.generation, config)
+        return config
 
     def bucket(self, bound: dict) -> str:
         dtype = next((v.dtype for v in bound.values() if isinstance(v, torch.Tensor)), None)
@@ -159,7 +184,7 @@ class TunedKernel:
             device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
             STORE.ensure_loaded(device)
             bucket = self.bucket(bound)
-            config = STORE.lookup(self.name, bucket, self.allowed)
+            config = self.stored_config(bucket)
             if config is not None:
                 self.last_source = "file"
                 meta = dict(config.kwargs)

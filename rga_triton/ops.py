@@ -47,10 +47,12 @@ nn.BatchNorm2d (1 / num_batches_tracked is a data-dependent float); inside the o
 import functools
 import math
 import os
-from typing import NamedTuple, Optional
+from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .batchnorm import uses_batch_stats
 from .kernels import relation as relation_kernels
@@ -141,10 +143,51 @@ def float32_backward(backward):
 
 _BN = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"     # see batchnorm_args
 
+IMPLS: dict[str, Callable] = {}
+"""Each op's Python implementation, by op name. Eager autograd calls them directly (see
+:data:`eager`): the dispatcher costs 80 to 90 us per call of ours on a 2-core CPU, a third of
+a small block's host time; torch.compile traces the registered ops."""
+
+
+def _op(name: str, **kwargs):
+    """``torch.library.custom_op("rga_triton::<name>", ...)`` that also keeps the function in :data:`IMPLS`."""
+    def register(fn):
+        IMPLS[name] = fn
+        return torch.library.custom_op(f"rga_triton::{name}", **kwargs)(fn)
+    return register
+
+
+def _backward_op(ctx, name: str):
+    """The op a backward formula calls: its implementation under an eager Function (``ctx.eager``),
+    else the registered op, which a compiled backward traces."""
+    return IMPLS[name] if getattr(ctx, "eager", False) else getattr(torch.ops.rga_triton, name)
+
+
+def _eager_function(name: str, setup_context, backward):
+    """The differentiable op ``name`` as a ``torch.autograd.Function`` around its implementation: the same
+    forward, saved tensors and backward formula as the registered op, without the dispatcher."""
+    impl = IMPLS[name]
+
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.eager = True
+            return output
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    EagerOp.__name__ = EagerOp.__qualname__ = f"{name}_eager"
+    return EagerOp.apply
+
 
 # ---- projection: x -> theta, phi (stacked as tp) and gx's channel mean ------------------------------------
 
-@torch.library.custom_op("rga_triton::projection_norm", mutates_args=("bn_buffers",),
+@_op("projection_norm", mutates_args=("bn_buffers",),
                          schema="(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, "
                                 f"{_BN}) -> (Tensor, Tensor)")
 def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
@@ -175,7 +218,7 @@ def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
     return x.new_empty((4, rows), dtype=torch.float32), x.new_empty(p_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("rga_triton::projection", mutates_args=())
+@_op("projection", mutates_args=())
 def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
                view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
                p: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -258,7 +301,7 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
         sums[0].to(bn_bias.dtype)
 
 
-@torch.library.custom_op("rga_triton::projection_backward", mutates_args=())
+@_op("projection_backward", mutates_args=())
 def projection_backward(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                         norm: Tensor, view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
                         dtp: Optional[Tensor], dgx_mean: Optional[Tensor],
@@ -290,7 +333,7 @@ def _projection_backward(ctx, dtp, dgx_mean):
     if PROJECTION_BACKWARD == "torch":      # PyTorch ops: traced into the compiled backward
         grads = projection_grads_torch(*args)
     else:
-        dx, d_gate, dw3, d_weight, d_bias = torch.ops.rga_triton.projection_backward(*args)
+        dx, d_gate, dw3, d_weight, d_bias = _backward_op(ctx, "projection_backward")(*args)
         need_x, need_gate, need_w3 = ctx.needs_input_grad[:3]
         grads = (dx if need_x else None, d_gate if need_gate and in_gate is not None else None,
                  dw3 if need_w3 else None, d_weight, d_bias)
@@ -302,7 +345,7 @@ projection.register_autograd(_projection_backward, setup_context=_projection_set
 
 # ---- relation embedding and attention network: tp, gx_mean -> the gate's logit ---------------------------
 
-@torch.library.custom_op("rga_triton::relation", mutates_args=())
+@_op("relation", mutates_args=())
 def relation(tp: Tensor, wg: Tensor, tiled: bool, for_backward: bool, keep_z: bool,
              compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(a, z) of one branch: a = [W_in phi^T | W_out theta^T] float32 (B, R, 2K), z = a tp float32 (B, R, L).
@@ -335,7 +378,7 @@ def _(tp, wg, tiled, for_backward, keep_z, compute_dtype):
             tp.new_empty((batch, r, length) if tiled or keep_z else (0,)))
 
 
-@torch.library.custom_op("rga_triton::relation_norm", mutates_args=("bn_buffers",),
+@_op("relation_norm", mutates_args=("bn_buffers",),
                          schema=f"(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, {_BN}) -> Tensor")
 def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
     """The norm (4, R + Hd) of the relation BatchNorm (rows of Z), then of the hidden one (rows of h).
@@ -365,7 +408,7 @@ def _split_norm(norm: Tensor, r: int):
     return _norm(norm[:, :r]), _norm(norm[:, r:])
 
 
-@torch.library.custom_op("rga_triton::gate_logit", mutates_args=())
+@_op("gate_logit", mutates_args=())
 def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                a: Tensor, z: Tensor, norm: Tensor, batch_stats: list[bool], compute_dtype: torch.dtype) -> Tensor:
     """The gate's logit before the last BatchNorm, float32 (B, L), from ``relation``'s (a, z) and the norm
@@ -398,7 +441,7 @@ would take at least this many bytes: at RGA-Net's stage 1 (spatial branch) and s
 (channel branch) it is as large as x or larger, and a train step's peak is where it lives."""
 
 
-@torch.library.custom_op("rga_triton::gate_logit_backward", mutates_args=())
+@_op("gate_logit_backward", mutates_args=())
 def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
                         bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
                         batch_stats: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -464,14 +507,16 @@ def _gate_logit_setup(ctx, inputs, output):
     ctx.batch_stats, ctx.compute_dtype, ctx.device_type = batch_stats, compute_dtype, tp.device.type
 
 
-def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit):
+def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit,
+                     kernels=None):
     """The gradients of ``gate_logit`` from its inputs and the logit's gradient: (dtp, dgx_mean, dwg,
     dw1, dw2, d_bn_weight, d_bn_bias). The kernels for the attention network and the relation
     BatchNorm, and the products through Z = A tp (``gate_logit_backward``), then PyTorch through
-    A = [W_in phi^T | W_out theta^T]: two batched matmuls into tp's gradient, two for W_in, W_out."""
+    A = [W_in phi^T | W_out theta^T]: two batched matmuls into tp's gradient, two for W_in, W_out.
+    ``kernels``: what runs ``gate_logit_backward`` (default: the op)."""
     if a.numel() == 0:
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
-    da, dtp, dgx_mean, dw1, sums = torch.ops.rga_triton.gate_logit_backward(
+    da, dtp, dgx_mean, dw1, sums = (kernels or torch.ops.rga_triton.gate_logit_backward)(
         dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats)
     batch, k2, length = tp.shape
     k, r = k2 // 2, da.shape[1]
@@ -490,7 +535,8 @@ def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, ba
 
 @float32_backward
 def _gate_logit_backward(ctx, dlogit):
-    return (*gate_logit_grads(*ctx.saved_tensors, ctx.batch_stats, ctx.compute_dtype, dlogit),
+    return (*gate_logit_grads(*ctx.saved_tensors, ctx.batch_stats, ctx.compute_dtype, dlogit,
+                              _backward_op(ctx, "gate_logit_backward")),
             None, None, None, None, None)
 
 
@@ -499,7 +545,7 @@ gate_logit.register_autograd(_gate_logit_backward, setup_context=_gate_logit_set
 
 # ---- the output: x * spatial gate * channel gate --------------------------------------------------------
 
-@torch.library.custom_op("rga_triton::apply_gates", mutates_args=())
+@_op("apply_gates", mutates_args=())
 def apply_gates(x: Tensor, spatial: Optional[Tensor], channel: Optional[Tensor]) -> Tensor:
     """out = x * spatial[:, None, :] * channel[:, :, None] (x viewed as (B, C, N)), one kernel pass.
 
@@ -525,7 +571,7 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous() if t is not None else None
 
 
-@torch.library.custom_op("rga_triton::apply_gates_backward", mutates_args=())
+@_op("apply_gates_backward", mutates_args=())
 def apply_gates_backward(grad_out: Tensor, x: Tensor, spatial: Optional[Tensor],
                          channel: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, d_spatial, d_channel) of ``apply_gates`` in one kernel pass over grad_out and x; a gate's
@@ -549,10 +595,20 @@ def _apply_gates_setup(ctx, inputs, output):
 
 def _apply_gates_backward(ctx, grad_out):
     x, spatial, channel = ctx.saved_tensors
-    dx, d_spatial, d_channel = torch.ops.rga_triton.apply_gates_backward(grad_out, x, spatial, channel)
+    dx, d_spatial, d_channel = _backward_op(ctx, "apply_gates_backward")(grad_out, x, spatial, channel)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, d_spatial if spatial is not None and needs[1] else None,
             d_channel if channel is not None and needs[2] else None)
 
 
 apply_gates.register_autograd(_apply_gates_backward, setup_context=_apply_gates_setup)
+
+
+eager = SimpleNamespace(
+    projection_norm=IMPLS["projection_norm"], relation=IMPLS["relation"], relation_norm=IMPLS["relation_norm"],
+    projection=_eager_function("projection", _projection_setup, _projection_backward),
+    gate_logit=_eager_function("gate_logit", _gate_logit_setup, _gate_logit_backward),
+    apply_gates=_eager_function("apply_gates", _apply_gates_setup, _apply_gates_backward))
+"""The ops that ``triton_autograd`` composes, for eager mode: the same implementations and backward
+formulas as ``torch.ops.rga_triton``'s, called directly (the ops that move BatchNorm buffers, or that
+nothing differentiates, as plain functions; the differentiated ones as autograd Functions)."""

@@ -5,6 +5,8 @@ eval, tails) are in test_triton_path.py; here each autograd Function is checked 
 BatchNorms mixing batch and running statistics, and the properties backward must keep:
 repeatable bits, retain_graph, partial requires_grad, no L x L tensor.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,16 +276,17 @@ def test_gradients_are_bitwise_repeatable_under_deterministic_algorithms(algorit
 
 
 class _RelationSpy:
-    """torch.ops.rga_triton, recording whether each ``relation`` call kept Z."""
+    """The eager ops (triton_autograd.EAGER), recording whether each ``relation`` call kept Z."""
 
     def __init__(self):
         self.kept = []
+        self.ops = triton_autograd.EAGER
 
     def __getattr__(self, name):
-        return getattr(torch.ops.rga_triton, name)
+        return getattr(self.__dict__["ops"], name)
 
     def relation(self, *args):
-        a, z = torch.ops.rga_triton.relation(*args)
+        a, z = self.ops.relation(*args)
         self.kept.append(z.numel() > 0)
         return a, z
 
@@ -293,7 +296,7 @@ def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep, dz_s
     """Z in memory, or rebuilt from A and tp in every pass (triton_autograd.keeps_z): both exact."""
     monkeypatch.setattr(triton_autograd, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
     spy = _RelationSpy()
-    monkeypatch.setattr(triton_autograd, "ops", spy)
+    monkeypatch.setattr(triton_autograd, "EAGER", spy)
     ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
                              backend="triton")
     compare_steps(ref, fast, x, train=True, tol=TOL, dtype=torch.float32, device=DEVICE, steps=2)
@@ -343,6 +346,45 @@ def test_double_backward_raises_pytorchs_error():
     grad_x, = torch.autograd.grad(fast(xin).square().sum(), xin, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_x.square().sum().backward()
+
+
+def test_eager_calls_bypass_the_dispatcher_and_traced_calls_do_not(monkeypatch):
+    """Eager training calls the ops' implementations directly (triton_autograd.EAGER); under a dispatch
+    mode (as make_fx and FakeTensor use) the same step goes through the registered ops, one per step,
+    and gives the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    _, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE, backend="triton")
+    fast.train()
+    results = {}
+    for mode in ("eager", "dispatch-mode"):
+        module = copy.deepcopy(fast)
+        xin = x.float().to(DEVICE).requires_grad_(True)
+        seen = Seen()
+        if mode == "eager":
+            out = module(xin)
+            with seen:
+                out.backward(torch.ones_like(out))
+        else:
+            with seen:
+                out = module(xin)
+                out.backward(torch.ones_like(out))
+        ours = [name for name in seen.ops if name.startswith("rga_triton::")]
+        results[mode] = (out.detach(), xin.grad, ours)
+    assert results["eager"][2] == []      # nor does backward dispatch one
+    assert {"rga_triton::projection_norm", "rga_triton::gate_logit", "rga_triton::apply_gates",
+            "rga_triton::gate_logit_backward", "rga_triton::apply_gates_backward"} <= set(results["dispatch-mode"][2])
+    assert torch.equal(results["eager"][0], results["dispatch-mode"][0])
+    assert torch.equal(results["eager"][1], results["dispatch-mode"][1])
 
 
 @pytest.mark.parametrize("wants", ["x", "params", "frozen-embeddings"])

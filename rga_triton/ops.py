@@ -37,7 +37,8 @@ objects, which ``triton_path.normalizers`` and ``batchnorm.py`` read like the mo
 
 Who calls them: ``triton_autograd`` when a gradient is wanted, and every call under
 torch.compile (eager calls without gradients keep ``triton_path.fused_forward``, which
-memoises folded BatchNorms on the modules). What runs before them traces: RGAModule.forward's
+memoises folded BatchNorms on the modules). In eager mode ``triton_autograd`` calls the same
+implementations and backward formulas without the dispatcher (:data:`eager`). What runs before them traces: RGAModule.forward's
 checks (``checks.py``, ``backend.resolve``) read module attributes and tensor metadata,
 which dynamo guards on; a GPU's compute capability and the fallback warning are asked while
 tracing (``torch.compiler.assume_constant_result`` in ``backend.py``). The last BatchNorm of

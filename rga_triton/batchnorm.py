@@ -60,13 +60,17 @@ def batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, update_running_stats: bool =
     return out
 
 
+def distributed() -> bool:
+    """True when a torch.distributed process group exists (SyncBatchNorm can only synchronise then)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
 def synchronised(bn: nn.BatchNorm2d) -> bool:
     """True for a train-mode ``nn.SyncBatchNorm`` whose process group has more than one rank."""
-    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and distributed()):
         return False
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
     return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
 
 

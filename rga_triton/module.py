@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from . import backend as _backend
 from . import checks
-from .batchnorm import synchronised
+from .batchnorm import distributed, synchronised
 from .torch_path import Branch, rga_forward as torch_forward
 
 
@@ -104,8 +104,8 @@ class RGAModule(nn.Module):
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, checks.uniform_parameters(self, first.theta[0].weight))
         backend = self.backend
-        # SyncBatchNorm only synchronises in training: eval calls skip the submodule walk.
-        if backend != "torch" and self.training and any(synchronised(m) for m in self.modules()):
+        # SyncBatchNorm only synchronises in training, in a process group: other calls skip the submodule walk.
+        if backend != "torch" and self.training and distributed() and any(synchronised(m) for m in self.modules()):
             # SyncBatchNorm all-reduces its statistics on the torch path; the kernels do not.
             if backend == "triton":
                 raise ValueError("backend='triton' cannot run this module: it holds train-mode SyncBatchNorm "

@@ -450,6 +450,26 @@ def test_syncbatchnorm_inside_rga_synchronises(ddp_results):
             assert (torch.equal(state[k], v) if "num_batches" in k else rel_err(state[k], v) < 1e-8), (rank, k)
 
 
+def test_synchronised_batchnorm_keeps_the_block_on_the_torch_path(monkeypatch):
+    """Train-mode SyncBatchNorm in a group of several ranks (faked here: one process) synchronises on the
+    torch path only: backend="triton" refuses with a ValueError, "auto" warns once and runs "torch"."""
+    import rga_triton.module as module_mod
+    monkeypatch.setattr(module_mod, "distributed", lambda: True)
+    monkeypatch.setattr(module_mod, "synchronised", lambda m: isinstance(m, nn.SyncBatchNorm) and m.training)
+    monkeypatch.setattr(rga_triton.backend, "_warned_reasons", set())
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(
+        RGAModule(16, 8 * 4, cha_ratio=4, spa_ratio=2, down_ratio=2, backend="triton")).train()
+    x = torch.randn(2, 16, 8, 4)
+    with pytest.raises(ValueError, match="train-mode SyncBatchNorm layers in a process group of several ranks"):
+        block(x)
+    block.backend = "auto"
+    ran = []
+    monkeypatch.setattr(module_mod, "torch_forward", lambda m, x: ran.append("torch") or x)
+    with pytest.warns(UserWarning, match="train-mode SyncBatchNorm synchronises its statistics on the torch path"):
+        block(x)
+    assert ran == ["torch"]
+
+
 # ------------------------------------------------------------------------------------- examples
 
 @pytest.fixture

@@ -204,7 +204,7 @@ def test_bad_constructor_arguments(kw, exc, match):
 
 def test_one_value_per_channel_in_train_fails_like_batchnorm():
     ref = RGA_Module(4, 1, cha_ratio=1, spa_ratio=1, down_ratio=1).double()
-    fast = rga_triton.RGAModule(4, 1, cha_ratio=1, spa_ratio=1, down_ratio=1).double()
+    fast = rga_triton.RGAModule(4, 1, cha_ratio=1, spa_ratio=1, down_ratio=1, backend="torch").double()
     x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel") as expected:
         ref(x)

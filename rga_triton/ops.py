@@ -38,10 +38,10 @@ objects, which ``triton_path.normalizers`` and ``batchnorm.py`` read like the mo
 Who calls them: ``triton_autograd`` when a gradient is wanted, and every call under
 torch.compile (eager calls without gradients keep ``triton_path.fused_forward``, which
 memoises folded BatchNorms on the modules). In eager mode ``triton_autograd`` calls the same
-implementations and backward formulas without the dispatcher (:data:`eager`). What runs before them traces: RGAModule.forward's
-checks (``checks.py``, ``backend.resolve``) read module attributes and tensor metadata,
-which dynamo guards on; a GPU's compute capability and the fallback warning are asked while
-tracing (``torch.compiler.assume_constant_result`` in ``backend.py``). The last BatchNorm of
+implementations and backward formulas without the dispatcher (:data:`eager`). What runs
+before them traces: RGAModule.forward's checks (``checks.py``, ``backend.resolve``) read
+module attributes and tensor metadata, which dynamo guards on; a GPU's compute capability and
+the fallback warning are asked while tracing (``torch.compiler.assume_constant_result`` in ``backend.py``). The last BatchNorm of
 each gate runs in PyTorch, so ``momentum=None`` there breaks fullgraph exactly as it breaks
 nn.BatchNorm2d (1 / num_batches_tracked is a data-dependent float); inside the ops it is fine.
 """
@@ -189,8 +189,7 @@ def _eager_function(name: str, setup_context, backward):
 # ---- projection: x -> theta, phi (stacked as tp) and gx's channel mean ------------------------------------
 
 @_op("projection_norm", mutates_args=("bn_buffers",),
-                         schema="(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, "
-                                f"{_BN}) -> (Tensor, Tensor)")
+     schema=f"(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, {_BN}) -> (Tensor, Tensor)")
 def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
     """(norm (4, 3K) of the theta, phi and gx BatchNorms, P float32 (B, 3K, L)) for P = W3 (X * in_gate),
     called when one of them is in train mode (in eval the wrapper folds the running statistics in
@@ -380,7 +379,7 @@ def _(tp, wg, tiled, for_backward, keep_z, compute_dtype):
 
 
 @_op("relation_norm", mutates_args=("bn_buffers",),
-                         schema=f"(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, {_BN}) -> Tensor")
+     schema=f"(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, {_BN}) -> Tensor")
 def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
     """The norm (4, R + Hd) of the relation BatchNorm (rows of Z), then of the hidden one (rows of h).
 

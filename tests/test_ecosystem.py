@@ -1,4 +1,5 @@
-"""convert(), load_checkpoint(), torch.compile, inference_mode and activation checkpointing, DistributedDataParallel, and the examples."""
+"""convert(), load_checkpoint(), torch.compile, inference_mode and activation checkpointing,
+DistributedDataParallel, and the examples."""
 from __future__ import annotations
 
 import argparse

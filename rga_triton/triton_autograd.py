@@ -92,7 +92,7 @@ def projection_inputs(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype)
 
     def measure():
         norm, kept["p"] = _ops(x).projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
-                                              **batchnorm_args(bns))
+                                                  **batchnorm_args(bns))
         return norm
 
     norm = _norm(bns, measure)

@@ -123,7 +123,7 @@ def write_summary(csv_path: str, md_path: str) -> str:
     for (mode, dtype, branch), keys in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         lines.append(f"## {mode}{' (forward + backward)' if mode == 'train' else ' (forward)'}, {dtype}, {branch}\n")
         lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation. "
-                     "`(host)`: host-bound, the host took at least 90 % of that time to issue the step "
+                     f"`(host)`: host-bound, the host took at least {HOST_BOUND:.0%} of that time to issue the step "
                      "(column `host_ms`), so the GPU idled between kernels; in a model, earlier work queued on "
                      "the GPU hides that.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \

@@ -41,9 +41,10 @@ memoises folded BatchNorms on the modules). In eager mode ``triton_autograd`` ca
 implementations and backward formulas without the dispatcher (:data:`eager`). What runs
 before them traces: RGAModule.forward's checks (``checks.py``, ``backend.resolve``) read
 module attributes and tensor metadata, which dynamo guards on; a GPU's compute capability and
-the fallback warning are asked while tracing (``torch.compiler.assume_constant_result`` in ``backend.py``). The last BatchNorm of
-each gate runs in PyTorch, so ``momentum=None`` there breaks fullgraph exactly as it breaks
-nn.BatchNorm2d (1 / num_batches_tracked is a data-dependent float); inside the ops it is fine.
+the fallback warning are asked while tracing (``torch.compiler.assume_constant_result`` in
+``backend.py``). The last BatchNorm of each gate runs in PyTorch, so ``momentum=None`` there
+breaks fullgraph exactly as it breaks nn.BatchNorm2d (1 / num_batches_tracked is a
+data-dependent float); inside the ops it is fine.
 """
 import functools
 import math
@@ -508,15 +509,15 @@ def _gate_logit_setup(ctx, inputs, output):
 
 
 def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit,
-                     kernels=None):
+                     kernels):
     """The gradients of ``gate_logit`` from its inputs and the logit's gradient: (dtp, dgx_mean, dwg,
     dw1, dw2, d_bn_weight, d_bn_bias). The kernels for the attention network and the relation
     BatchNorm, and the products through Z = A tp (``gate_logit_backward``), then PyTorch through
     A = [W_in phi^T | W_out theta^T]: two batched matmuls into tp's gradient, two for W_in, W_out.
-    ``kernels``: what runs ``gate_logit_backward`` (default: the op)."""
+    ``kernels``: what runs ``gate_logit_backward`` (its op, or its implementation: :func:`_backward_op`)."""
     if a.numel() == 0:
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
-    da, dtp, dgx_mean, dw1, sums = (kernels or torch.ops.rga_triton.gate_logit_backward)(
+    da, dtp, dgx_mean, dw1, sums = kernels(
         dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats)
     batch, k2, length = tp.shape
     k, r = k2 // 2, da.shape[1]

@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 
-from helpers import TOLERANCE, TOLERANCE_TF32, make_pair, rel_err
+from helpers import TOLERANCE, float32_tolerance, make_pair, rel_err
 from rga_triton import backend as backend_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,7 +164,7 @@ def test_constant_inputs(backend, algorithm, value):
         grads = [xin.grad] + [p.grad for p in fast.parameters()]
         assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
         if not train or value == 0.0:
-            assert rel_err(out.double().cpu(), ref(x)) <= (TOLERANCE[torch.float32] if DEVICE == "cpu" else TOLERANCE_TF32)
+            assert rel_err(out.double().cpu(), ref(x)) <= float32_tolerance(DEVICE)
 
 
 # ---- repeatability -------------------------------------------------------------------------------

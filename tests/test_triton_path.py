@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import BATCHNORM_VARIANTS, compare_steps, make_pair, rel_err, TOLERANCE, TOLERANCE_TF32, vary_batchnorms
+from helpers import (BATCHNORM_VARIANTS, compare_steps, float32_tolerance, make_pair, rel_err, TOLERANCE,
+                     TOLERANCE_TF32, vary_batchnorms)
 from rga_triton import backend as backend_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,8 +247,7 @@ def test_widest_attention_network_taken_matches_reference():
     ref, fast, x = make_pair(4, 15, 17, 2, use_channel=False, cha_ratio=2, spa_ratio=1, down_ratio=2,
                              device=DEVICE, backend="triton")
     assert fast.W_spatial[0].out_channels == backend_mod.MAX_HIDDEN
-    compare_steps(ref, fast, x, True, TOLERANCE[torch.float32] if DEVICE == "cpu" else TOLERANCE_TF32,
-                  torch.float32, device=DEVICE, steps=1)
+    compare_steps(ref, fast, x, True, float32_tolerance(DEVICE), torch.float32, device=DEVICE, steps=1)
 
 
 def test_memoised_constants_follow_parameter_and_buffer_updates():

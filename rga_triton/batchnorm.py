@@ -74,24 +74,41 @@ def synchronised(bn: nn.BatchNorm2d) -> bool:
     return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
 
 
+class _GroupSum(torch.autograd.Function):
+    """Sum of ``tensor`` over the ranks of ``group``, differentiable (twice too): the gradient of
+    a sum all-reduce is the sum all-reduce of the output gradients. The same function as the
+    deprecated ``torch.distributed.nn.functional.all_reduce``, without its FutureWarning."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        import torch.distributed as dist
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GroupSum.apply(grad, ctx.group), None
+
+
 def _sync_batch_norm(z: torch.Tensor, bn: nn.SyncBatchNorm, update: bool) -> torch.Tensor:
     """SyncBatchNorm over (B, C, L): statistics of the whole process group, differentiable.
 
     Two all-reduces (the sum, then the squared deviations from the global mean) keep the
-    variance free of cancellation; ``torch.distributed.nn.functional.all_reduce`` carries
-    the gradient across ranks as SyncBatchNorm's own backward does.
+    variance free of cancellation; ``_GroupSum`` carries the gradient across ranks as
+    SyncBatchNorm's own backward does.
     """
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
 
     group = bn.process_group or dist.group.WORLD
     count = torch.tensor([z.shape[0] * z.shape[2]], dtype=z.dtype, device=z.device)
     dist.all_reduce(count, group=group)
     total = int(count.item())
     check_batch_size(total, z.shape)
-    mean = all_reduce(z.sum(dim=(0, 2)), group=group) / total
+    mean = _GroupSum.apply(z.sum(dim=(0, 2)), group) / total
     dev = z - mean[None, :, None]
-    var = all_reduce((dev * dev).sum(dim=(0, 2)), group=group) / total
+    var = _GroupSum.apply((dev * dev).sum(dim=(0, 2)), group) / total
     if update:
         update_running_stats(bn, mean.detach(), var.detach(), total)
     out = dev * torch.rsqrt(var + bn.eps)[None, :, None]

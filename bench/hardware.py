@@ -127,7 +127,7 @@ def measure_ceilings(device: torch.device, dtypes: list[str]) -> dict:
     dst = torch.empty_like(src)
     t = timing.time_fn(lambda: dst.copy_(src), device, repeat=10 if cuda else 5)
     copy_gbps = 2 * nbytes / (t.median_ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None            # freed before the matmuls allocate
     matmul = {}
     n = 8192 if cuda else 1024
     for name in dtypes:
@@ -136,7 +136,7 @@ def measure_ceilings(device: torch.device, dtypes: list[str]) -> dict:
         b = torch.randn(n, n, device=device).to(dtype)
         t = timing.time_fn(lambda: torch.matmul(a, b), device, repeat=10 if cuda else 5)
         matmul[name] = 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
-        del a, b
+        a = b = None
     if cuda:
         torch.cuda.empty_cache()
     return {"copy_gbps": copy_gbps, "matmul_tflops": matmul, "matmul_n": n, "copy_bytes": nbytes}

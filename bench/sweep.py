@@ -443,7 +443,8 @@ class Sweep:
             done += 1
             self.rows_run += 1
             self.progress(row, case, counter + done, total, start)
-        del x, grad_out, cache
+        x = grad_out = None         # the case's tensors (and the oracle's) go before the next case's
+        cache.clear()
         impls.free_memory(self.device)
         return len(self.names)
 

@@ -39,7 +39,8 @@ def stub_kernels() -> None:
 
 
 def host_ms(backend: str, train: bool, shape: tuple[int, int, int], batch: int, steps: int) -> tuple[float, float]:
-    """(median host ms per call, kernel launches per call): eval = a no-grad forward, train = forward + backward."""
+    """(median host ms per call, kernel launches per call): eval = a no-grad forward, train = forward + backward
+    with the gradients cleared before each step, as ``optimizer.zero_grad()`` clears them."""
     c, h, w = shape
     module = rga_triton.RGAModule(c, h * w, backend=backend).train(train)
     x = torch.randn(batch, c, h, w, requires_grad=train)
@@ -52,11 +53,17 @@ def host_ms(backend: str, train: bool, shape: tuple[int, int, int], batch: int, 
             with torch.no_grad():
                 module(x)
 
+    def zero_grad():        # as optimizer.zero_grad() leaves them: backward then assigns, adding nothing
+        for t in (x, *module.parameters()):
+            t.grad = None
+
     for _ in range(5):
+        zero_grad()
         call()
     LAUNCHES.clear()
     times = []
     for _ in range(steps):
+        zero_grad()
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1e3)

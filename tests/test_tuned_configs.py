@@ -232,3 +232,53 @@ def test_a_kernel_that_adds_into_its_output_is_restored_between_autotune_trials(
     kernel = tuned.KERNELS[projection_backward._input_grad_kernel.name]
     assert kernel.autotuned.restore_value == ["dx_ptr"]
     assert all(k.autotuned.restore_value == [] for name, k in tuned.KERNELS.items() if k is not kernel)
+
+
+def test_tune_runs_end_to_end_and_its_file_is_launched_with(store, monkeypatch, capsys):
+    """tune()'s whole loop. It writes every kernel a train and an eval step launch and one algorithm
+    choice per branch and pass, reports progress with an ETA, and the next launches use the file. A
+    time limit already spent keeps the file as it was. On the CPU, the GPU-only calls around the
+    kernels are stood in for (the device check, its name, the device context, synchronize, do_bench:
+    a fake clock on which the algorithm timed first wins) and the kernels run in Triton's
+    interpreter, one pinned config each."""
+    import contextlib
+    import triton.testing
+    from rga_triton import autotuning
+    tuned, tmp_path = store
+    if DEVICE == "cpu":
+        monkeypatch.setattr(autotuning, "_check_device", lambda device: torch.device("cpu"))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu")
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        timings = iter(range(1, 1000))
+
+        def do_bench(step, quantiles):
+            step()
+            return float(next(timings))
+
+        monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+
+    path = rga_triton.tune(shapes=[(64, 8, 16)], batch_sizes=(2,), dtypes=(torch.float32,))
+    assert path == str(_device_file(tuned, tmp_path))
+    data = json.loads(open(path).read())
+    out = capsys.readouterr().out
+    assert "[4/4] RGA-SC 64x8x16 B=2" in out and "ETA" in out, out
+    # one choice per branch (their (R, K, L) differ at this shape) and pass
+    assert len(data["algorithms"]) == 4 and data["algorithms"] == tuned.STORE.algorithms, data["algorithms"]
+    if DEVICE == "cpu":
+        assert set(data["algorithms"].values()) == {"reassociated"} and out.count("-> reassociated") == 4, out
+    launched = {"_projection_apply_kernel", "_gate_logit_kernel", "_relation_backward_kernel",
+                "_hidden_backward_kernel", "_input_grad_kernel", "_weight_grad_kernel", "_apply_gates_kernel"}
+    assert launched <= set(data["kernels"]), launched - set(data["kernels"])
+    assert tuned.STORE.table == data["kernels"]
+
+    kernel = tuned.KERNELS["_gate_logit_kernel"]
+    kernel.last_source = None
+    module = rga_triton.RGAModule(64, 128, backend="triton").to(DEVICE).train()
+    module(torch.randn(2, 64, 8, 16, device=DEVICE, requires_grad=True)).sum().backward()
+    assert kernel.last_source == "file"
+
+    before = open(path).read()
+    rga_triton.tune(shapes=[(64, 8, 16)], batch_sizes=(2,), dtypes=(torch.float32,), time_limit=1e-9)
+    assert "time limit of 1e-09 s reached" in capsys.readouterr().out
+    assert json.loads(open(path).read())["kernels"] == json.loads(before)["kernels"]

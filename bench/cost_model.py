@@ -47,16 +47,17 @@ IMPL_ALGORITHM = {
     "torch": "reassociated-unfused",
     "triton": "reassociated",
     "triton-tiled": "tiled",
+    "triton-graphs": "reassociated",
 }
 
 
 def algorithm_for(impl: str, triton_label: str | None = None):
     """The cost-model algorithm of ``impl``: a name, or {branch: name} where the branches differ.
 
-    ``triton`` follows the label of what its branches ran (``impls.resolved_algorithms``):
-    "tiled", "reassociated (auto)", "spatial:tiled+channel:reassociated (auto)".
+    ``triton`` and ``triton-graphs`` follow the label of what their branches ran
+    (``impls.resolved_algorithms``): "tiled", "reassociated (auto)", "spatial:tiled+channel:reassociated (auto)".
     """
-    if impl != "triton" or not triton_label:
+    if impl not in ("triton", "triton-graphs") or not triton_label:
         return IMPL_ALGORITHM[impl]
     name = triton_label.removesuffix(" (auto)")
     if name == "auto":

@@ -48,7 +48,8 @@ case "$what" in
   tune)  timeout 560 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
            --dtypes float32,bfloat16 --modes eval,train --time-limit 480 2>&1 | tee "$log" ;;
   train) timeout 560 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
-           --dtypes float32,bfloat16 --impls reference,compile,torch,triton --time-limit 480 --resume 2>&1 | tee "$log" ;;
+           --dtypes float32,bfloat16 --impls reference,compile,torch,triton,triton-graphs --time-limit 480 --resume \
+           2>&1 | tee "$log" ;;
   step)  timeout 560 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
   paper) timeout 560 python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
   *) echo "unknown step: $what" >&2; exit 2 ;;

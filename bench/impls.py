@@ -12,9 +12,15 @@ from bench import cost_model
 from bench.cost_model import BRANCHES
 from reference import RGA_Module
 
-IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled")
+IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled", "triton-graphs")
 DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")
-FAST_IMPLS = ("torch", "triton", "triton-tiled")     # the rga_triton ones
+FAST_IMPLS = ("torch", "triton", "triton-tiled", "triton-graphs")     # the rga_triton ones
+GRAPHED_IMPLS = ("compile-max-autotune", "triton-graphs")    # compiled with CUDA graphs on a GPU
+
+
+def compiled(impl: str) -> bool:
+    """Whether ``impl`` is a torch.compile'd module (its kernels are not ATen ops; dynamo state to reset)."""
+    return impl.startswith("compile") or impl == "triton-graphs"
 # float64 for the oracle; the DESIGN.md contract for the others (float32: TF32-safe bound).
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 # Above this (analytic FLOPs of the materialised algorithm) the float64 oracle is the torch path:
@@ -226,7 +232,7 @@ def build(impl: str, case: Case, state: dict, device: torch.device):
         torch._dynamo.reset()    # a fresh cache per case: no recompile limit, no dynamic-shape graphs
         mode = "max-autotune" if impl == "compile-max-autotune" else None
         return torch.compile(module, mode=mode, dynamic=False), None
-    if impl in ("torch", "triton", "triton-tiled"):
+    if impl in ("torch", "triton", "triton-tiled", "triton-graphs"):
         backend = "torch" if impl == "torch" else "triton"
         if backend == "triton":
             reason = triton_unavailable(device)
@@ -236,5 +242,11 @@ def build(impl: str, case: Case, state: dict, device: torch.device):
                                       algorithm="tiled" if impl == "triton-tiled" else "auto")
         module.load_state_dict(state)
         module.to(device=device, dtype=dtype).train(train)
-        return module, (resolved_algorithms(module, dtype, train, device) if backend == "triton" else None)
+        label = resolved_algorithms(module, dtype, train, device) if backend == "triton" else None
+        if impl == "triton-graphs":
+            # what a user does about host time at small shapes: CUDA graphs replay the step's launches
+            # (on a CPU, mode="reduce-overhead" compiles without them)
+            torch._dynamo.reset()
+            module = torch.compile(module, mode="reduce-overhead", dynamic=False)
+        return module, label
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")

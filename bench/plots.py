@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-ORDER = ["reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled"]
+ORDER = ["reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled", "triton-graphs"]
 COLORS = {"reference": "#7f7f7f", "compile": "#ff7f0e", "compile-max-autotune": "#8c564b", "torch": "#1f77b4",
-          "triton": "#2ca02c", "triton-tiled": "#9467bd"}
+          "triton": "#2ca02c", "triton-tiled": "#9467bd", "triton-graphs": "#17becf"}
 MARKERS = {"reference": "o", "compile": "s", "compile-max-autotune": "D", "torch": "^", "triton": "*",
-           "triton-tiled": "P"}
+           "triton-tiled": "P", "triton-graphs": "X"}
 FIGSIZE, DPI = (10, 6), 110
 NUMERIC = ("batch", "C", "H", "W", "N", "time_ms_median", "time_ms_p20", "time_ms_p80", "peak_mem_mb", "flops",
            "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference", "ceiling_tflops", "ceiling_gbps",

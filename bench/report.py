@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from bench.plots import impls_in, load_rows
 
-FAST = ("torch", "triton", "triton-tiled")   # rga_triton's implementations
+FAST = ("torch", "triton", "triton-tiled", "triton-graphs")   # rga_triton's implementations (impls.FAST_IMPLS)
 
 
 def _case(row) -> tuple:
@@ -99,7 +99,7 @@ def write_summary(csv_path: str, md_path: str) -> str:
     lines.append("Geometric mean over every case (shape x batch x branch x mode x dtype) where both rows ran and "
                  "passed the correctness check. `xK vs Y` = time of Y / time of the implementation (higher is "
                  "better); memory = peak of the reference / peak of the implementation. `rga_triton best` is the "
-                 "fastest correct of torch, triton, triton-tiled per case.\n")
+                 "fastest correct of " + ", ".join(FAST) + " per case.\n")
     lines.append("| implementation | vs reference | vs compile | vs torch | memory vs reference | cases |")
     lines.append("|---|---|---|---|---|---|")
     for name in [n for n in names if n != "reference"] + ["rga_triton best"]:

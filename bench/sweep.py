@@ -13,6 +13,9 @@ Implementations (same inputs, same parameters: one state_dict loaded into each):
   triton, triton-tiled  rga_triton.RGAModule(backend="triton") with its default algorithm and
                         with algorithm="tiled" (CUDA; skipped on a CPU unless TRITON_INTERPRET=1,
                         which runs them through Triton's interpreter: a check, not a timing)
+  triton-graphs         torch.compile(RGAModule(backend="triton"), mode="reduce-overhead"): CUDA
+                        graphs replay the step's kernel launches, for shapes where host time
+                        dominates (opt-in, like compile-max-autotune)
 
 Every timed row is preceded by a correctness check against the reference run in float64
 on the same inputs (output, and grad of x in train mode). Results go to
@@ -282,7 +285,7 @@ class Sweep:
         module, algorithm = impls.build(impl, case, state, self.device)
         row.update(self.base_row(impl, case, algorithm))
         fn, resets, leaf = impls.make_step(module, x, grad_out, train,
-                                           cudagraphs=impl == "compile-max-autotune" and self.device.type == "cuda")
+                                           cudagraphs=impl in impls.GRAPHED_IMPLS and self.device.type == "cuda")
         start = time.perf_counter()
         try:
             out = fn()
@@ -315,7 +318,7 @@ class Sweep:
         else:
             row["note"] = f"not checked: {get_oracle.why}"
         del out
-        held = None if impl.startswith("compile") else [x, grad_out, *module.parameters(), *module.buffers()]
+        held = None if impls.compiled(impl) else [x, grad_out, *module.parameters(), *module.buffers()]
         row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets, held)
         if impl.startswith("triton") and self.device.type != "cuda":
             # Triton's interpreter runs the kernels through NumPy: the check and the live tensors
@@ -351,7 +354,7 @@ class Sweep:
                 with open(self.errors_path, "a") as f:
                     f.write(f"=== {impl} {case}\n{traceback.format_exc()}\n")
         finally:
-            if impl.startswith("compile"):
+            if impls.compiled(impl):
                 torch._dynamo.reset()    # drop compiled graphs (and CUDA-graph pools) before the next row
             impls.free_memory(self.device)
         return row

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rga_triton
-from bench import cost_model, impls, plots, sweep
+from bench import cost_model, impls, plots, report, sweep
 from bench.impls import Case
 from reference import RGA_Module
 
@@ -69,6 +69,23 @@ def test_sweep_rows_columns_and_correctness(tiny_sweep):
             assert float(r["speedup_vs_reference"]) > 0
     algorithms = {r["impl"]: r["algorithm"] for r in rows}
     assert algorithms["reference"] == "materialised" and algorithms["torch"] == "reassociated-unfused"
+
+
+@pytest.mark.skipif(not impls.interpreting(), reason="the triton rows need TRITON_INTERPRET=1 on a CPU")
+def test_triton_graphs_row_is_the_compiled_triton_module(tmp_path):
+    """triton-graphs: torch.compile(mode="reduce-overhead") of the Triton module (CUDA graphs on a
+    GPU; on a CPU, compiled without them). Checked against the reference like every row, labelled
+    with the algorithm its branches ran, costed as the Triton path."""
+    status = sweep.main(TINY + ["--impls", "reference,triton-graphs", "--modes", "eval,train", "--branches", "RGA-SC",
+                                "--no-plots", "--out", str(tmp_path)])
+    assert status == 0
+    rows = {(r["impl"], r["mode"]): r for r in read_csv(tmp_path / "sweep.csv")}
+    for mode in ("eval", "train"):
+        row, ref = rows["triton-graphs", mode], rows["reference", mode]
+        assert row["status"] == "interpreted" and row["correct"] == "True", row
+        assert row["algorithm"] == "reassociated (auto)", row
+        assert int(row["flops"]) < int(ref["flops"]) and row["peak_mem_mb"] == ""     # compiled: no ATen census
+    assert "triton-graphs" in plots.ORDER and "triton-graphs" in report.FAST
 
 
 def test_live_tensor_bytes_hand_count():
@@ -371,6 +388,7 @@ def test_impl_algorithms():
     assert cost_model.algorithm_for("triton", "tiled") == "tiled"
     assert cost_model.algorithm_for("triton-tiled") == "tiled"
     assert cost_model.algorithm_for("triton", "tiled (auto)") == "tiled"
+    assert cost_model.algorithm_for("triton-graphs", "tiled (auto)") == "tiled"
     mixed = cost_model.algorithm_for("triton", "spatial:tiled+channel:reassociated (auto)")
     assert mixed == {"spatial": "tiled", "channel": "reassociated"}
     # Per branch: the mixed step costs the tiled spatial branch plus the reassociated channel branch.

@@ -23,7 +23,7 @@ from .backend import on_device_of
 from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
                         uses_batch_stats)
 from .cache import memo
-from .kernels.batchnorm import bn_finalize
+from .kernels.batchnorm import bn_finalize, finalize_groups
 from .kernels.gating import apply_gates, mergeable
 from .kernels.projection import projection_apply, projection_stats
 from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
@@ -57,9 +57,10 @@ def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
     """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
 
     ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
-    it runs only if a BatchNorm normalises with the batch, and one ``bn_finalize`` launch
-    per BatchNorm then merges them and moves its running statistics as nn.BatchNorm2d
-    does. In eval the running statistics fold (:func:`folded`).
+    it runs only if a BatchNorm normalises with the batch, and ``bn_finalize`` launches (one
+    per run of up to three alike BatchNorms: :func:`finalize_groups`) then merge them and move
+    the running statistics as nn.BatchNorm2d does. In eval the running statistics fold
+    (:func:`folded`).
     """
     if not any(uses_batch_stats(bn) for bn in bns):
         return folded(bns)
@@ -67,21 +68,19 @@ def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
         step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)
     stats = partials()
-    rows = sum(bn.num_features for bn in bns)
-    norm = Norm(*torch.empty((4, rows), device=stats.device, dtype=torch.float32))
-    start = 0
+    starts = [0]
     for bn in bns:
-        end = start + bn.num_features
-        part = Norm(*(t[start:end] for t in norm))
-        if uses_batch_stats(bn):
-            update = tracks_running_stats(bn)
-            factor = step_momentum(bn) if update else 0.0
-            bn_finalize(stats, start, bn, length, factor, update, *part)
-        else:
-            for dst, src in zip(part, _fold(bn, bn.running_mean, bn.running_var)):
-                dst.copy_(src)
-        start = end
-    return norm
+        starts.append(starts[-1] + bn.num_features)
+    table = torch.empty((4, starts[-1]), device=stats.device, dtype=torch.float32)    # the Norm's rows
+    batch = [(start, bn) for start, bn in zip(starts, bns) if uses_batch_stats(bn)]
+    for start, group in finalize_groups([bn for _, bn in batch], [start for start, _ in batch]):
+        factors = [step_momentum(bn) if tracks_running_stats(bn) else 0.0 for bn in group]
+        bn_finalize(stats, start, group, length, factors, table[0], table[1], table[2], table[3])
+    with torch.no_grad():       # constants for the kernels, as the finalised rows are
+        for start, bn in zip(starts, bns):
+            if not uses_batch_stats(bn):
+                table[:, start:start + bn.num_features] = torch.stack(_fold(bn, bn.running_mean, bn.running_var))
+    return Norm(*table)
 
 
 def _fold(bn, mean: torch.Tensor, var: torch.Tensor) -> Norm:

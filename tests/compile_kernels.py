@@ -96,7 +96,7 @@ def compile_case(name: str, constexprs: dict, half: bool, arch: int):
         elif arg.endswith("_ptr"):
             signature[arg] = "*bf16" if half and arg in HALF_POINTERS else "*fp32"
         else:
-            signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
+            signature[arg] = "fp32" if arg.rstrip("0123456789") in FLOAT_SCALARS else "i32"    # eps0, factor1, ...
     return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=values),
                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
 

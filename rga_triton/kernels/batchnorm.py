@@ -1,4 +1,4 @@
-"""Train-mode BatchNorm finalisation in one launch per BatchNorm.
+"""Train-mode BatchNorm finalisation: one launch per BatchNorm, or per three alike ones.
 
 The producing kernels leave per-split (mean, M2) partials; this kernel merges them
 (Chan et al.'s parallel formula, float32), updates ``running_mean`` / ``running_var``
@@ -12,18 +12,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ..batchnorm import tracks_running_stats
 from .tuning import STAT_SPLIT, n_splits
 
 
+MAX_GROUP = 3
+"""BatchNorms one launch finalises: the projection's three (theta, phi, gx), which its one
+statistics pass measures together."""
+
+
 @triton.jit
-def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, scale_ptr, shift_ptr,
-                        mean_ptr, inv_std_ptr, row0, rows_total, n_cols, channels, length, factor, eps, n_splits,
-                        HAS_AFFINE: tl.constexpr, UPDATE: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _finalize_rows(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, scale_ptr, shift_ptr,
+                   mean_ptr, inv_std_ptr, row0, rows_total, n_cols, channels, length, factor, eps, n_splits,
+                   HAS_AFFINE: tl.constexpr, UPDATE: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """For channels c of one BatchNorm (rows row0 + c of the partials (2, rows_total, n_cols)):
     mean, var = merge of the partials; running stats updated when UPDATE; scale, shift, mean and
-    1/sqrt(var + eps) written at c (backward needs the normalised value, which scale/shift cannot give when weight is 0).
-    Grid: (cdiv(channels, BLOCK_C),)."""
+    1/sqrt(var + eps) written at row0 + c (backward needs the normalised value, which scale/shift
+    cannot give when weight is 0). The BatchNorm's own tensors are indexed by c."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < channels
     rows = row0 + offs_c
@@ -55,8 +61,8 @@ def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, runni
         tl.store(running_mean_ptr + offs_c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(running_var_ptr + offs_c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
     inv_std = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
-    tl.store(inv_std_ptr + offs_c, inv_std, mask=c_mask)
+    tl.store(mean_ptr + rows, mean, mask=c_mask)
+    tl.store(inv_std_ptr + rows, inv_std, mask=c_mask)
     scale = inv_std
     shift = -mean * scale
     if HAS_AFFINE:
@@ -64,24 +70,74 @@ def _bn_finalize_kernel(stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, runni
         bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         scale = scale * weight
         shift = shift * weight + bias
-    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
-    tl.store(shift_ptr + offs_c, shift, mask=c_mask)
+    tl.store(scale_ptr + rows, scale, mask=c_mask)
+    tl.store(shift_ptr + rows, shift, mask=c_mask)
 
 
-def bn_finalize(stats: torch.Tensor, row0: int, bn, length: int, factor: float, update: bool,
+@triton.jit
+def _bn_finalize_kernel(stats_ptr, weight0_ptr, bias0_ptr, running_mean0_ptr, running_var0_ptr,
+                        weight1_ptr, bias1_ptr, running_mean1_ptr, running_var1_ptr,
+                        weight2_ptr, bias2_ptr, running_mean2_ptr, running_var2_ptr,
+                        scale_ptr, shift_ptr, mean_ptr, inv_std_ptr, row0, rows_total, n_cols, channels, length,
+                        factor0, factor1, factor2, eps0, eps1, eps2, n_splits,
+                        HAS_AFFINE: tl.constexpr, UPDATE: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Up to three BatchNorms of ``channels`` rows each, stored one after the other from row0:
+    BatchNorm g takes rows row0 + g * channels + c of the partials and of scale, shift, mean and
+    inv_std (each float32 (rows_total,)), and its own weight, bias and running statistics
+    (:func:`_finalize_rows`). Grid: (cdiv(channels, BLOCK_C), number of BatchNorms)."""
+    g = tl.program_id(1)
+    if g == 0:
+        _finalize_rows(stats_ptr, weight0_ptr, bias0_ptr, running_mean0_ptr, running_var0_ptr, scale_ptr, shift_ptr,
+                       mean_ptr, inv_std_ptr, row0, rows_total, n_cols, channels, length, factor0, eps0, n_splits,
+                       HAS_AFFINE, UPDATE, SPLIT, BLOCK_C, BLOCK_COLS)
+    elif g == 1:
+        _finalize_rows(stats_ptr, weight1_ptr, bias1_ptr, running_mean1_ptr, running_var1_ptr, scale_ptr, shift_ptr,
+                       mean_ptr, inv_std_ptr, row0 + channels, rows_total, n_cols, channels, length, factor1, eps1,
+                       n_splits, HAS_AFFINE, UPDATE, SPLIT, BLOCK_C, BLOCK_COLS)
+    else:
+        _finalize_rows(stats_ptr, weight2_ptr, bias2_ptr, running_mean2_ptr, running_var2_ptr, scale_ptr, shift_ptr,
+                       mean_ptr, inv_std_ptr, row0 + 2 * channels, rows_total, n_cols, channels, length, factor2,
+                       eps2, n_splits, HAS_AFFINE, UPDATE, SPLIT, BLOCK_C, BLOCK_COLS)
+
+
+def finalize_groups(bns: list, starts: list[int]) -> list[tuple[int, list]]:
+    """(first row, BatchNorms) per ``bn_finalize`` launch: runs of up to :data:`MAX_GROUP` BatchNorms
+    that follow one another in the rows, of one width, alike in affine and in moving running
+    statistics (what the kernel takes as constants)."""
+    def kind(bn):
+        return bn.num_features, bn.weight is not None, tracks_running_stats(bn)
+
+    groups: list[tuple[int, list]] = []
+    for start, bn in zip(starts, bns):
+        if groups:
+            first, members = groups[-1]
+            if (len(members) < MAX_GROUP and kind(bn) == kind(members[0])
+                    and start == first + len(members) * bn.num_features):
+                members.append(bn)
+                continue
+        groups.append((start, [bn]))
+    return groups
+
+
+def bn_finalize(stats: torch.Tensor, row0: int, bns: list, length: int, factors: list[float],
                 scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
-    """Merge rows [row0, row0 + C) of ``stats`` (2, rows, B * splits) for ``bn``; write scale, shift,
-    the batch mean and 1/sqrt(batch var + eps), each float32 (C,).
-
-    ``factor`` is the running-average factor ``nn.BatchNorm2d`` would use this step.
+    """Merge rows [row0, row0 + C * len(bns)) of ``stats`` (2, rows, B * splits) for ``bns`` (one launch:
+    up to three BatchNorms of C channels, alike as :func:`finalize_groups` groups them); write their
+    scale, shift, batch mean and 1/sqrt(batch var + eps) into those rows of the float32 (rows,)
+    outputs. ``factors``: the running-average factor ``nn.BatchNorm2d`` would use this step, per BatchNorm.
     """
-    channels = bn.num_features
+    if not 1 <= len(bns) <= MAX_GROUP:
+        raise ValueError(f"bn_finalize takes 1 to {MAX_GROUP} BatchNorms, got {len(bns)}")
+    channels, has_affine, update = bns[0].num_features, bns[0].weight is not None, tracks_running_stats(bns[0])
     n_cols = stats.shape[2]
-    has_affine = bn.weight is not None
-    dummy = scale
-    grid = (triton.cdiv(channels, 64),)
+    padded = [*bns, *bns[:1] * (MAX_GROUP - len(bns))]     # unused slots: never read (no program has their g)
+    tensors = [t if t is not None and (has_affine if i < 2 else update) else scale
+               for bn in padded for i, t in enumerate((bn.weight, bn.bias, bn.running_mean, bn.running_var))]
+    factors = [float(f) for f in factors] + [0.0] * (MAX_GROUP - len(bns))
+    eps = [float(bn.eps) for bn in padded]
+    grid = (triton.cdiv(channels, 64), len(bns))
     _bn_finalize_kernel[grid](
-        stats, bn.weight if has_affine else dummy, bn.bias if has_affine else dummy,
-        bn.running_mean if update else dummy, bn.running_var if update else dummy, scale, shift,
-        mean, inv_std, row0, stats.shape[1], n_cols, channels, length, float(factor), float(bn.eps), n_splits(length),
+        stats, *tensors, scale, shift, mean, inv_std, row0, stats.shape[1], n_cols, channels, length,
+        *factors, *eps, n_splits(length),
         HAS_AFFINE=has_affine, UPDATE=update, SPLIT=STAT_SPLIT, BLOCK_C=64, BLOCK_COLS=64, num_warps=4)

@@ -31,7 +31,7 @@ def partials(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack(means, 1), torch.stack(m2s, 1)]).float()
 
 
-def make_bns(widths, seed=0, **odd):
+def make_bns(widths, seed=0, device=DEVICE, **odd):
     """BatchNorms with their own eps, momentum, affine parameters and running statistics."""
     gen = torch.Generator().manual_seed(seed)
     bns = []
@@ -44,7 +44,7 @@ def make_bns(widths, seed=0, **odd):
             bn.running_mean.copy_(torch.randn(width, generator=gen))
             bn.running_var.copy_(torch.rand(width, generator=gen) + 0.5)
             bn.num_batches_tracked.fill_(i)
-        bns.append(bn.train(i not in odd.get("eval", ())).to(DEVICE))
+        bns.append(bn.train(i not in odd.get("eval", ())).to(device))
     return bns
 
 
@@ -60,7 +60,7 @@ def test_grouped_finalize_is_batchnorm_per_batchnorm(widths, odd, launches, monk
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(batch, sum(widths), length, generator=gen) * 2 + 1
     bns = make_bns(widths, **odd)
-    expected = make_bns(widths, **odd)                # the same BatchNorms, run by nn.BatchNorm2d
+    expected = make_bns(widths, device="cpu", **odd)  # the same BatchNorms, run by nn.BatchNorm2d
     calls = []
     original = triton_path.bn_finalize
     monkeypatch.setattr(triton_path, "bn_finalize", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))

@@ -16,11 +16,6 @@ IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "tri
 DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")
 FAST_IMPLS = ("torch", "triton", "triton-tiled", "triton-graphs")     # the rga_triton ones
 GRAPHED_IMPLS = ("compile-max-autotune", "triton-graphs")    # compiled with CUDA graphs on a GPU
-
-
-def compiled(impl: str) -> bool:
-    """Whether ``impl`` is a torch.compile'd module (its kernels are not ATen ops; dynamo state to reset)."""
-    return impl.startswith("compile") or impl == "triton-graphs"
 # float64 for the oracle; the DESIGN.md contract for the others (float32: TF32-safe bound).
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 # Above this (analytic FLOPs of the materialised algorithm) the float64 oracle is the torch path:
@@ -180,6 +175,11 @@ def oracle(case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor, dev
             del module, fn, leaf
             free_memory(device)
     return None
+
+
+def compiled(impl: str) -> bool:
+    """Whether ``impl`` is a torch.compile'd module (its kernels are not ATen ops; dynamo state to reset)."""
+    return impl.startswith("compile") or impl == "triton-graphs"
 
 
 def interpreting() -> bool:

@@ -73,7 +73,7 @@ def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
         starts.append(starts[-1] + bn.num_features)
     table = torch.empty((4, starts[-1]), device=stats.device, dtype=torch.float32)    # the Norm's rows
     batch = [(start, bn) for start, bn in zip(starts, bns) if uses_batch_stats(bn)]
-    for start, group in finalize_groups([bn for _, bn in batch], [start for start, _ in batch]):
+    for start, group in finalize_groups(batch):
         factors = [step_momentum(bn) if tracks_running_stats(bn) else 0.0 for bn in group]
         bn_finalize(stats, start, group, length, factors, table[0], table[1], table[2], table[3])
     with torch.no_grad():       # constants for the kernels, as the finalised rows are

@@ -87,7 +87,7 @@ def test_grouped_finalize_is_batchnorm_per_batchnorm(widths, odd, launches, monk
 
 def test_finalize_groups_keeps_rows_in_order():
     bns = make_bns([4, 4, 4, 4, 8])
-    groups = finalize_groups(bns, [0, 4, 8, 12, 16])
+    groups = finalize_groups(list(zip([0, 4, 8, 12, 16], bns)))
     assert [(start, len(members)) for start, members in groups] == [(0, 3), (12, 1), (16, 1)]
     # a gap in the rows (a BatchNorm on running statistics between) splits a run
-    assert [start for start, _ in finalize_groups(bns[:2], [0, 8])] == [0, 8]
+    assert [start for start, _ in finalize_groups([(0, bns[0]), (8, bns[1])])] == [0, 8]

@@ -145,7 +145,6 @@ def test_sweep_plots_and_summary(tiny_sweep):
 
 def test_host_bound_rows_are_marked_in_the_summary(tmp_path):
     """A row whose host time reaches 90 % of its median time is marked (host) in summary.md."""
-    from bench import report
     rows = []
     for impl, median, host in (("reference", "10.0", "1.0"), ("torch", "2.0", "1.9"), ("triton", "1.0", "0.5")):
         row = {k: "" for k in sweep.COLUMNS}

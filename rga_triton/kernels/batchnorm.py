@@ -101,15 +101,15 @@ def _bn_finalize_kernel(stats_ptr, weight0_ptr, bias0_ptr, running_mean0_ptr, ru
                        eps2, n_splits, HAS_AFFINE, UPDATE, SPLIT, BLOCK_C, BLOCK_COLS)
 
 
-def finalize_groups(bns: list, starts: list[int]) -> list[tuple[int, list]]:
-    """(first row, BatchNorms) per ``bn_finalize`` launch: runs of up to :data:`MAX_GROUP` BatchNorms
-    that follow one another in the rows, of one width, alike in affine and in moving running
-    statistics (what the kernel takes as constants)."""
+def finalize_groups(placed: list[tuple[int, object]]) -> list[tuple[int, list]]:
+    """(first row, BatchNorms) per ``bn_finalize`` launch, from (first row, BatchNorm) pairs in row
+    order: runs of up to :data:`MAX_GROUP` BatchNorms that follow one another in the rows, of one
+    width, alike in affine and in moving running statistics (what the kernel takes as constants)."""
     def kind(bn):
         return bn.num_features, bn.weight is not None, tracks_running_stats(bn)
 
     groups: list[tuple[int, list]] = []
-    for start, bn in zip(starts, bns):
+    for start, bn in placed:
         if groups:
             first, members = groups[-1]
             if (len(members) < MAX_GROUP and kind(bn) == kind(members[0])

@@ -21,3 +21,11 @@ from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 
 __all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
+
+# The Triton path's custom operators (torch.ops.rga_triton.*), registered at import so that a program
+# exported with torch.export or compiled by AOTInductor loads in a process that imported rga_triton.
+from .backend import triton_importable  # noqa: E402
+
+if triton_importable():
+    from . import ops  # noqa: E402,F401
+

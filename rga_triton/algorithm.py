@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .tracing import assume_constant_result
+
 ALGORITHMS = ("reassociated", "tiled")
 PASSES = ("forward", "train")
 """``"forward"``: a call without gradients; ``"train"``: a forward that backward will follow."""
@@ -52,7 +54,7 @@ def bucket(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str) -> s
     return f"K={k},L={length},R={r},dtype={str(dtype).replace('torch.', '')},pass={grad_pass}"
 
 
-@torch.compiler.assume_constant_result      # torch.compile: the choice is a constant of the graph
+@assume_constant_result      # torch.compile: the choice is a constant of the graph
 def choose(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str, device: torch.device) -> str:
     """The algorithm ``"auto"`` runs for one branch: measured on this GPU if stored, else the cost model's."""
     from .kernels.tuned import STORE

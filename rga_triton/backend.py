@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import algorithm
+from .tracing import assume_constant_result
 
 BACKENDS = ("auto", "torch", "triton")
 ALGORITHMS = ("auto",) + algorithm.ALGORITHMS
@@ -20,7 +21,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -33,7 +34,7 @@ def _cached_capability(index) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-@torch.compiler.assume_constant_result     # torch.compile asks while tracing; the answer is a constant of the graph
+@assume_constant_result     # torch.compile asks while tracing; the answer is a constant of the graph
 def _capability(index) -> tuple[int, int]:
     """A CUDA device's compute capability, asked once per device (forward calls this every time)."""
     return _cached_capability(index)
@@ -41,7 +42,7 @@ def _capability(index) -> tuple[int, int]:
 
 def triton_unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take ``x``, or None when they can."""
-    if not _triton_importable():
+    if not triton_importable():
         return "triton is not installed (pip install triton; Linux only)"
     if x.device.type != "cuda" and not interpreting():
         return (f"x is on {x.device.type}; the Triton kernels need a CUDA tensor "
@@ -126,7 +127,7 @@ def resolve(backend: str, x: torch.Tensor, module=None) -> str:
     return "torch"
 
 
-@torch.compiler.assume_constant_result     # torch.compile warns while tracing (dynamo cannot trace warnings.warn)
+@assume_constant_result     # torch.compile warns while tracing (dynamo cannot trace warnings.warn)
 def warn_once(reason: str) -> None:
     """One ``warnings.warn`` per reason and process for a fallback to the torch backend."""
     if reason not in _warned_reasons:

@@ -367,7 +367,7 @@ def test_gpu_capability_decides_what_triton_takes(capability, bfloat16, words):
 def test_triton_not_installed(monkeypatch):
     """Without an importable triton, backend="triton" says so and "auto" falls back to torch
     with one warning naming the reason."""
-    monkeypatch.setattr(backend_mod, "_triton_importable", lambda: False)
+    monkeypatch.setattr(backend_mod, "triton_importable", lambda: False)
     monkeypatch.setattr(backend_mod, "_warned_reasons", set())
     x = _randn(2, 16, 8, 8)
     with pytest.raises(ValueError, match="backend='triton' cannot run this input: triton is not installed"):

@@ -1,0 +1,17 @@
+"""torch.compile's constant-result marker, without importing torch._dynamo.
+
+``torch.compiler.assume_constant_result`` imports torch._dynamo (1.4 s on a 2-core CPU, more than
+torch itself) only to set one attribute on the function, which dynamo reads when it meets a call
+to it while tracing. Setting that attribute here keeps ``import rga_triton`` at about torch's own
+cost; ``tests/test_export.py`` checks it is the one PyTorch's decorator sets.
+"""
+from __future__ import annotations
+
+MARKER = "_dynamo_marked_constant"
+
+
+def assume_constant_result(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does: torch.compile calls it while tracing
+    and puts the result in the graph as a constant."""
+    setattr(fn, MARKER, True)
+    return fn

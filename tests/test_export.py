@@ -16,7 +16,6 @@ import textwrap
 import pytest
 import torch
 
-import rga_triton
 from helpers import float32_tolerance, make_pair, rel_err
 from rga_triton import algorithm, tracing
 from rga_triton import backend as backend_mod

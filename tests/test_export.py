@@ -130,8 +130,8 @@ def test_exported_block_matches_eager_at_other_batch_sizes(backend, train):
         out, gx, grads = _step(exported, xb.float().to(DEVICE), grad_out)
         assert rel_err(out, e_out) <= SAME, f"output, B={batch}"
         assert rel_err(gx, e_gx) <= SAME, f"grad x, B={batch}"
-        for name, grad in e_grads.items():
-            assert rel_err(grads[name], grad) <= SAME * 10, f"grad {name}, B={batch}"
+        for name, grad in e_grads.items():     # 10x: some are cancellation residues (helpers.grad_error)
+            assert rel_err(grads[name], grad) <= 10 * SAME, f"grad {name}, B={batch}"
         with torch.no_grad():
             expected = ref(xb)
         assert rel_err(out, expected) <= float32_tolerance(DEVICE), f"output vs the reference, B={batch}"

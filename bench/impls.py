@@ -1,9 +1,11 @@
 """The implementations under test, built from one shared state_dict, and the float64 oracle."""
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +66,51 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "out of memory" in text or "can't allocate memory" in text
+
+
+@dataclass
+class GraphSkips:
+    """What :func:`watch_graph_skips` saw: compiled graphs that run without CUDA graphs, and PyTorch's reasons."""
+    count: int = 0
+    reasons: list = field(default_factory=list)
+
+    def note(self) -> str | None:
+        """The row's note when graphs were skipped: a graphed row then timed the compiled step without them."""
+        if not self.count:
+            return None
+        why = "; ".join(dict.fromkeys(self.reasons)) or "no CUDA device"     # on a CPU inductor says nothing
+        return f"CUDA graphs skipped ({self.count} graph{'s' * (self.count > 1)}): {why}"
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record):
+        self.into.append(record.getMessage())
+
+
+CUDAGRAPHS_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+"""Where inductor logs why it skips CUDA graphs (TORCH_LOGS=cudagraphs shows it; a handler here sees it anyway)."""
+
+
+@contextlib.contextmanager
+def watch_graph_skips():
+    """Counts the compiled graphs inside the block that inductor left without CUDA graphs (mutated or CPU
+    inputs, unsupported ops: mode="reduce-overhead" then runs the graph as is), with the reasons it logs."""
+    from torch._dynamo.utils import counters
+
+    seen = GraphSkips()
+    handler = _Collect(seen.reasons)
+    logger = logging.getLogger(CUDAGRAPHS_LOGGER)
+    before = counters["inductor"]["cudagraph_skips"]
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        seen.count = counters["inductor"]["cudagraph_skips"] - before
 
 
 def free_memory(device: torch.device) -> None:

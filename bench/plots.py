@@ -34,7 +34,7 @@ MARKERS = {"reference": "o", "compile": "s", "compile-max-autotune": "D", "torch
 FIGSIZE, DPI = (10, 6), 110
 NUMERIC = ("batch", "C", "H", "W", "N", "time_ms_median", "time_ms_p20", "time_ms_p80", "peak_mem_mb", "flops",
            "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference", "ceiling_tflops", "ceiling_gbps",
-           "spec_tflops", "spec_gbps", "rel_err", "rel_err_grad_x", "host_ms")
+           "spec_tflops", "spec_gbps", "rel_err", "rel_err_grad_x", "host_ms", "graphs_skipped")
 
 
 def load_rows(csv_path: str) -> list[dict]:

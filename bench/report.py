@@ -32,6 +32,11 @@ HOST_BOUND = 0.9
 median time is host-bound: timed alone, the GPU waits for the host between kernels."""
 
 
+def graphs_skipped(row) -> bool:
+    """A graphed row whose step torch.compile ran (in part) without CUDA graphs (its note says why)."""
+    return bool(row.get("graphs_skipped"))
+
+
 def host_bound(row) -> bool:
     return bool(row.get("host_ms") and row["time_ms_median"] and row["host_ms"] >= HOST_BOUND * row["time_ms_median"])
 
@@ -40,7 +45,8 @@ def _cell(row) -> str:
     if row is None:
         return ""
     if row["status"] == "ok":
-        text = f"{row['time_ms_median']:.3g}" + (" (host)" if host_bound(row) else "")
+        text = f"{row['time_ms_median']:.3g}" + (" (host)" if host_bound(row) else "") + \
+            (" (no graphs)" if graphs_skipped(row) else "")
         return text + (" (wrong)" if row["correct"] is False else "")
     return {"oom": "OOM", "skipped": "skip", "error": "ERR", "interpreted": "interp."}.get(row["status"], row["status"])
 
@@ -125,7 +131,8 @@ def write_summary(csv_path: str, md_path: str) -> str:
         lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation. "
                      f"`(host)`: host-bound, the host took at least {HOST_BOUND:.0%} of that time to issue the step "
                      "(column `host_ms`), so the GPU idled between kernels; in a model, earlier work queued on "
-                     "the GPU hides that.\n")
+                     "the GPU hides that. `(no graphs)`: torch.compile skipped CUDA graphs in this graphed row (its `note` "
+                     "says why), so it timed the compiled step without them.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 import rga_triton  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
-from bench import cost_model, hardware, impls, timing  # noqa: E402
+from bench import cost_model, hardware, impls, report, timing  # noqa: E402
 from bench.impls import Case  # noqa: E402
 
 # Input resolution H x W -> feature maps of ResNet-50 stages in RGA-Net (last stride 1):
@@ -57,8 +57,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 COLUMNS = [
     "impl", "algorithm", "branch", "mode", "dtype", "batch", "C", "H", "W", "N", "input_hw", "stage",
     "status", "correct", "rel_err", "rel_err_grad_x", "tolerance", "tolerance_grad_x", "checked_against",
-    "time_ms_median", "time_ms_p20", "time_ms_p80", "runs", "host_ms", "first_call_s", "peak_mem_mb",
-    "flops", "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference",
+    "time_ms_median", "time_ms_p20", "time_ms_p80", "runs", "host_ms", "graphs_skipped", "first_call_s",
+    "peak_mem_mb", "flops", "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference",
     "ceiling_tflops", "ceiling_gbps", "spec_tflops", "spec_gbps", "spec_label", "note",
     "device", "driver", "cuda", "torch", "triton", "python", "tf32", "git_commit", "timestamp",
 ]
@@ -288,7 +288,8 @@ class Sweep:
                                            cudagraphs=impl in impls.GRAPHED_IMPLS and self.device.type == "cuda")
         start = time.perf_counter()
         try:
-            out = fn()
+            with impls.watch_graph_skips() as skips:     # compiles: whether CUDA graphs were left out shows here
+                out = fn()
         except ValueError as exc:
             if impl.startswith("triton"):
                 raise impls.Unavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -296,6 +297,10 @@ class Sweep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         row["first_call_s"] = time.perf_counter() - start
+        notes = []
+        if impl in impls.GRAPHED_IMPLS:
+            row["graphs_skipped"] = skips.count
+            notes.append(skips.note())
         if ref is not None:
             row["checked_against"] = ref.against
             row["rel_err"] = rel_err(out, ref.out)
@@ -316,14 +321,16 @@ class Sweep:
                     tolerances.append(row["tolerance_grad_x"])
             row["correct"] = all(e <= t for e, t in zip(errors, tolerances))
         else:
-            row["note"] = f"not checked: {get_oracle.why}"
+            notes.append(f"not checked: {get_oracle.why}")
+        row["note"] = "; ".join(n for n in notes if n) or None
         del out
         held = None if impls.compiled(impl) else [x, grad_out, *module.parameters(), *module.buffers()]
         row["peak_mem_mb"], estimate_ms = timing.peak_memory(fn, self.device, resets, held)
         if impl.startswith("triton") and self.device.type != "cuda":
             # Triton's interpreter runs the kernels through NumPy: the check and the live tensors
             # count, a time would not, so none is taken.
-            row.update(status="interpreted", note="Triton's interpreter on the CPU: checked, not timed")
+            row.update(status="interpreted", note="; ".join(filter(None, [
+                row["note"], "Triton's interpreter on the CPU: checked, not timed"])))
             return
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
         row.update(time_ms_median=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, runs=t.runs,
@@ -472,6 +479,8 @@ class Sweep:
             if row["correct"] is False:
                 text += f" WRONG (rel err {row['rel_err']:.2e}"
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"
+            if report.graphs_skipped(row):
+                text += f" [{row['note']}]"
         elif row["status"] == "interpreted":
             verdict = {True: "correct", False: "WRONG", None: "not checked"}[row["correct"]]
             text = f"{verdict} under Triton's interpreter (rel err {_fmt(row['rel_err'])}; not timed)"

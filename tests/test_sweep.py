@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 import pytest
@@ -89,7 +90,29 @@ def test_triton_graphs_row_is_the_compiled_triton_module(tmp_path):
         assert row["algorithm"] == "reassociated (auto)", row
         assert int(row["flops"]) < int(ref["flops"])
         assert (row["peak_mem_mb"] == "") != cuda       # on a CPU, compiled kernels escape the ATen census
+        # a graphed row says when torch.compile left CUDA graphs out: always on a CPU, never on a GPU
+        assert (int(row["graphs_skipped"]) > 0) != cuda, row["note"]
+        assert cuda or "CUDA graphs skipped" in row["note"] and "no CUDA device" in row["note"]
     assert "triton-graphs" in plots.ORDER and "triton-graphs" in report.FAST
+
+
+def test_graph_skips_are_counted_with_their_reasons_and_marked():
+    """impls.watch_graph_skips counts inductor's skipped CUDA graphs and keeps the reasons it logs; the
+    row's note then marks its time "(no graphs)" in summary.md."""
+    from torch._dynamo.utils import counters
+
+    with impls.watch_graph_skips() as seen:
+        counters["inductor"]["cudagraph_skips"] += 2
+        for _ in range(2):
+            logging.getLogger(impls.CUDAGRAPHS_LOGGER).warning("skipping cudagraphs due to mutated inputs")
+    assert seen.count == 2
+    assert seen.note() == "CUDA graphs skipped (2 graphs): skipping cudagraphs due to mutated inputs"
+    with impls.watch_graph_skips() as none:
+        pass
+    assert none.count == 0 and none.note() is None
+    row = dict(status="ok", time_ms_median=1.5, correct=True, host_ms=None, graphs_skipped=2)
+    assert report._cell(row) == "1.5 (no graphs)"
+    assert report._cell(dict(row, graphs_skipped=0)) == report._cell(dict(row, graphs_skipped=None)) == "1.5"
 
 
 def test_live_tensor_bytes_hand_count():

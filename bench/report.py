@@ -61,6 +61,14 @@ def _time_ratio(a, b) -> float | None:
     return a["time_ms_median"] / b["time_ms_median"] if _good(a) and _good(b) else None
 
 
+def _vs_baseline(baseline, best) -> str:
+    """A per-shape ratio cell: the baseline's time over ours. A baseline that ran but missed the float64
+    oracle still took its time, so the ratio is shown, marked (a wrong row of ours is never a win)."""
+    if _good(best) and baseline is not None and baseline["status"] == "ok" and baseline["correct"] is False:
+        return _ratio(baseline["time_ms_median"] / best["time_ms_median"]) + " (vs wrong)"
+    return _ratio(_time_ratio(baseline, best))
+
+
 def _mem_ratio(a, b) -> float | None:
     if _good(a) and _good(b) and a["peak_mem_mb"] and b["peak_mem_mb"]:
         return a["peak_mem_mb"] / b["peak_mem_mb"]
@@ -131,8 +139,9 @@ def write_summary(csv_path: str, md_path: str) -> str:
         lines.append("Median ms per implementation; ratios for the fastest correct rga_triton implementation. "
                      f"`(host)`: host-bound, the host took at least {HOST_BOUND:.0%} of that time to issue the step "
                      "(column `host_ms`), so the GPU idled between kernels; in a model, earlier work queued on "
-                     "the GPU hides that. `(no graphs)`: torch.compile skipped CUDA graphs in this graphed row (its `note` "
-                     "says why), so it timed the compiled step without them.\n")
+                     "the GPU hides that. `(no graphs)`: torch.compile skipped CUDA graphs in this graphed row "
+                     "(its `note` says why), so it timed the compiled step without them. `(vs wrong)`: a ratio "
+                     "against a baseline that failed its correctness check.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")
@@ -145,8 +154,7 @@ def write_summary(csv_path: str, md_path: str) -> str:
                      f"{any_row['input_hw']} s{any_row['stage']}" if any_row.get("input_hw") else "", str(key[3])]
             cells += [_cell(by_impl.get(n)) for n in names]
             if best:
-                cells += [best["impl"]] + [_ratio(_time_ratio(by_impl.get(o), best))
-                                           for o in ("reference", "compile", "torch")]
+                cells += [best["impl"]] + [_vs_baseline(by_impl.get(o), best) for o in ("reference", "compile", "torch")]
                 cells.append(_ratio(_mem_ratio(by_impl.get("reference"), best)))
             else:
                 cells += ["-"] * 5

@@ -244,22 +244,29 @@ def test_bad_batch_is_a_usage_error(batch, capsys):
     assert "batch" in capsys.readouterr().err
 
 
-def test_a_wrong_answer_is_marked_and_never_drawn_as_a_win(tmp_path, monkeypatch):
+class _Off(torch.nn.Module):
+    """1.5x the wrapped implementation's answer."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 1.5
+
+
+def _make_wrong(monkeypatch, name: str) -> None:
+    """The sweep builds implementation ``name`` 1.5x off (the float64 oracle stays right)."""
     real_build = impls.build
-
-    class Off(torch.nn.Module):           # 1.5x the right answer
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x) * 1.5
 
     def build(impl, case, state, device):
         module, label = real_build(impl, case, state, device)
-        return (Off(module) if impl == "torch" else module), label
-
+        return (_Off(module) if impl == name else module), label
     monkeypatch.setattr(impls, "build", build)
+
+
+def test_a_wrong_answer_is_marked_and_never_drawn_as_a_win(tmp_path, monkeypatch):
+    _make_wrong(monkeypatch, "torch")
     bars, texts = [], []
     real_bar, real_text = plots.plt.Axes.bar, plots.plt.Axes.text
     monkeypatch.setattr(plots.plt.Axes, "bar", lambda ax, *a, **k: bars.append(k.get("color")) or real_bar(ax, *a, **k))
@@ -274,6 +281,24 @@ def test_a_wrong_answer_is_marked_and_never_drawn_as_a_win(tmp_path, monkeypatch
     assert plots.COLORS["torch"] not in bars              # no bar, in the speed-up or the memory plot ...
     assert ("WRONG", plots.COLORS["torch"]) in texts      # ... a mark in its colour instead
     assert "(wrong)" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_ratio_against_a_wrong_baseline_is_shown_marked(tmp_path, monkeypatch):
+    """A baseline that misses the oracle still took its time (on a CPU, torch.compile of the reference misses
+    grad x by up to 8.5e-3): per shape, the ratio against it is shown, marked; the headline leaves it out."""
+    _make_wrong(monkeypatch, "reference")
+    status = sweep.main(["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--impls", "reference,torch",
+                         "--modes", "eval", "--branches", "RGA-SC", "--repeat", "2", "--quiet", "--no-plots",
+                         "--out", str(tmp_path)])
+    assert status == 1
+    rows = {r["impl"]: r for r in read_csv(tmp_path / "sweep.csv")}
+    assert rows["reference"]["correct"] == "False" and rows["torch"]["correct"] == "True"
+    ratio = float(rows["reference"]["time_ms_median"]) / float(rows["torch"]["time_ms_median"])
+    summary = (tmp_path / "summary.md").read_text()
+    shape_row = next(line for line in summary.splitlines() if line.startswith("| 64x8x8"))
+    assert f"| x{ratio:.3g} (vs wrong) |" in shape_row
+    headline = next(line for line in summary.splitlines() if line.startswith("| torch |"))
+    assert headline.startswith("| torch | - |")
 
 
 def test_out_of_memory_is_a_result(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 
 from rga_triton.backend import MAX_HIDDEN  # noqa: E402
-from rga_triton.kernels import tuned  # noqa: E402
+from rga_triton.kernels import gating, tuned  # noqa: E402
 
 KERNEL_MODULES = ("projection", "projection_backward", "relation", "relation_backward", "gating", "batchnorm",
                   "affinity")
@@ -31,6 +31,7 @@ SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE
             "STORE_DP": (True, False), "WRITE_DX": (True, False), "ACCUMULATE": (True, False),
             "STORE_P": (True, False), "P_IN": (False, True)}
 FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32, "BLOCK_C": 64, "BLOCK_COLS": 64}
+FIXED_BY_KERNEL = {"_apply_gates_backward_kernel": {"BLOCK_C": gating.GATE_BLOCK_C, "CHUNK_N": gating.GATE_CHUNK_N}}
 FLOAT_SCALARS = {"factor", "eps"}
 HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16
 UNTUNED = {"_bn_finalize_kernel": ("batchnorm", [{}]),
@@ -54,18 +55,36 @@ def constexpr_args(jit) -> list[str]:
     return [n for n, p in inspect.signature(jit.fn).parameters.items() if "constexpr" in str(p.annotation)]
 
 
+def base_constexprs(name: str) -> dict:
+    """The constexpr values launches use most, block sizes aside: switches at their usual value, fixed sizes."""
+    constexpr = constexpr_args(kernel(name)[0])
+    base = {a: SWITCHES[a][0] for a in constexpr if a in SWITCHES}
+    base.update({a: v for a, v in {**FIXED, **FIXED_BY_KERNEL.get(name, {})}.items() if a in constexpr})
+    return base
+
+
+def config_variants(name: str) -> list[tuple[str, dict]]:
+    """(id, constexpr values) of each block-size config of the kernel's space, and again with the widest
+    hidden layer where the kernel has one (BLOCK_H: 512 x 256 inputs' first stage)."""
+    jit, space = kernel(name)
+    base = base_constexprs(name)
+    out = [(f"{name}-config{i}", {**base, **blocks}) for i, blocks in enumerate(space)]
+    if "BLOCK_H" in constexpr_args(jit):
+        out += [(f"{name}-BLOCK_H={MAX_HIDDEN}-config{i}", {**base, **blocks, "BLOCK_H": MAX_HIDDEN})
+                for i, blocks in enumerate(space)]
+    return out
+
+
 def variants(name: str) -> list[tuple[str, dict, bool]]:
     """(id, constexpr values, half-precision pointers?) to compile for one kernel on Hopper."""
     jit, space = kernel(name)
     constexpr = constexpr_args(jit)
-    base = {a: SWITCHES[a][0] for a in constexpr if a in SWITCHES}
-    base.update({a: v for a, v in FIXED.items() if a in constexpr})
-    out = [(f"{name}-config{i}", {**base, **blocks}, False) for i, blocks in enumerate(space)]
+    base = base_constexprs(name)
+    found = config_variants(name)
+    out = [(vid, values, False) for vid, values in found if "BLOCK_H=" not in vid]
     for switch in (a for a in constexpr if a in SWITCHES):
         out.append((f"{name}-{switch}={SWITCHES[switch][1]}", {**base, **space[0], switch: SWITCHES[switch][1]}, False))
-    if "BLOCK_H" in constexpr:      # the widest hidden layer the kernels take (512 x 256 inputs' first stage)
-        out += [(f"{name}-BLOCK_H={MAX_HIDDEN}-config{i}", {**base, **blocks, "BLOCK_H": MAX_HIDDEN}, False)
-                for i, blocks in enumerate(space)]
+    out += [(vid, values, False) for vid, values in found if "BLOCK_H=" in vid]
     if HALF_POINTERS & set(inspect.signature(jit.fn).parameters):
         values = {**base, **space[0]}
         if "HAS_GATE" in values:        # a gated half-precision operand takes its own branch (hi + lo)
@@ -84,7 +103,7 @@ def cases() -> list[tuple[str, str, dict, bool, int]]:
     return out
 
 
-def compile_case(name: str, constexprs: dict, half: bool, arch: int):
+def compile_case(name: str, constexprs: dict, half: bool, arch: int, num_warps: int = 4, num_stages: int = 2):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     jit, _ = kernel(name)
@@ -98,7 +117,7 @@ def compile_case(name: str, constexprs: dict, half: bool, arch: int):
         else:
             signature[arg] = "fp32" if arg.rstrip("0123456789") in FLOAT_SCALARS else "i32"    # eps0, factor1, ...
     return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=values),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def main() -> int:

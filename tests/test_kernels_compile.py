@@ -49,3 +49,26 @@ def test_compile_threads_tool_runs():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 kernel variants for sm_90" in done.stdout and "on 2 threads" in done.stdout
+
+
+def test_kernel_resources_tool_reports_every_config(tmp_path):
+    """bench/kernel_resources.py compiles each config of a space (block sizes x num_warps x num_stages) and
+    reads registers and spills from ptxas. The gating backward, a memory-bound pass over x, spills nothing
+    in any config (its space dropped the tiles that did)."""
+    import csv
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernel_resources.py")
+    out = tmp_path / "resources.csv"
+    done = subprocess.run([sys.executable, script, "--kernels", "_apply_gates_backward_kernel", "--quiet",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    from rga_triton.kernels import tuned
+    expected = {(" ".join(f"{k}={v}" for k, v in sorted(b.items())), str(w), str(s))
+                for b, w, s in tuned.KERNELS["_apply_gates_backward_kernel"].allowed}
+    assert {(r["blocks"], r["num_warps"], r["num_stages"]) for r in rows} == expected
+    for row in rows:
+        assert not row["error"] and 0 < int(row["registers"]) <= 255, row
+        assert int(row["spill_store_bytes"]) == 0, row
+    assert f"| _apply_gates_backward_kernel | {len(expected)} / {len(expected)} | 0 | 0 |" in done.stdout

@@ -22,10 +22,9 @@ from .convert import convert  # noqa: E402
 
 __all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
 
-# The Triton path's custom operators (torch.ops.rga_triton.*), registered at import so that a program
-# exported with torch.export or compiled by AOTInductor loads in a process that imported rga_triton.
-from .backend import triton_importable  # noqa: E402
+# The Triton path's custom operators (torch.ops.rga_triton.*): registered at import, so that exported and
+# AOTInductor-compiled programs load wherever rga_triton is imported.
+from .backend import register_ops  # noqa: E402
 
-if triton_importable():
-    from . import ops  # noqa: E402,F401
+register_ops()
 

@@ -40,10 +40,33 @@ def _capability(index) -> tuple[int, int]:
     return _cached_capability(index)
 
 
+_ops_error: list[str] = []      # why the Triton path's operators failed to import, if they did
+
+
+def register_ops() -> None:
+    """Import the Triton path's custom operators (``torch.ops.rga_triton.*``), which registers them.
+
+    ``import rga_triton`` calls this, so that a program exported with torch.export or compiled by
+    AOTInductor loads in any process that imported rga_triton. A Triton that imports but cannot
+    build our kernels must not take the torch path down with it: the error is kept, warned about
+    once, and is the reason the Triton path gives for every input.
+    """
+    if not triton_importable():
+        return
+    try:
+        from . import ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure: the torch path still works
+        _ops_error.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"rga_triton: the Triton path is unavailable, its operators failed to import "
+                      f"({_ops_error[0]}); backend='torch' works", stacklevel=3)
+
+
 def triton_unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take ``x``, or None when they can."""
     if not triton_importable():
         return "triton is not installed (pip install triton; Linux only)"
+    if _ops_error:
+        return f"the Triton path's operators failed to import ({_ops_error[0]})"
     if x.device.type != "cuda" and not interpreting():
         return (f"x is on {x.device.type}; the Triton kernels need a CUDA tensor "
                 f"(or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter)")

@@ -99,6 +99,36 @@ def test_import_and_torch_path_without_triton():
     assert done.returncode == 0, done.stderr
 
 
+def test_kernels_that_fail_to_import_leave_the_torch_path():
+    """A Triton that imports but cannot build our kernels: import rga_triton warns once, the Triton path
+    gives that as its reason (ValueError when asked for, fallback under "auto"), the torch path runs."""
+    done = _run_python("""
+        import sys, warnings
+        sys.modules["rga_triton.kernels.gating"] = None     # importing it now raises ImportError
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import rga_triton
+        assert [str(w.message) for w in caught if "Triton path is unavailable" in str(w.message)], caught
+        args = (16, 30, True, True, 4, 3, 2)
+        x = torch.randn(2, 16, 6, 5)
+        try:
+            rga_triton.RGAModule(*args, backend="triton")(x)
+        except ValueError as exc:
+            assert "operators failed to import (ModuleNotFoundError" in str(exc), exc
+        else:
+            raise AssertionError("backend='triton' ran without its operators")
+        auto, plain = rga_triton.RGAModule(*args), rga_triton.RGAModule(*args, backend="torch")
+        plain.load_state_dict(auto.state_dict())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = auto(x)
+        assert any("operators failed to import" in str(w.message) for w in caught), caught
+        assert torch.equal(out, plain(x))
+    """)
+    assert done.returncode == 0, done.stderr
+
+
 def test_constant_marker_is_the_one_torch_compiler_sets():
     """tracing.assume_constant_result sets what torch.compiler.assume_constant_result sets, and only that."""
     def probe():

@@ -27,4 +27,3 @@ __all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
 from .backend import register_ops  # noqa: E402
 
 register_ops()
-

@@ -41,8 +41,8 @@ memoises folded BatchNorms on the modules). In eager mode ``triton_autograd`` ca
 implementations and backward formulas without the dispatcher (:data:`eager`). What runs
 before them traces: RGAModule.forward's checks (``checks.py``, ``backend.resolve``) read
 module attributes and tensor metadata, which dynamo guards on; a GPU's compute capability and
-the fallback warning are asked while tracing (``torch.compiler.assume_constant_result`` in
-``backend.py``). The last BatchNorm of each gate runs in PyTorch, so ``momentum=None`` there
+the fallback warning are asked while tracing (marked ``assume_constant_result`` in ``backend.py``,
+see ``tracing.py``). The last BatchNorm of each gate runs in PyTorch, so ``momentum=None`` there
 breaks fullgraph exactly as it breaks nn.BatchNorm2d (1 / num_batches_tracked is a
 data-dependent float); inside the ops it is fine.
 """

@@ -1,9 +1,9 @@
 """torch.compile's constant-result marker, without importing torch._dynamo.
 
-``torch.compiler.assume_constant_result`` imports torch._dynamo (1.4 s on a 2-core CPU, more than
-torch itself) only to set one attribute on the function, which dynamo reads when it meets a call
-to it while tracing. Setting that attribute here keeps ``import rga_triton`` at about torch's own
-cost; ``tests/test_export.py`` checks it is the one PyTorch's decorator sets.
+``torch.compiler.assume_constant_result`` imports torch._dynamo (about a second on a 2-core CPU,
+as long as torch itself takes) only to set one attribute on the function, which dynamo reads when
+it meets a call to it while tracing. Setting that attribute here keeps ``import rga_triton`` cheap;
+``tests/test_export.py`` checks it is the one PyTorch's decorator sets.
 """
 from __future__ import annotations
 

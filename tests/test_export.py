@@ -45,10 +45,12 @@ def _export(module, x):
 
 
 def _rga_ops(program) -> set:
-    """The rga_triton ops an exported program calls, in nested graphs (grad-mode regions) too."""
-    return {str(node.target).split(".")[1] for gm in program.graph_module.modules()
-            if isinstance(gm, torch.fx.GraphModule) for node in gm.graph.nodes
-            if str(node.target).startswith("rga_triton.")}
+    """The rga_triton ops an exported program calls, in nested graphs (grad-mode regions) too, mutating ones
+    through auto_functionalized included."""
+    targets = [node.args[0] if "auto_functionalized" in str(node.target) else node.target
+               for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+               for node in gm.graph.nodes if node.op == "call_function"]
+    return {str(t).split(".")[1] for t in targets if str(t).startswith("rga_triton.")}
 
 
 def _block(backend, train):
@@ -171,6 +173,24 @@ def test_exported_block_matches_eager_at_other_batch_sizes(backend, train):
             assert torch.equal(state[name], value), name
         else:
             assert rel_err(state[name], value) <= SAME, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decomposed_train_program_matches_eager(backend):
+    """run_decompositions() (the step before AOTInductor) keeps the ops, functionalizing the ones that move
+    running statistics: output and running statistics as eager's, in train mode."""
+    _, fast, x = _block(backend, train=True)
+    eager = copy.deepcopy(fast)
+    program = _export(fast, x.float().to(DEVICE)).run_decompositions()
+    if backend == "triton":
+        assert {"projection_norm", "relation_norm", "apply_gates"} <= _rga_ops(program)
+    decomposed = program.module()
+    xb = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        assert rel_err(decomposed(xb), eager(xb)) <= SAME
+    state = decomposed.state_dict()
+    for name, value in eager.state_dict().items():
+        assert rel_err(state[name].double(), value.double()) <= SAME, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

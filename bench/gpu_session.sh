@@ -2,7 +2,7 @@
 # The GPU checks a lent machine is for, in the order they matter, each under 10 minutes.
 #
 #   bash bench/gpu_session.sh all      # for a 15-minute lease: one call of at most 9.5 minutes doing the
-#                                      # three below in short (timeouts 45 + 150 + 190 + 125 + 55 s)
+#                                      # three below in short (timeouts 45 + 150 + 180 + 125 + 15 + 55 s)
 #   bash bench/gpu_session.sh tests    # the test suite on CUDA: compiled kernels, forward and backward
 #   bash bench/gpu_session.sh tune     # tune RGA-SC stage shapes (B=64, float32 + bfloat16, eval + train)
 #   bash bench/gpu_session.sh train    # issue #6 table: RGA-SC training steps at the RGA-Net stages
@@ -35,11 +35,12 @@ case "$what" in
     RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
       tests/test_triton_path.py tests/test_gpu_numerics.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee -a "$log" || true
     # 2. tune the RGA-Net stages (float32, B=64), writing the config file after each shape (~3 min)
-    timeout 190 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
+    timeout 180 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
       --modes eval,train --time-limit 130 2>&1 | tee -a "$log" || true
     # 3. the issue #6 table with the tuned file: RGA-SC train + eval, reference vs torch vs triton (~2 min)
     timeout 125 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train,eval \
       --dtypes float32 --impls reference,torch,triton --time-limit 75 --resume 2>&1 | tee -a "$log" || true
+    timeout 15 python bench/goals.py 2>&1 | tee -a "$log" || true       # which of issue 6's goals hold
     # 4. the projection's backward kernels against the PyTorch formula they replaced: the same train rows
     #    with RGA_TRITON_PROJECTION_BACKWARD=torch, in their own folder (compare the triton rows' ms)
     RGA_TRITON_PROJECTION_BACKWARD=torch timeout 55 python bench/sweep.py --inputs 256x128 --batch 64 \
@@ -47,9 +48,11 @@ case "$what" in
       --out bench/results/projection_backward_torch 2>&1 | tee -a "$log" || true ;;
   tune)  timeout 560 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC \
            --dtypes float32,bfloat16 --modes eval,train --time-limit 480 2>&1 | tee "$log" ;;
-  train) timeout 560 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
+  train) timeout 540 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
            --dtypes float32,bfloat16 --impls reference,compile,torch,triton,triton-graphs --time-limit 480 --resume \
-           2>&1 | tee "$log" ;;
+           2>&1 | tee "$log"
+         timeout 15 python bench/goals.py 2>&1 | tee -a "$log"
+         timeout 15 python bench/goals.py --impl triton-graphs 2>&1 | tee -a "$log" ;;
   step)  timeout 560 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
   paper) timeout 560 python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
   *) echo "unknown step: $what" >&2; exit 2 ;;

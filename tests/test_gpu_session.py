@@ -13,7 +13,7 @@ import shlex
 
 import pytest
 
-from bench import rga_net_step, sweep
+from bench import goals, rga_net_step, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_session.sh")
@@ -38,7 +38,7 @@ def by_tool(name: str) -> list[list[str]]:
 def test_the_script_is_found_and_read():
     # the three tools below and pytest, in the steps "all", "tests", "tune", "train", "step", "paper"
     assert len(by_tool("bench/sweep.py")) >= 6
-    assert by_tool("bench/rga_net_step.py") and by_tool("bench/compile_threads.py")
+    assert by_tool("bench/rga_net_step.py") and by_tool("bench/compile_threads.py") and len(by_tool("bench/goals.py")) == 3
     assert [argv for argv in by_tool("-m") if argv[0] == "pytest"]
 
 
@@ -53,6 +53,11 @@ def test_sweep_commands_parse(argv):
 @pytest.mark.parametrize("argv", by_tool("bench/rga_net_step.py"), ids=" ".join)
 def test_rga_net_step_commands_parse(argv):
     rga_net_step.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", by_tool("bench/goals.py"), ids=lambda argv: " ".join(argv) or "default")
+def test_goals_commands_parse(argv):
+    goals.build_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize("argv", by_tool("bench/compile_threads.py"), ids=" ".join)

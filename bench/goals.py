@@ -1,0 +1,123 @@
+"""Which of issue 6's training goals a sweep CSV meets, from its RGA-SC train rows at the RGA-Net stages.
+
+The goals, for one RGA-SC training step (forward + backward) at B=64 on the stages of a 256 x 128 input:
+
+- the Triton path >= 25x the reference and >= 10x torch.compile of it at the first stage, float32;
+- the Triton path >= 1.5x the torch path at every stage (each dtype the CSV holds);
+- the step's peak memory <= 5 % of the reference's at the first stage, float32.
+
+A goal is judged only from rows that ran and passed their correctness check; a baseline that failed its
+own check still took its time, so a ratio against it is given and flagged. Missing rows say so.
+
+    python bench/goals.py [bench/results/<device>/sweep.csv] [--impl triton-graphs]   # default: this GPU's
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.plots import load_rows  # noqa: E402
+
+BATCH = 64
+INPUT = "256x128"
+
+
+@dataclass
+class Verdict:
+    goal: str
+    measured: str
+    holds: bool | None          # None: the rows it needs are missing or failed
+
+
+def _rows(rows, impl, dtype, stage):
+    return [r for r in rows if r["impl"] == impl and r["mode"] == "train" and r["branch"] == "RGA-SC"
+            and r["batch"] == BATCH and r["input_hw"] == INPUT and str(r["stage"]) == str(stage)
+            and r["dtype"] == dtype]
+
+
+def _one(rows, impl, dtype, stage):
+    found = _rows(rows, impl, dtype, stage)
+    return found[-1] if found else None        # --resume keeps the latest row last
+
+
+def _ran(row) -> bool:
+    return row is not None and row["status"] == "ok"
+
+
+def _missing(row, impl: str) -> str | None:
+    """Why a row cannot be judged, or None."""
+    if row is None:
+        return f"no {impl} row"
+    if row["status"] != "ok":
+        return f"{impl}: {row['status']}"
+    return None
+
+
+def _ratio(rows, impl: str, baseline: str, dtype: str, stage: int, goal: str, at_least: float) -> Verdict:
+    """Verdict on baseline time / ``impl`` time >= ``at_least`` at one stage and dtype."""
+    ours, theirs = _one(rows, impl, dtype, stage), _one(rows, baseline, dtype, stage)
+    why = _missing(ours, impl) or ("our row failed its correctness check" if ours["correct"] is False else None) \
+        or _missing(theirs, baseline)
+    if why:
+        return Verdict(goal, why, None)
+    ratio = theirs["time_ms_median"] / ours["time_ms_median"]
+    flag = f" ({baseline} failed its check)" if theirs["correct"] is False else ""
+    return Verdict(goal, f"x{ratio:.3g} ({theirs['time_ms_median']:.3g} / {ours['time_ms_median']:.3g} ms){flag}",
+                   ratio >= at_least)
+
+
+def verdicts(rows: list[dict], impl: str = "triton") -> list[Verdict]:
+    out = [_ratio(rows, impl, "reference", "float32", 1, "stage 1 float32: >= 25x the reference", 25),
+           _ratio(rows, impl, "compile", "float32", 1, "stage 1 float32: >= 10x torch.compile of the reference", 10)]
+    dtypes = sorted({r["dtype"] for r in rows if r["impl"] == impl and r["mode"] == "train"}) or ["float32"]
+    for dtype in dtypes:
+        for stage in (1, 2, 3, 4):
+            out.append(_ratio(rows, impl, "torch", dtype, stage, f"stage {stage} {dtype}: >= 1.5x the torch path", 1.5))
+    ours, ref = _one(rows, impl, "float32", 1), _one(rows, "reference", "float32", 1)
+    goal = "stage 1 float32: peak memory <= 5 % of the reference's"
+    if _ran(ours) and _ran(ref) and ours["peak_mem_mb"] and ref["peak_mem_mb"] and ours["correct"] is not False:
+        share = ours["peak_mem_mb"] / ref["peak_mem_mb"]
+        out.append(Verdict(goal, f"{share:.1%} ({ours['peak_mem_mb']:.0f} / {ref['peak_mem_mb']:.0f} MB)",
+                           share <= 0.05))
+    else:
+        out.append(Verdict(goal, "rows missing", None))
+    return out
+
+
+def table(found: list[Verdict], impl: str) -> str:
+    lines = [f"| goal ({impl}, RGA-SC train step, B={BATCH}, {INPUT} stages) | measured | holds |", "|---|---|---|"]
+    lines += [f"| {v.goal} | {v.measured} | {'-' if v.holds is None else 'yes' if v.holds else 'no'} |"
+              for v in found]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", nargs="?", help="a sweep.csv (default: this GPU's, bench/results/<device>/sweep.csv)")
+    parser.add_argument("--impl", default="triton", help="the rga_triton row judged (default triton)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.csv is None:
+        import torch
+
+        from bench import hardware
+        if not torch.cuda.is_available():
+            parser.error("csv: no GPU here to name the results folder; give the CSV's path")
+        args.csv = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                hardware.results_dir_name(torch.device("cuda")), "sweep.csv")
+    if not os.path.exists(args.csv):
+        parser.error(f"csv: no file {args.csv}")
+    print(table(verdicts(load_rows(args.csv), args.impl), args.impl))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Which of issue 6's training goals a sweep CSV meets, from its RGA-SC train rows at the RGA-Net stages.
+"""Which training goals (issues 6 and 7) a GPU's results meet: the sweep's RGA-SC rows, RGA-Net's steps.
 
 The goals, for one RGA-SC training step (forward + backward) at B=64 on the stages of a 256 x 128 input:
 
@@ -6,14 +6,19 @@ The goals, for one RGA-SC training step (forward + backward) at B=64 on the stag
 - the Triton path >= 1.5x the torch path at every stage (each dtype the CSV holds);
 - the step's peak memory <= 5 % of the reference's at the first stage, float32.
 
+And for whole RGA-Net training steps (``bench/rga_net_step.py``'s CSV, 256 x 128): converted blocks on the
+Triton path >= 2x the authors' blocks in images/s, per precision, with and without torch.compile.
+
 A goal is judged only from rows that ran and passed their correctness check; a baseline that failed its
 own check still took its time, so a ratio against it is given and flagged. Missing rows say so.
 
-    python bench/goals.py [bench/results/<device>/sweep.csv] [--impl triton-graphs]   # default: this GPU's
+    python bench/goals.py [bench/results/<device>/sweep.csv] [--impl triton-graphs] [--net FILE]
+    # default: this GPU's sweep.csv, and its rga_net_step.csv beside it when there is one
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from dataclasses import dataclass
@@ -88,8 +93,29 @@ def verdicts(rows: list[dict], impl: str = "triton") -> list[Verdict]:
     return out
 
 
-def table(found: list[Verdict], impl: str) -> str:
-    lines = [f"| goal ({impl}, RGA-SC train step, B={BATCH}, {INPUT} stages) | measured | holds |", "|---|---|---|"]
+def net_verdicts(rows: list[dict]) -> list[Verdict]:
+    """Issue 7: RGA-Net steps with converted blocks (Triton path) >= 2x the authors' blocks in images/s, for
+    each (precision, compiled) the CSV holds. ``rows``: rga_net_step.csv as read (strings)."""
+    out = []
+    keys = dict.fromkeys((r["precision"], r["compiled"]) for r in rows)
+    for precision, compiled in keys:
+        goal = f"RGA-Net step, {precision}{', compiled' if compiled == 'True' else ''}: >= 2x images/s"
+        pick = {r["impl"]: r for r in rows if (r["precision"], r["compiled"]) == (precision, compiled)}
+        ours, theirs = pick.get("triton"), pick.get("reference")
+        mismatch = ours is not None and ours["status"] == "mismatch"
+        why = ("triton's first loss missed the reference's" if mismatch else _missing(ours, "triton")) \
+            or _missing(theirs, "reference")
+        if why:
+            out.append(Verdict(goal, why, None))
+            continue
+        ratio = float(ours["images_per_s"]) / float(theirs["images_per_s"])
+        out.append(Verdict(goal, f"x{ratio:.3g} ({ours['images_per_s']} / {theirs['images_per_s']} images/s, "
+                                 f"B={ours['batch']}, {ours['height']}x{ours['width']})", ratio >= 2))
+    return out
+
+
+def table(found: list[Verdict], title: str) -> str:
+    lines = [f"| {title} | measured | holds |", "|---|---|---|"]
     lines += [f"| {v.goal} | {v.measured} | {'-' if v.holds is None else 'yes' if v.holds else 'no'} |"
               for v in found]
     return "\n".join(lines)
@@ -99,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="?", help="a sweep.csv (default: this GPU's, bench/results/<device>/sweep.csv)")
     parser.add_argument("--impl", default="triton", help="the rga_triton row judged (default triton)")
+    parser.add_argument("--net", default=None, help="rga_net_step.csv (default: beside the sweep's, if there)")
     return parser
 
 
@@ -115,7 +142,15 @@ def main(argv=None) -> int:
                                 hardware.results_dir_name(torch.device("cuda")), "sweep.csv")
     if not os.path.exists(args.csv):
         parser.error(f"csv: no file {args.csv}")
-    print(table(verdicts(load_rows(args.csv), args.impl), args.impl))
+    print(table(verdicts(load_rows(args.csv), args.impl),
+                f"goal ({args.impl}, RGA-SC train step, B={BATCH}, {INPUT} stages)"))
+    net = args.net or os.path.join(os.path.dirname(os.path.abspath(args.csv)), "rga_net_step.csv")
+    if os.path.exists(net):
+        with open(net, newline="") as f:
+            print("\n" + table(net_verdicts(list(csv.DictReader(f))), "goal (RGA-Net training step, converted vs "
+                                                                         "the authors' blocks)"))
+    elif args.net:
+        parser.error(f"--net: no file {args.net}")
     return 0
 
 

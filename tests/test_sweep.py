@@ -553,7 +553,26 @@ def test_goals_are_judged_from_the_stage_rows(tmp_path):
         writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    table = goals.table(goals.verdicts(plots.load_rows(str(path))), "triton")
+    table = goals.table(goals.verdicts(plots.load_rows(str(path))), "goal")
     assert "| stage 1 float32: >= 25x the reference | x33.3 (100 / 3 ms) | yes |" in table
     assert "| stage 3 float32: >= 1.5x the torch path | x1.2 (3 / 2.5 ms) | no |" in table
     assert "| stage 4 float32: >= 1.5x the torch path | no triton row | - |" in table
+
+
+def test_rga_net_goal_is_judged_per_precision_and_compile_mode():
+    """bench/goals.py on rga_net_step.csv rows: converted (triton) vs the authors' blocks in images/s."""
+    from bench import goals
+
+    def row(impl, precision, compiled, images, status="ok"):
+        return dict(impl=impl, precision=precision, compiled=str(compiled), images_per_s=str(images),
+                    status=status, batch="64", height="256", width="128")
+    rows = [row("reference", "float32", False, 100.0), row("torch", "float32", False, 150.0),
+            row("triton", "float32", False, 250.0),
+            row("reference", "float32", True, 120.0), row("triton", "float32", True, 200.0),
+            row("reference", "bf16-autocast", False, 300.0), row("triton", "bf16-autocast", False, 900.0,
+                                                                 status="mismatch")]
+    found = {v.goal: v for v in goals.net_verdicts(rows)}
+    assert found["RGA-Net step, float32: >= 2x images/s"].holds is True                  # x2.5
+    assert found["RGA-Net step, float32, compiled: >= 2x images/s"].holds is False       # x1.67
+    mismatch = found["RGA-Net step, bf16-autocast: >= 2x images/s"]
+    assert mismatch.holds is None and "loss missed" in mismatch.measured

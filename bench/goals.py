@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.csv is None:
+    given = args.csv is not None
+    if not given:
         import torch
 
         from bench import hardware
@@ -140,10 +141,13 @@ def main(argv=None) -> int:
             parser.error("csv: no GPU here to name the results folder; give the CSV's path")
         args.csv = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 hardware.results_dir_name(torch.device("cuda")), "sweep.csv")
-    if not os.path.exists(args.csv):
+    if os.path.exists(args.csv):
+        print(table(verdicts(load_rows(args.csv), args.impl),
+                    f"goal ({args.impl}, RGA-SC train step, B={BATCH}, {INPUT} stages)"))
+    elif given:
         parser.error(f"csv: no file {args.csv}")
-    print(table(verdicts(load_rows(args.csv), args.impl),
-                f"goal ({args.impl}, RGA-SC train step, B={BATCH}, {INPUT} stages)"))
+    else:
+        print(f"no sweep results yet ({args.csv})")
     net = args.net or os.path.join(os.path.dirname(os.path.abspath(args.csv)), "rga_net_step.csv")
     if os.path.exists(net):
         with open(net, newline="") as f:

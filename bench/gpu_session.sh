@@ -53,7 +53,8 @@ case "$what" in
            2>&1 | tee "$log"
          timeout 15 python bench/goals.py 2>&1 | tee -a "$log"
          timeout 15 python bench/goals.py --impl triton-graphs 2>&1 | tee -a "$log" ;;
-  step)  timeout 560 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log" ;;
+  step)  timeout 540 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log"
+         timeout 15 python bench/goals.py 2>&1 | tee -a "$log" ;;
   paper) timeout 560 python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
   *) echo "unknown step: $what" >&2; exit 2 ;;
 esac

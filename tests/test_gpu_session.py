@@ -38,7 +38,7 @@ def by_tool(name: str) -> list[list[str]]:
 def test_the_script_is_found_and_read():
     # the three tools below and pytest, in the steps "all", "tests", "tune", "train", "step", "paper"
     assert len(by_tool("bench/sweep.py")) >= 6
-    assert by_tool("bench/rga_net_step.py") and by_tool("bench/compile_threads.py") and len(by_tool("bench/goals.py")) == 3
+    assert by_tool("bench/rga_net_step.py") and by_tool("bench/compile_threads.py") and len(by_tool("bench/goals.py")) == 4
     assert [argv for argv in by_tool("-m") if argv[0] == "pytest"]
 
 

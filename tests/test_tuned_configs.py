@@ -148,7 +148,7 @@ def _exercise_every_kernel(tuned) -> set[str]:
     return launched | from_file()
 
 
-SPACE_SIZE = 6      # the largest config space (block sizes) of any kernel
+SPACE_SIZE = 8      # the largest config space (block sizes) of any kernel
 
 
 @pytest.mark.parametrize("index", range(SPACE_SIZE))

@@ -1,6 +1,6 @@
 """Compile every config of an autotune space at once, before the autotuner times them one by one.
 
-Triton's autotuner compiles each config the first time it times it, serially: with 16 to 24
+Triton's autotuner compiles each config the first time it times it, serially: with 16 to 32
 configs per kernel and shape, a new shape costs one to two minutes of compilation on an H100
 (bench/results/nvidia_h100_80gb_hbm3/NOTES.md). Compilation spends most of its time outside
 the GIL (MLIR passes, LLVM, ptxas), so compiling the configs on a thread pool first, through

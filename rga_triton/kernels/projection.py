@@ -79,8 +79,11 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, ro
     return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
+# The BLOCK_C=16 tiles: as wide as the others, and at 8 warps the only wide ones whose 3xTF32 products
+# fit in registers on sm_90 (bench/kernel_resources.py; the others spill).
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
-        dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64)],
+        dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
+        dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_ROWS=128, BLOCK_C=16, BLOCK_L=64)],
        key=["Cin", "L", "ROWS", "STORE_P", "DOT_PRECISION"])
 @triton.jit
 def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, ROWS, n_cols,
@@ -116,7 +119,8 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, R
 
 @tuned([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
         dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
-        dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128)],
+        dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128),
+        dict(BLOCK_K=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_K=128, BLOCK_C=16, BLOCK_L=64)],     # see above
        key=["Cin", "L", "K", "P_IN", "DOT_PRECISION"])
 @triton.jit
 def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,

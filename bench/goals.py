@@ -49,10 +49,6 @@ def _one(rows, impl, dtype, stage):
     return found[-1] if found else None        # --resume keeps the latest row last
 
 
-def _ran(row) -> bool:
-    return row is not None and row["status"] == "ok"
-
-
 def _missing(row, impl: str) -> str | None:
     """Why a row cannot be judged, or None."""
     if row is None:
@@ -84,12 +80,13 @@ def verdicts(rows: list[dict], impl: str = "triton") -> list[Verdict]:
             out.append(_ratio(rows, impl, "torch", dtype, stage, f"stage {stage} {dtype}: >= 1.5x the torch path", 1.5))
     ours, ref = _one(rows, impl, "float32", 1), _one(rows, "reference", "float32", 1)
     goal = "stage 1 float32: peak memory <= 5 % of the reference's"
-    if _ran(ours) and _ran(ref) and ours["peak_mem_mb"] and ref["peak_mem_mb"] and ours["correct"] is not False:
+    why = _missing(ours, impl) or _missing(ref, "reference")
+    if why or ours["correct"] is False or not (ours["peak_mem_mb"] and ref["peak_mem_mb"]):
+        out.append(Verdict(goal, why or "our row failed its check or has no peak memory", None))
+    else:
         share = ours["peak_mem_mb"] / ref["peak_mem_mb"]
         out.append(Verdict(goal, f"{share:.1%} ({ours['peak_mem_mb']:.0f} / {ref['peak_mem_mb']:.0f} MB)",
                            share <= 0.05))
-    else:
-        out.append(Verdict(goal, "rows missing", None))
     return out
 
 

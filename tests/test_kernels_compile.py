@@ -26,13 +26,23 @@ except AttributeError:
 pytestmark = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="this Triton has no NVIDIA backend to compile for")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile_tool(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a compiling script (path from the repo root) in a subprocess without TRITON_INTERPRET (which
+    replaces @triton.jit); it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def results():
-    """Compile every case in one subprocess, without TRITON_INTERPRET (which replaces @triton.jit)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_kernels.py")
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """Compile every case in one subprocess."""
+    done = _compile_tool("tests/compile_kernels.py", timeout=1500)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -43,11 +53,7 @@ def test_kernel_compiles_for_cuda(results, case_id):
 
 def test_compile_threads_tool_runs():
     """bench/compile_threads.py (the premise of concurrent precompilation) compiles and reports."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "compile_threads.py")
-    done = subprocess.run([sys.executable, script, "--cases", "2", "--threads", "2"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _compile_tool("bench/compile_threads.py", "--cases", "2", "--threads", "2")
     assert "2 kernel variants for sm_90" in done.stdout and "on 2 threads" in done.stdout
 
 
@@ -56,12 +62,9 @@ def test_kernel_resources_tool_reports_every_config(tmp_path):
     reads registers and spills from ptxas. The gating backward, a memory-bound pass over x, spills nothing
     in any config (its space dropped the tiles that did)."""
     import csv
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "kernel_resources.py")
     out = tmp_path / "resources.csv"
-    done = subprocess.run([sys.executable, script, "--kernels", "_apply_gates_backward_kernel", "--quiet",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _compile_tool("bench/kernel_resources.py", "--kernels", "_apply_gates_backward_kernel", "--quiet",
+                         "--out", str(out))
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     from rga_triton.kernels import tuned

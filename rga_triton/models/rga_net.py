@@ -73,26 +73,55 @@ class RGABackbone(ResNet50):
         return x
 
 
+LOSSES = ("softmax", "triplet")
+NECK_FEATS = ("after", "before")
+
+
+def check_loss(loss) -> str:
+    """``loss`` as torchreid names it: what train mode returns (see :class:`RGANet`)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def check_neck_feat(neck_feat) -> str:
+    """``neck_feat`` as fast-reid names it: the eval feature from after or before the BNNeck."""
+    if neck_feat not in NECK_FEATS:
+        raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
+    return neck_feat
+
+
 class RGANet(nn.Module):
     """RGA-Net (Zhang et al., CVPR 2020) for re-identification.
 
     backbone (ResNet-50 + four RGA blocks) -> global average pooling -> ``feat_bn``
     (BatchNorm1d neck, bias frozen: BNNeck) -> ``cls`` (linear, no bias).
 
-    - train mode: returns ``(logits, features)`` with ``features`` the pooled feature *before*
-      the neck, which the authors' triplet loss takes (logits feed the cross-entropy);
-    - eval mode: returns the post-neck feature (B, 2048) that re-ID retrieval compares.
+    What ``forward`` returns follows torchreid's convention (its ``models/resnet.py``):
+
+    - train mode, ``loss="triplet"`` (the default, as before): ``(logits, features)`` with
+      ``features`` the pooled feature *before* the neck, which the authors' and BNNeck's triplet
+      loss takes (the logits feed the cross-entropy);
+    - train mode, ``loss="softmax"``: the logits alone (torchreid's softmax engine would
+      otherwise average its cross-entropy over every element of a tuple);
+    - eval mode, either loss: the (B, 2048) feature that re-ID retrieval compares, after the
+      BNNeck (``neck_feat="after"``, the default, the authors' choice) or before it
+      (``neck_feat="before"``: the pooled feature);
+    - ``forward(x, return_featuremaps=True)``: the backbone's (B, 2048, H/16, W/16) map, in either
+      mode (what torchreid's ``visualize_actmap.py`` asks for).
     """
 
     num_features = 2048
 
     def __init__(self, num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
                  use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
-                 last_stride: int = 1, backend: str = "auto", algorithm: str = "auto", order: str = "sc"):
+                 last_stride: int = 1, backend: str = "auto", algorithm: str = "auto", order: str = "sc",
+                 loss: str = "triplet", neck_feat: str = "after"):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
+        self.loss, self.neck_feat = check_loss(loss), check_neck_feat(neck_feat)
         self.backbone = RGABackbone(height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
                                     last_stride, backend, algorithm, order)
         self.feat_bn = nn.BatchNorm1d(self.num_features)
@@ -108,17 +137,25 @@ class RGANet(nn.Module):
     def width(self) -> int:
         return self.backbone.width
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, return_featuremaps: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, self.height, self.width):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, 3, height={self.height}, width={self.width}) images, got {shape}; the "
                              f"RGA blocks' in_spatial is fixed by the input size: build the model with "
                              f"rga_net(..., height=, width=) for another size")
-        pooled = self.backbone(x).mean(dim=(2, 3))
+        if not isinstance(return_featuremaps, bool):
+            raise TypeError(f"return_featuremaps must be a bool, got {type(return_featuremaps).__name__}")
+        maps = self.backbone(x)
+        if return_featuremaps:
+            return maps
+        pooled = maps.mean(dim=(2, 3))
         features = self.feat_bn(pooled)
-        if self.training:
-            return self.cls(features), pooled
-        return features
+        if not self.training:
+            return features if check_neck_feat(self.neck_feat) == "after" else pooled
+        logits = self.cls(features)
+        if check_loss(self.loss) == "softmax":
+            return logits
+        return logits, pooled
 
 
 def load_backbone_weights(backbone: nn.Module, weights, map_location="cpu") -> None:
@@ -147,7 +184,7 @@ def load_backbone_weights(backbone: nn.Module, weights, map_location="cpu") -> N
 def rga_net(num_classes: int, height: int = 256, width: int = 128, use_spatial: bool = True,
             use_channel: bool = True, cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8,
             backend: str = "auto", pretrained_backbone=None, last_stride: int = 1,
-            algorithm: str = "auto", order: str = "sc") -> RGANet:
+            algorithm: str = "auto", order: str = "sc", loss: str = "triplet", neck_feat: str = "after") -> RGANet:
     """Build RGA-Net (RGA-SC by default; RGA-S / RGA-C with ``use_channel`` / ``use_spatial`` off).
 
     ``height`` x ``width`` is the input size (256 x 128 in the paper); the RGA blocks'
@@ -157,9 +194,12 @@ def rga_net(num_classes: int, height: int = 256, width: int = 128, use_spatial: 
     ``pretrained_backbone``: a path or state_dict of torchvision ``resnet50`` ImageNet weights,
     loaded strictly into the ResNet-50 part (``fc`` ignored). To load a trained RGA-Net
     checkpoint (the authors' files included) use :func:`rga_triton.load_checkpoint`.
+    ``loss`` (torchreid's values): train mode returns ``(logits, pre-neck features)`` for
+    ``"triplet"`` (the default), the logits alone for ``"softmax"``. ``neck_feat``: eval mode
+    returns the feature after the BNNeck (``"after"``, the default) or before it (``"before"``).
     """
     model = RGANet(num_classes, height, width, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                   last_stride, backend, algorithm, order)
+                   last_stride, backend, algorithm, order, loss=loss, neck_feat=neck_feat)
     if pretrained_backbone is not None:
         load_backbone_weights(model.backbone, pretrained_backbone)
     return model

@@ -35,6 +35,12 @@ class CheckpointReport:
     mismatched_shapes: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # key: (checkpoint, model)
     filled_keys: list[str] = field(default_factory=list)        # num_batches_tracked set to 0 (pre-0.4.1 files)
     stripped_prefixes: list[str] = field(default_factory=list)  # e.g. ['module.'] from DataParallel
+    # load_checkpoint(..., source_size=): position-indexed weights resampled from that input size
+    source_size: tuple[int, int] | None = None                  # the checkpoint's input (H, W)
+    target_size: tuple[int, int] | None = None                  # the model's input (H, W)
+    resampled_keys: list[str] = field(default_factory=list)
+    rebuilt_blocks: list[str] = field(default_factory=list)     # blocks given the checkpoint's inter_spatial
+    resize_mode: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,7 +69,23 @@ class CheckpointReport:
             lines.append(f"stripped the key prefix(es) {', '.join(repr(p) for p in self.stripped_prefixes)}")
         if self.filled_keys:
             lines.append(f"set {len(self.filled_keys)} num_batches_tracked buffer(s) the checkpoint predates to 0")
+        if self.source_size is not None:
+            lines.append(_resize_line(self))
         return "\n".join(lines + (self.problems() or ["every key of the model matched"]))
+
+
+def _resize_line(report: "CheckpointReport") -> str:
+    (h, w), (h2, w2) = report.source_size, report.target_size
+    if not report.resampled_keys:
+        return (f"source_size {h} x {w}: no position-indexed weight needed resampling for the model's "
+                f"{h2} x {w2} input")
+    line = (f"resampled {len(report.resampled_keys)} position-indexed weight(s) of the RGA blocks from a {h} x {w} "
+            f"input to the model's {h2} x {w2} ({report.resize_mode}, scaled by N/N'; an approximation, see "
+            f"docs/resize.md): {_listing(report.resampled_keys)}")
+    if report.rebuilt_blocks:
+        line += (f"; rebuilt {', '.join(report.rebuilt_blocks)} with the checkpoint's inter_spatial (the relation "
+                 f"embedding's rows are learned, not positions, and keep their number)")
+    return line
 
 
 def _listing(keys) -> str:
@@ -80,7 +102,8 @@ def _hint_missing(keys) -> str:
 def _hint_shape(key: str) -> str:
     if key.endswith(("gg_spatial.0.weight", "theta_channel.0.weight", "phi_channel.0.weight",
                      "gx_channel.0.weight")):
-        return " (its size follows in_spatial = H*W of the feature map: trained at another input height/width?)"
+        return (" (its size follows in_spatial = H*W of the feature map: trained at another input height/width? "
+                "load_checkpoint(..., source_size=(H, W)) resamples it)")
     if key.startswith(("cls.", "classifier.", "fc.")):
         return " (another number of classes?)"
     return ""
@@ -137,15 +160,19 @@ def _strip_prefixes(state: dict, model_keys) -> tuple[dict, list[str]]:
     return state, stripped
 
 
-def match_state_dict(model: nn.Module, checkpoint, ignore_missing=(), ignore_unexpected=()):
+def match_state_dict(model: nn.Module, checkpoint, ignore_missing=(), ignore_unexpected=(), prepare=None):
     """Normalise ``checkpoint`` against ``model``: (state_dict to load, report), loading nothing.
 
     ``ignore_missing`` / ``ignore_unexpected``: key prefixes left out of the report's missing /
     unexpected lists (e.g. ``("fc.",)`` for an ImageNet classifier a backbone does not have).
+    ``prepare``: called on the state_dict once its wrapper prefixes are stripped, returns the
+    one to match (``load_checkpoint``'s resampling; it may change ``model``'s blocks).
     """
     state, source = find_state_dict(checkpoint)
+    state, stripped = _strip_prefixes(state, model.state_dict().keys())
+    if prepare is not None:
+        state = prepare(state)
     target = model.state_dict()
-    state, stripped = _strip_prefixes(state, target.keys())
     filled = []
     for key in target:
         if key.rsplit(".", 1)[-1] == "num_batches_tracked" and key not in state:
@@ -184,8 +211,17 @@ def _read(path_or_dict, map_location, weights_only):
     return path_or_dict
 
 
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at qualified ``name`` in ``model``; return the one it replaces."""
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, module)
+    return old
+
+
 def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_location="cpu",
-                    weights_only: bool = True) -> CheckpointReport:
+                    weights_only: bool = True, source_size=None, resize_mode: str = "bilinear") -> CheckpointReport:
     """Load a training checkpoint (file path or already-loaded object) into ``model``.
 
     Accepts the authors' RGA-Net files and their relatives:
@@ -203,12 +239,42 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
     (same name and shape) and leaves the rest. Returns a :class:`CheckpointReport` either way.
     ``map_location`` and ``weights_only`` go to ``torch.load`` for a path (``weights_only=True``
     reads tensors and plain containers only; pass ``False`` for a file you trust that needs more).
+
+    ``source_size=(H, W)``: the checkpoint was trained on H x W inputs and ``model`` (an RGA-Net,
+    :func:`rga_triton.models.rga_net`) is built for another size: each RGA block's
+    position-indexed weights are resampled from its stage's map size at H x W to the model's
+    (:func:`rga_triton.resize.resized_state_dict`, ``resize_mode`` "bilinear" or "bicubic",
+    scaled by N/N'), and a block whose relation-embedding rows (inter_spatial) differ from
+    the checkpoint's is rebuilt with the checkpoint's (``rga_net(height=384)`` has
+    3072 // 8 = 384 rows in its first block, a 256 x 128 checkpoint 256). The report lists the
+    resampled keys and rebuilt blocks. With ``strict=True`` and a mismatch the model is left as
+    it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = unwrap(model)
-    loadable, report = match_state_dict(target, _read(path_or_dict, map_location, weights_only))
+    resized, replaced = {}, {}
+    prepare = None
+    if source_size is not None:
+        from .resize import block_sizes, check_hw, check_mode, resized_state_dict
+
+        source_size, resize_mode = check_hw("source_size", source_size), check_mode(resize_mode)
+        block_sizes(target, *source_size)           # a TypeError naming the model before any file is read
+
+        def prepare(state):
+            state, resized["keys"], replacements = resized_state_dict(target, state, source_size, resize_mode)
+            for name, block in replacements.items():
+                replaced[name] = _swap(target, name, block)
+            return state
+
+    loadable, report = match_state_dict(target, _read(path_or_dict, map_location, weights_only), prepare=prepare)
+    if source_size is not None:
+        report.source_size, report.resize_mode = source_size, resize_mode
+        report.target_size = (target.height, target.width)
+        report.resampled_keys, report.rebuilt_blocks = resized.get("keys", []), list(replaced)
     if strict and not report.ok:
+        for name, block in replaced.items():
+            _swap(target, name, block)              # put the model's own blocks back: nothing changed
         raise RuntimeError("load_checkpoint: the checkpoint does not match the model (strict=True; nothing was "
                            "loaded; strict=False loads the keys that match and returns this report):\n  "
                            + "\n  ".join(report.problems()))

@@ -1,0 +1,19 @@
+"""ImageNet ResNet-50 weights for the adapters' ``pretrained`` switches (torchvision's, through torch.hub)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+# torchvision's ResNet50_Weights.IMAGENET1K_V1: the file torchreid's and fast-reid's resnet50 start from.
+IMAGENET_RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+
+
+def load_imagenet_resnet50(backbone: nn.Module) -> None:
+    """Load torchvision's ImageNet ResNet-50 into ``backbone``'s ResNet-50 part (the RGA blocks keep
+    their initialisation). Downloads once into torch.hub's cache (``$TORCH_HOME/hub/checkpoints``),
+    and reads the cached file after that, offline included."""
+    from torch.hub import load_state_dict_from_url
+
+    from ..models import load_backbone_weights
+
+    state = load_state_dict_from_url(IMAGENET_RESNET50_URL, map_location="cpu", progress=False)
+    load_backbone_weights(backbone, state)

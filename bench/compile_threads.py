@@ -1,4 +1,4 @@
-"""How well Triton compilation scales over threads: the premise of ``rga_triton/kernels/precompile.py``.
+"""How well Triton compilation scales over threads: the premise of ``rga_triton/launch/precompile.py``.
 
     python bench/compile_threads.py --cases 16 --threads 2
 

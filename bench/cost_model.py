@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rga_triton.algorithm import multiply_adds
+from rga_triton.common.algorithm import multiply_adds
 
 BRANCHES = {"RGA-S": (True, False), "RGA-C": (False, True), "RGA-SC": (True, True)}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.plots import load_rows  # noqa: E402
+from bench.rows import load_rows  # noqa: E402
 
 BATCH = 64
 INPUT = "256x128"

@@ -255,7 +255,7 @@ def resolved_algorithms(module, dtype: torch.dtype, train: bool, device: torch.d
     ("reassociated (auto)", or "spatial:tiled+channel:reassociated (auto)" when they differ)."""
     if module.algorithm != "auto":
         return module.algorithm
-    from rga_triton.triton_path import branch_algorithm
+    from rga_triton.dispatch import branch_algorithm
     names = [n for n, on in (("spatial", module.use_spatial), ("channel", module.use_channel)) if on]
     chosen = {n: branch_algorithm(module, n, dtype, device, "train" if train else "forward") for n in names}
     if len(set(chosen.values())) == 1:

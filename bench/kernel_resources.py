@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
 import compile_kernels  # noqa: E402
-from rga_triton.kernels import tuned  # noqa: E402
+from rga_triton.launch import tuned  # noqa: E402
 
 COLUMNS = ["kernel", "variant", "blocks", "num_warps", "num_stages", "registers", "spill_store_bytes",
            "spill_load_bytes", "shared_bytes", "error"]

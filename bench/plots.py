@@ -26,31 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-ORDER = ["reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled", "triton-graphs"]
+from bench.rows import ORDER, impls_in, load_rows  # noqa: E402,F401  (load_rows: part of this module's API)
+
 COLORS = {"reference": "#7f7f7f", "compile": "#ff7f0e", "compile-max-autotune": "#8c564b", "torch": "#1f77b4",
           "triton": "#2ca02c", "triton-tiled": "#9467bd", "triton-graphs": "#17becf"}
 MARKERS = {"reference": "o", "compile": "s", "compile-max-autotune": "D", "torch": "^", "triton": "*",
            "triton-tiled": "P", "triton-graphs": "X"}
 FIGSIZE, DPI = (10, 6), 110
-NUMERIC = ("batch", "C", "H", "W", "N", "time_ms_median", "time_ms_p20", "time_ms_p80", "peak_mem_mb", "flops",
-           "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference", "ceiling_tflops", "ceiling_gbps",
-           "spec_tflops", "spec_gbps", "rel_err", "rel_err_grad_x", "host_ms", "graphs_skipped")
-
-
-def load_rows(csv_path: str) -> list[dict]:
-    """The CSV's rows with numbers as numbers (None where empty) and ``correct`` as True/False/None."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in NUMERIC:
-            value = row.get(key, "")
-            row[key] = float(value) if value not in ("", None) else None
-        for key in ("batch", "C", "H", "W", "N"):
-            row[key] = int(row[key]) if row[key] is not None else None
-        row["correct"] = {"True": True, "False": False}.get(row.get("correct", ""))
-    return rows
-
-
 def _plain_log_labels(axis, low: float, high: float) -> None:
     """Tick labels like 0.5, 2, 300 instead of 5x10^-1 on a log axis; minor labels only within ~2 decades."""
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -65,11 +47,6 @@ def shape_label(row: dict) -> str:
     if row.get("input_hw"):
         label += f"\n{row['input_hw']} s{row['stage']}"
     return label
-
-
-def impls_in(rows) -> list[str]:
-    present = {r["impl"] for r in rows}
-    return [i for i in ORDER if i in present] + sorted(present - set(ORDER))
 
 
 def default_branch(rows) -> str:

@@ -167,7 +167,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
     for c, h, w, _, _ in shapes:
         for branch in preset["branches"]:
             try:
-                rga_triton.checks.block_sizes(c, h * w, *cost_model.BRANCHES[branch], 8, 8, 8)
+                rga_triton.common.checks.block_sizes(c, h * w, *cost_model.BRANCHES[branch], 8, 8, 8)
             except ValueError as exc:
                 parser.error(f"shape {c}x{h}x{w} ({branch}) is too small for RGA with ratios 8: {exc}")
 

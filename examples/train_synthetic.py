@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import rga_triton  # noqa: E402
-from rga_triton.backend import triton_unsupported_reason  # noqa: E402
+from rga_triton.dispatch import triton_unsupported_reason  # noqa: E402
 
 PRESETS = {
     # height, width, spa_ratio, down_ratio, identities P, images per identity K

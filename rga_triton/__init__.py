@@ -24,6 +24,6 @@ __all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
 
 # The Triton path's custom operators (torch.ops.rga_triton.*): registered at import, so that exported and
 # AOTInductor-compiled programs load wherever rga_triton is imported.
-from .backend import register_ops  # noqa: E402
+from .dispatch import register_ops  # noqa: E402
 
 register_ops()

@@ -9,9 +9,10 @@ import torch
 import triton
 import triton.testing
 
-from .algorithm import ALGORITHMS, branch_dims, bucket
-from .checks import is_positive_int
-from .kernels.tuned import KERNELS, STORE, config_dir, device_file_name
+from .common.algorithm import ALGORITHMS, branch_dims, bucket
+from .common.checks import is_positive_int
+from .common.settings import config_dir
+from .launch.tuned import KERNELS, STORE, device_file_name
 from .module import RGAModule
 
 BRANCH_FLAGS = {"RGA-S": (True, False), "RGA-C": (False, True), "RGA-SC": (True, True)}

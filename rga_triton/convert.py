@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import backend as _backend
+from . import dispatch
 from .module import RGAModule
 
 logger = logging.getLogger("rga_triton")
@@ -102,7 +102,7 @@ def convert_block(module: nn.Module, path: str = "<block>", backend: str = "auto
     naming ``path`` when the ratios cannot be reconstructed or the rebuilt shapes differ from
     the block's.
     """
-    _backend.check_backend(backend), _backend.check_algorithm(algorithm)
+    dispatch.check_backend(backend), dispatch.check_algorithm(algorithm)
     _check_structure(path, module)
     in_channel, in_spatial = module.in_channel, module.in_spatial
     use_spatial, use_channel = bool(module.use_spatial), bool(module.use_channel)
@@ -163,7 +163,7 @@ def convert(model: nn.Module, backend: str = "auto", algorithm: str = "auto", ve
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _backend.check_backend(backend), _backend.check_algorithm(algorithm)
+    dispatch.check_backend(backend), dispatch.check_algorithm(algorithm)
     found: dict[int, tuple[nn.Module, list[str]]] = {}
     sites: list[tuple[str, int]] = []              # (path, block id) in module order, shared blocks at each path
     stack = [("", model)]

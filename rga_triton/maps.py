@@ -6,8 +6,8 @@ from typing import Sequence
 
 import torch
 
-from . import backend as _backend
-from .checks import FLOAT_DTYPES, input_tensor
+from . import dispatch
+from .common.checks import FLOAT_DTYPES, input_tensor
 from .module import RGAModule
 from .torch_path import relation_inputs
 
@@ -19,8 +19,10 @@ def affinity(theta: torch.Tensor, phi: torch.Tensor, backend: str = "auto") -> t
     accumulation; float32 inputs keep float32 accuracy), else by ``torch.matmul``.
     """
     _check_affinity_operands(theta, phi)
-    if _backend.resolve(_backend.check_backend(backend), theta) == "triton":
-        return _TritonAffinity.apply(theta, phi)
+    if dispatch.resolve(dispatch.check_backend(backend), theta) == "triton":
+        from .ops.affinity.op import TritonAffinity
+        with dispatch.on_device_of(theta):
+            return TritonAffinity.apply(theta, phi)
     return torch.matmul(theta.transpose(1, 2), phi)
 
 
@@ -37,29 +39,6 @@ def _check_affinity_operands(theta, phi) -> None:
     if theta.dtype != phi.dtype or theta.device != phi.device:
         raise TypeError(f"theta and phi must share dtype and device, got {theta.dtype} on {theta.device} "
                         f"and {phi.dtype} on {phi.device}")
-
-
-class _TritonAffinity(torch.autograd.Function):
-    """G = theta^T phi by the Triton kernel; backward by two batched matmuls.
-
-    dtheta = phi dG^T (B, K, M) and dphi = theta dG (B, K, N): the gradient of a product
-    needs no kernel of its own, and G is not saved.
-    """
-
-    @staticmethod
-    def forward(ctx, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        from .kernels.affinity import affinity as triton_affinity
-        ctx.save_for_backward(theta, phi)
-        with _backend.on_device_of(theta):
-            return triton_affinity(theta, phi)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        theta, phi = ctx.saved_tensors
-        grad = grad.to(theta.dtype)
-        d_theta = torch.matmul(phi, grad.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        d_phi = torch.matmul(theta, grad) if ctx.needs_input_grad[1] else None
-        return d_theta, d_phi
 
 
 def _index(value, what: str) -> int:

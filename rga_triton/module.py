@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import backend as _backend
-from . import checks
-from .batchnorm import distributed, synchronised
-from .torch_path import Branch, rga_forward as torch_forward
+from . import dispatch
+from .common import checks
+from .torch_path import Branch
 
 
 ORDERS = ("sc", "cs", "parallel")
@@ -44,7 +43,7 @@ class RGAModule(nn.Module):
     skinny products W_in phi^T, W_out theta^T; never forms G), ``"tiled"`` (G built block
     by block on chip and fed straight into the relation embedding), or ``"auto"`` (per branch:
     the one ``rga_triton.tune`` measured faster on this GPU, else the fewer multiply-adds;
-    see ``rga_triton.algorithm``).
+    see ``rga_triton.dispatch``).
     ``order`` composes the branches of RGA-SC: ``"sc"`` (the authors': spatial gate, then
     the channel gate computed on the gated map), ``"cs"``, or ``"parallel"`` (both gates
     from x: out = x * sigmoid(a_s) * sigmoid(a_c)), the variants of the paper's Table 1.
@@ -61,8 +60,8 @@ class RGAModule(nn.Module):
         self.in_channel, self.in_spatial = in_channel, in_spatial
         self.use_spatial, self.use_channel = use_spatial, use_channel
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
-        self.backend = _backend.check_backend(backend)
-        self.algorithm = _backend.check_algorithm(algorithm)
+        self.backend = dispatch.check_backend(backend)
+        self.algorithm = dispatch.check_algorithm(algorithm)
         self.order = check_order(order)
 
         # Registration order follows the authors' module so state_dict key order matches too.
@@ -98,24 +97,12 @@ class RGAModule(nn.Module):
                 f"order={self.order!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.backend = _backend.check_backend(self.backend)
-        self.algorithm = _backend.check_algorithm(self.algorithm)
+        self.backend = dispatch.check_backend(self.backend)
+        self.algorithm = dispatch.check_algorithm(self.algorithm)
         self.order = check_order(self.order)
         first = self.branch("spatial" if self.use_spatial else "channel")
         checks.input_tensor(x, self.in_channel, self.in_spatial, checks.uniform_parameters(self, first.theta[0].weight))
-        backend = self.backend
-        # SyncBatchNorm only synchronises in training, in a process group: other calls skip the submodule walk.
-        if backend != "torch" and self.training and distributed() and any(synchronised(m) for m in self.modules()):
-            # SyncBatchNorm all-reduces its statistics on the torch path; the kernels do not.
-            if backend == "triton":
-                raise ValueError("backend='triton' cannot run this module: it holds train-mode SyncBatchNorm "
-                                 "layers in a process group of several ranks (use backend='torch' or 'auto')")
-            _backend.warn_once("train-mode SyncBatchNorm synchronises its statistics on the torch path")
-            backend = "torch"
-        if _backend.resolve(backend, x, self) == "triton":
-            from .triton_path import rga_forward as triton_forward
-            return triton_forward(self, x)
-        return torch_forward(self, x)
+        return dispatch.forward(self, x)      # which implementation runs: the whole rule is in dispatch.py
 
 
 RGA_Module = RGAModule

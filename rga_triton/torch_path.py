@@ -7,8 +7,9 @@ Both branches share one shape of computation. A branch sees ``feats`` of shape
     Z = W_in G^T + W_out G = (W_in phi^T) theta + (W_out theta^T) phi,   G = theta^T phi,
 
 so no L x L tensor is ever formed, forward or backward (autograd differentiates the
-right-hand side). Every BatchNorm goes through :func:`rga_triton.batchnorm.batch_norm`,
-which behaves exactly as ``nn.BatchNorm2d``.
+right-hand side). Each step's formula lives beside its kernels (``ops/projection/pytorch.py``,
+``ops/relation/pytorch.py``); this module composes them into a block. Every BatchNorm goes
+through ``common/batchnorm.batch_norm``, which behaves exactly as ``nn.BatchNorm2d``.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .batchnorm import batch_norm
+from .ops.projection.pytorch import relation_inputs
+from .ops.relation.pytorch import relation_gate_logit, relation_preactivation  # noqa: F401  (re-exported)
 
 
 class Branch(NamedTuple):
@@ -31,42 +32,11 @@ class Branch(NamedTuple):
     W: nn.Sequential
 
 
-def _conv_weight(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv's weight as a (out, in) matrix in ``like``'s dtype (differentiable cast)."""
-    return conv.weight.flatten(1).to(like.dtype)
-
-
-def relation_inputs(branch: Branch, feats: torch.Tensor, update: bool = True):
-    """theta, phi (B, K, L) and the channel-mean of the gx embedding (B, 1, L)."""
-    weights = [branch.theta[0].weight, branch.phi[0].weight, branch.gx[0].weight]
-    k = weights[0].shape[0]
-    projected = torch.matmul(torch.cat(weights).flatten(1).to(feats.dtype), feats)   # one read of feats
-    theta, phi, gx = (
-        F.relu(batch_norm(z, seq[1], update))
-        for z, seq in zip(projected.split(k, dim=1), (branch.theta, branch.phi, branch.gx))
-    )
-    return theta, phi, gx.mean(dim=1, keepdim=True)
-
-
-def relation_preactivation(gg_weight: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """Z = (W_in phi^T) theta + (W_out theta^T) phi, shape (B, R, L), without forming G, in theta's dtype
-    (float32 or wider: :func:`rga_forward` computes half precision and autocast in float32)."""
-    length = theta.shape[-1]
-    w = gg_weight.flatten(1).to(theta.dtype)
-    w_in, w_out = w[:, :length], w[:, length:]
-    a = torch.cat([torch.matmul(w_in, phi.transpose(1, 2)), torch.matmul(w_out, theta.transpose(1, 2))], dim=2)
-    return torch.matmul(a, torch.cat([theta, phi], dim=1))
-
-
 def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torch.Tensor:
-    """Pre-sigmoid attention logit (B, L) of one branch for ``feats`` (B, Cin, L)."""
+    """Pre-sigmoid attention logit (B, L) of one branch for ``feats`` (B, Cin, L): the projection's
+    formula, then the relation gate's."""
     theta, phi, pooled = relation_inputs(branch, feats, update)
-    z = relation_preactivation(branch.gg[0].weight, theta, phi)
-    relation = F.relu(batch_norm(z, branch.gg[1], update))
-    conv1, bn1, _, conv2, bn2 = branch.W
-    y = torch.cat([pooled, relation], dim=1)
-    hidden = F.relu(batch_norm(torch.matmul(_conv_weight(conv1, y), y), bn1, update))
-    return batch_norm(torch.matmul(_conv_weight(conv2, hidden), hidden), bn2, update).squeeze(1)
+    return relation_gate_logit(branch, theta, phi, pooled, update)
 
 
 def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:

@@ -1,185 +1,65 @@
-"""The ``"triton"`` backend: orchestration of the kernels for one RGA block, and its entry point.
+"""The ``"triton"`` backend: one RGA block composed from the steps of ``ops/``.
 
-Eval forward of RGA-SC reads x three times and writes the output once: the spatial
-projection reads x; the channel projection reads x scaled by the spatial gate on the fly
-(no gated copy); ``apply_gates`` reads x and writes x * spatial_gate * channel_gate. Train
-mode adds one statistics pass per projection, and recomputes Z from the small A and
-[theta; phi] for the statistics of the relation and hidden BatchNorms. Everything the
-kernels hand each other is O(K L + R K) per image, never O(L^2).
+A branch reads X (B, Cin, L) (spatial: x as (B, C, N); channel: x read as (B, N, C)) and
+computes its sigmoid gate (B, L) in three steps:
 
-This module runs the forward when no gradient is wanted, in eager mode; ``triton_autograd``
-runs the same kernels, and the backward kernels, as the custom ops of ``ops.py``: when a
-gradient is wanted, and always under ``torch.compile``.
+    projection   X -> tp = [theta; phi] (B, 2K, L), gx_mean (B, L)     ops/projection
+    relation     tp -> A (B, R, 2K) or tiled Z (B, R, L)                ops/relation
+    gate logit   A or Z, gx_mean -> BatchNorm -> attention network -> logit (B, L)
+
+then the last one-channel BatchNorm and the sigmoid. The branches compose in ``module.order``
+(:func:`compose_gates`: in "sc" the spatial gate scales x where the channel branch's projection
+reads it, no gated copy), and ``ops/gating`` writes out = x * spatial * channel in one pass.
+Eval forward of RGA-SC reads x three times and writes the output once; everything the kernels
+hand each other is O(K L + R K) per image, never O(L^2).
+
+The branch has one composition in two forms, chosen by ``rga_triton.dispatch`` (``plan.route``):
+
+- :func:`branch_gate_kernels` (route ``"kernels"``: eager, no gradient): the launchers
+  themselves, BatchNorms folded and weights stacked once per change of the parameters (memoised
+  on the modules), the eval gate's last BatchNorm and sigmoid inside the gate kernel.
+- :func:`branch_gate_ops` (routes ``"eager-ops"`` and ``"registered-ops"``: a gradient is
+  wanted, or something traces or intercepts the calls): the same kernels as the custom ops of
+  ``ops/``, each differentiating its own step. Eager autograd calls their implementations and
+  formulas directly (:data:`EAGER`: the dispatcher costs 80 to 90 us per call on a 2-core CPU;
+  with kernels that do nothing, an RGA-SC train forward at C=64, 16x8 took 1.9 ms of host time
+  instead of 2.5 ms); torch.compile, make_fx, a dispatch mode or a tensor subclass get the
+  registered ops (:data:`REGISTERED`), one per step.
+
+Why two forms and not one: the ops take tensors only, so the no-grad form through them restacks
+the weights and refolds nothing it could memoise, and runs the last BatchNorm and the sigmoid
+as PyTorch ops: ``bench/host_overhead.py`` measured the difference (see docs/backward.md).
+
+In eager training x is threaded through the projections (``ops/projection/op.ThreadedProjection``):
+each hands the next reader of x a view of it, so x's gradient lives in one buffer.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 
-from .algorithm import branch_dims, choose
-from .backend import on_device_of
-from .batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats, update_running_stats,
-                        uses_batch_stats)
-from .cache import memo
-from .kernels.batchnorm import bn_finalize, finalize_groups
-from .kernels.gating import apply_gates, mergeable
-from .kernels.projection import projection_apply, projection_stats
-from .kernels.relation import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
-                               z_stats)
-from .torch_path import Branch, rga_forward as torch_forward
+from .common.batchnorm import batch_norm, uses_batch_stats
+from .common.cache import memo
+from .common.layout import compute_dtype, input_views, mergeable, weight_matrix
+from .common.tracing import intercepted
+from .ops.batchnorm.norm import affine_rows, batchnorm_args, normalizers, norm_rows, one_channel_affine
+from .ops.gating.kernels import apply_gates
+from .ops.gating.op import eager_apply_gates
+from .ops.projection.kernels import projection_apply
+from .ops.projection.op import ThreadedProjection, eager_projection, measure_projection
+from .ops.registry import IMPLS
+from .ops.relation.kernels import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
+                                   z_stats)
+from .ops.relation.op import eager_gate_logit
 
-
-class Norm(NamedTuple):
-    """BatchNorm rows as used by one call, float32 (rows,): bn(z) = z * scale + shift, and the
-    statistics it normalised with (z_hat = (z - mean) * inv_std), which backward needs."""
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-    mean: torch.Tensor
-    inv_std: torch.Tensor
-
-
-def folded(bns) -> Norm:
-    """The :class:`Norm` of BatchNorms that all normalise with their running statistics (eval),
-    folded once per change of their parameters or buffers in eager mode."""
-    fold = lambda: _affines(bns, None, None, 0)  # noqa: E731
-    # views rebuilt inside an op (ops.py) hold nothing lasting; torch.compile cannot trace memo's data_ptr
-    if not isinstance(bns[0], nn.Module) or torch.compiler.is_compiling():
-        return fold()
-    # num_batches_tracked: every train step bumps its version; kernels and F.batch_norm move the statistics unseen
-    sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias)]
-    return memo(bns[0], ("affine", len(bns)), sources, fold)
-
-
-def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
-    """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
-
-    ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
-    it runs only if a BatchNorm normalises with the batch, and ``bn_finalize`` launches (one
-    per run of up to three alike BatchNorms: :func:`finalize_groups`) then merge them and move
-    the running statistics as nn.BatchNorm2d does. In eval the running statistics fold
-    (:func:`folded`).
-    """
-    if not any(uses_batch_stats(bn) for bn in bns):
-        return folded(bns)
-    if count <= 1 and tracks_running_stats(bns[0]):
-        step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
-    check_batch_size(count, shape)
-    stats = partials()
-    starts = [0]
-    for bn in bns:
-        starts.append(starts[-1] + bn.num_features)
-    table = torch.empty((4, starts[-1]), device=stats.device, dtype=torch.float32)    # the Norm's rows
-    batch = [(start, bn) for start, bn in zip(starts, bns) if uses_batch_stats(bn)]
-    for start, group in finalize_groups(batch):
-        factors = [step_momentum(bn) if tracks_running_stats(bn) else 0.0 for bn in group]
-        bn_finalize(stats, start, group, length, factors, table[0], table[1], table[2], table[3])
-    with torch.no_grad():       # constants for the kernels, as the finalised rows are
-        for start, bn in zip(starts, bns):
-            if not uses_batch_stats(bn):
-                table[:, start:start + bn.num_features] = torch.stack(_fold(bn, bn.running_mean, bn.running_var))
-    return Norm(*table)
-
-
-def _fold(bn, mean: torch.Tensor, var: torch.Tensor) -> Norm:
-    scale, shift = scale_shift(bn, mean, var)
-    return Norm(scale, shift, mean.float(), torch.rsqrt(var.float() + bn.eps))
-
-
-@torch.no_grad()
-def _affines(bns, batch_mean, batch_var, count: int) -> Norm:
-    parts, start = [], 0
-    for bn in bns:
-        rows = slice(start, start + bn.num_features)
-        start += bn.num_features
-        if uses_batch_stats(bn):
-            mean, var = batch_mean[rows], batch_var[rows]
-            update_running_stats(bn, mean, var, count)
-        else:
-            mean, var = bn.running_mean, bn.running_var
-        parts.append(_fold(bn, mean, var))
-    return Norm(*(torch.cat(t).contiguous() for t in zip(*parts)))
-
-
-def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (stack of) 1x1-conv weight(s) as one contiguous (rows, in) matrix in ``dtype``, detached."""
-    return weight.detach().flatten(1).to(dtype).contiguous()
-
-
-def _weight(owner, tag, dtype, weights):
-    """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, memoised."""
-    return memo(owner, (tag, dtype), weights, lambda: weight_matrix(torch.cat([w.detach() for w in weights]), dtype))
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matrix products run in: x's, or the autocast dtype for float32 x under autocast."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def measure_projection(bns, x: torch.Tensor, shape, strides, w3: torch.Tensor, in_gate=None):
-    """(:class:`Norm` of theta's, phi's and gx's BatchNorms ``bns``, P or None) for P = W3 (X * in_gate).
-
-    Where a BatchNorm normalises with the batch, the statistics pass keeps P (B, 3K, L) float32,
-    and the apply pass reads it instead of multiplying W3 and X a second time: one matmul fewer
-    per branch in train mode (the channel branch's is 51 GFLOP at RGA-Net's first stage, B=64),
-    for a P-sized tensor (3K/Cin of x in float32) that lives from one pass to the next.
-    """
-    batch, _, length = shape
-    kept = []
-
-    def partials():
-        stats, p = projection_stats(x, shape, strides, w3, in_gate, keep_p=True)
-        kept.append(p)
-        return stats
-
-    norm = normalizers(bns, partials, batch * length, (batch, w3.shape[0] // 3, length), length)
-    return norm, (kept[0] if kept else None)
-
-
-def branch_gate(branch: Branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
-    """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
-    batch, _, length = shape
-    count = batch * length
-    dtype = compute_dtype(x)
-    embeds = (branch.theta, branch.phi, branch.gx)
-    w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
-    norm, p = measure_projection([seq[1] for seq in embeds], x, shape, strides, w3, in_gate)
-    tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate, p)
-    del p
-
-    wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
-    r = wg.shape[0]
-    if algorithm == "tiled":
-        ops = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
-    else:
-        ops = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
-    z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(ops), count, (batch, r, length), length)
-
-    conv1, bn1, _, conv2, bn2 = branch.W
-    w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
-    h_scale, h_shift, *_ = normalizers([bn1], lambda: hidden_stats(ops, w1, z_scale, z_shift),
-                                    count, (batch, w1.shape[0], length), length)
-    w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
-    if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out_scale, out_shift, *_ = normalizers([bn2], None, count, (batch, 1, length), length)
-        return gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
-    logit = gate_logit(ops, w1, z_scale, z_shift, h_scale, h_shift, w2)
-
-    check_batch_size(count, (batch, 1, length))
-    var, mean = torch.var_mean(logit, unbiased=False)     # one channel: a single small reduction
-    out_scale, out_shift, *_ = _affines([bn2], mean.view(1), var.view(1), count)
-    return torch.sigmoid(logit * out_scale + out_shift)
-
-
-def input_views(x: torch.Tensor) -> dict:
-    """(shape, strides) of x (B, C, H, W) read as the spatial (B, C, N) and the channel (B, N, C) input."""
-    b, c, h, w = x.shape
-    sb, sc, sn = x.stride(0), x.stride(1), x.stride(3)
-    return {"spatial": ((b, c, h * w), (sb, sc, sn)), "channel": ((b, h * w, c), (sb, sn, sc))}
+REGISTERED = torch.ops.rga_triton
+"""The registered custom ops: what torch.compile traces."""
+EAGER = SimpleNamespace(
+    projection_norm=IMPLS["projection_norm"], relation=IMPLS["relation"], relation_norm=IMPLS["relation_norm"],
+    projection=eager_projection, gate_logit=eager_gate_logit, apply_gates=eager_apply_gates)
+"""The same implementations and backward formulas called without the dispatcher, for eager autograd
+(the ops that move BatchNorm buffers, or that nothing differentiates, as plain functions)."""
 
 
 def compose_gates(module, gate):
@@ -199,35 +79,135 @@ def compose_gates(module, gate):
     return spatial, (gate("channel", spatial) if module.use_channel else None)
 
 
-def branch_algorithm(module, name: str, dtype: torch.dtype, device: torch.device, grad_pass: str) -> str:
-    """The algorithm that builds the ``name`` branch's Z with products in ``dtype``: the module's
-    setting, or for ``"auto"`` the branch's measured or cheapest one (``rga_triton.algorithm.choose``)."""
-    if module.algorithm != "auto":
-        return module.algorithm
-    return choose(*branch_dims(module, name), dtype, grad_pass, device)
+def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
+    """The block's output (B, C, H, W) for x; updates BatchNorm buffers in train mode.
 
-
-def fused_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """The block's output (B, C, H, W) from the kernels; updates BatchNorm buffers in train mode."""
+    ``plan`` (``rga_triton.dispatch.Plan``): the route, the algorithm and whether Z stays in
+    memory per branch, and whether x is threaded through the projections.
+    """
     x = mergeable(x)
-    views = input_views(x)
+    if plan.route == "kernels":
+        views = input_views(x)
 
-    def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
-        algorithm = branch_algorithm(module, name, compute_dtype(x), x.device, "forward")
-        return branch_gate(module.branch(name), x, *views[name], in_gate, algorithm)
+        def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
+            return branch_gate_kernels(module.branch(name), x, *views[name], in_gate, plan.algorithms[name])
+
+        return apply_gates(x, *compose_gates(module, gate))
+
+    ops = REGISTERED if plan.route == "registered-ops" else EAGER
+    reader = [x]        # the tensor the next reader of x reads: x, or the last projection's view of it
+
+    def gate(name, in_gate=None):
+        sigmoid_gate, reader[0] = branch_gate_ops(ops, module.branch(name), reader[0], name, in_gate, plan)
+        return sigmoid_gate
 
     spatial, channel = compose_gates(module, gate)
-    return apply_gates(x, spatial, channel)
+    return ops.apply_gates(reader[0], spatial, channel)
 
 
-def rga_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Entry point of the ``"triton"`` backend for ``RGAModule.forward``."""
-    if x.numel() == 0:          # nothing to launch; BatchNorm bookkeeping as nn.BatchNorm2d does it
-        return torch_forward(module, x)
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    with on_device_of(x):
-        # torch.compile traces the custom ops (ops.py); fused_forward reads modules and memoises by data_ptr
-        if wants_grad or torch.compiler.is_compiling():
-            from .triton_autograd import autograd_forward      # imports this module
-            return autograd_forward(module, x, wants_grad)
-        return fused_forward(module, x)
+# ---- the branch without autograd: the launchers themselves ------------------------------------------------
+
+def _weight(owner, tag, dtype, weights):
+    """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, memoised."""
+    return memo(owner, (tag, dtype), weights, lambda: weight_matrix(torch.cat([w.detach() for w in weights]), dtype))
+
+
+def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
+    """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
+    batch, _, length = shape
+    count = batch * length
+    dtype = compute_dtype(x)
+    embeds = (branch.theta, branch.phi, branch.gx)
+    w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
+    norm, p = measure_projection([seq[1] for seq in embeds], x, shape, strides, w3, in_gate)
+    tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate, p)
+    del p
+
+    wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
+    r = wg.shape[0]
+    if algorithm == "tiled":
+        operands = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
+    else:
+        operands = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
+    z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(operands), count, (batch, r, length), length)
+
+    conv1, bn1, _, conv2, bn2 = branch.W
+    w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
+    h_scale, h_shift, *_ = normalizers([bn1], lambda: hidden_stats(operands, w1, z_scale, z_shift),
+                                       count, (batch, w1.shape[0], length), length)
+    w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
+    if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
+        out_scale, out_shift, *_ = normalizers([bn2], None, count, (batch, 1, length), length)
+        return gate_logit(operands, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
+    logit = gate_logit(operands, w1, z_scale, z_shift, h_scale, h_shift, w2)
+    out_scale, out_shift, *_ = one_channel_affine(bn2, logit, count)
+    return torch.sigmoid(logit * out_scale + out_shift)
+
+
+# ---- the branch as custom ops, differentiable -------------------------------------------------------------
+
+def _detached(t):
+    return t.detach() if t is not None else None
+
+
+def projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype) -> tuple:
+    """The arguments of the ``projection`` op for the ``view`` branch reading x (scaled by in_gate (B, Cin)
+    where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns`` (theta's,
+    phi's and gx's BatchNorm): measures the batch statistics first where one of them uses them (moving
+    its running statistics in train mode), keeping P for the projection."""
+    kept = {}           # P, where the statistics pass measured (and stored) it
+
+    def measure():
+        norm, kept["p"] = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
+                                              **batchnorm_args(bns))
+        return norm
+
+    norm = norm_rows(bns, measure)
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], kept.get("p")
+
+
+def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype, ops=None):
+    """tp = [theta; phi] float32 (B, 2K, L), gx_mean float32 (B, L) (:func:`projection_inputs`);
+    differentiable in x, in_gate, w3, bn_weight and bn_bias."""
+    ops = ops or _ops_for(x)
+    return ops.projection(*projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view, dtype))
+
+
+def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool, dtype, wants_grad: bool = True,
+                  keep_z: bool = False, ops=None):
+    """The logit (B, L) before the last BatchNorm, from tp (B, 2K, L) and gx_mean (B, L), differentiable in
+    both, in the weights wg, w1, w2 and in the affine rows bn_weight, bn_bias (R + Hd,) of ``bns`` (the
+    relation and the hidden BatchNorm, whose running statistics move in train mode). ``wants_grad=False``
+    keeps neither A nor Z for backward; ``keep_z`` keeps Z (``dispatch.keeps_z``)."""
+    ops = ops or _ops_for(tp)
+    a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, wants_grad and keep_z, dtype)
+    norm = norm_rows(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(),
+                                                    **batchnorm_args(bns)))
+    return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,
+                          [uses_batch_stats(bn) for bn in bns], dtype)
+
+
+def _ops_for(t: torch.Tensor):
+    return REGISTERED if intercepted(t) else EAGER
+
+
+def branch_gate_ops(ops, branch, x: torch.Tensor, view: str, in_gate, plan):
+    """(sigmoid gate (B, L) float32, x) of one branch through ``ops`` (:data:`EAGER` or :data:`REGISTERED`),
+    differentiable in x, in_gate and every parameter: :func:`project`, :func:`relation_gate`, then the
+    last BatchNorm and the sigmoid. With ``plan.threaded`` the x returned is the view that the block's
+    next reader of x must read; else it is x."""
+    dtype = compute_dtype(x)
+    embeds = (branch.theta, branch.phi, branch.gx)
+    embed_bns = [seq[1] for seq in embeds]
+    w3 = torch.cat([seq[0].weight.flatten(1) for seq in embeds])         # (3K, Cin)
+    affine = affine_rows(embed_bns, x)
+    if plan.threaded:
+        inputs = projection_inputs(ops, x, in_gate, w3, *affine, embed_bns, view, dtype)
+        tp, gx_mean, x = ThreadedProjection.apply(ops is REGISTERED, *inputs)
+    else:
+        tp, gx_mean = project(x, in_gate, w3, *affine, embed_bns, view, dtype, ops)
+    conv1, bn1, _, conv2, bn2 = branch.W
+    gate_bns = [branch.gg[1], bn1]
+    logit = relation_gate(tp, gx_mean, branch.gg[0].weight, conv1.weight, conv2.weight, *affine_rows(gate_bns, x),
+                          gate_bns, plan.algorithms[view] == "tiled", dtype, plan.wants_grad, plan.keep_z[view], ops)
+    return torch.sigmoid(batch_norm(logit.unsqueeze(1), bn2).squeeze(1)), x

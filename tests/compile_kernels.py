@@ -16,13 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
-from rga_triton.backend import MAX_HIDDEN  # noqa: E402
-from rga_triton.kernels import gating, tuned  # noqa: E402
+from rga_triton.common.settings import MAX_HIDDEN  # noqa: E402
+from rga_triton.launch import tuned  # noqa: E402
+from rga_triton.ops.gating import kernels as gating  # noqa: E402
 
-KERNEL_MODULES = ("projection", "projection_backward", "relation", "relation_backward", "gating", "batchnorm",
-                  "affinity")
+KERNEL_MODULES = ("projection.kernels", "projection.backward_kernels", "relation.kernels", "relation.backward_kernels",
+                  "gating.kernels", "batchnorm.kernels", "affinity.kernels")
 for _name in KERNEL_MODULES:
-    importlib.import_module(f"rga_triton.kernels.{_name}")
+    importlib.import_module(f"rga_triton.ops.{_name}")
 
 # Boolean switches: the value launches use most first, the other one compiled once.
 SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE": (False, True),
@@ -34,15 +35,15 @@ FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32,
 FIXED_BY_KERNEL = {"_apply_gates_backward_kernel": {"BLOCK_C": gating.GATE_BLOCK_C, "CHUNK_N": gating.GATE_CHUNK_N}}
 FLOAT_SCALARS = {"factor", "eps"}
 HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16
-UNTUNED = {"_bn_finalize_kernel": ("batchnorm", [{}]),
-           "_projection_dp_kernel": ("projection_backward", [dict(BLOCK_ROWS=32, BLOCK_L=128)])}
+UNTUNED = {"_bn_finalize_kernel": ("batchnorm.kernels", [{}]),
+           "_projection_dp_kernel": ("projection.backward_kernels", [dict(BLOCK_ROWS=32, BLOCK_L=128)])}
 
 
 def kernel(name: str):
     """(the @triton.jit object, its block-size space) of a kernel, by name."""
     if name in UNTUNED:
         module, space = UNTUNED[name]
-        return getattr(importlib.import_module(f"rga_triton.kernels.{module}"), name), space
+        return getattr(importlib.import_module(f"rga_triton.ops.{module}"), name), space
     return tuned.KERNELS[name].fn, tuned.KERNELS[name].space
 
 

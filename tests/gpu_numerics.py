@@ -1,7 +1,7 @@
 """A GPU's ``tl.dot`` numerics inside Triton's interpreter, so CI can test them without a GPU.
 
 On the CPU the interpreter multiplies float32 operands in full float32 and the library asks
-for 'ieee' dots (``kernels/tuning.dot_precision``). On a GPU the library asks for what CUDA
+for 'ieee' dots (``launch/space.dot_precision``). On a GPU the library asks for what CUDA
 gets, and tensor cores then read float32 operands as TF32 (10 mantissa bits: the low 13
 bits dropped). 'tf32x3' is three such products, as Triton (3.6 to 3.9 checked, in the TTGIR
 they emit for sm_90) lowers it: hi = a rounded to TF32 (cvt.rna), lo = a - hi, then
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import triton.runtime.interpreter as interpreter
 
-from rga_triton.kernels import tuning
+from rga_triton.launch import space as tuning
 
 _TF32_MASK = np.uint32(0xFFFFE000)     # sign, exponent and the 10 mantissa bits TF32 keeps
 

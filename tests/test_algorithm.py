@@ -8,9 +8,10 @@ import torch
 
 import rga_triton
 from helpers import TOLERANCE, compare_steps, make_pair
-from rga_triton import algorithm, autotuning
-from rga_triton import backend as backend_mod
-from rga_triton.kernels import relation as relation_kernels
+from rga_triton import autotuning
+from rga_triton.common import algorithm
+from rga_triton import dispatch as backend_mod
+from rga_triton.ops.relation import kernels as relation_kernels
 
 needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
                                    reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
@@ -51,7 +52,7 @@ def test_bucket_names_every_key_and_checks_the_pass():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from rga_triton.kernels import tuned
+    from rga_triton.launch import tuned
     monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
     tuned.STORE.reset()
     yield tuned, tmp_path / tuned.device_file_name(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, allowance, grad_error, make_pair, rel_err
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 BACKENDS = ["torch"] + (["triton"] if backend_mod.interpreting() else [])
 

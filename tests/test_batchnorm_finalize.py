@@ -1,4 +1,4 @@
-"""Train-mode BatchNorm finalisation (kernels/batchnorm.py): one launch merges the per-split
+"""Train-mode BatchNorm finalisation (ops/batchnorm/kernels.py): one launch merges the per-split
 partial statistics of up to three alike BatchNorms; the result is nn.BatchNorm2d's, per BatchNorm
 (its own eps, momentum, affine parameters and running statistics)."""
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rga_triton import backend as backend_mod
-from rga_triton import triton_path
-from rga_triton.kernels.batchnorm import MAX_GROUP, finalize_groups
-from rga_triton.kernels.tuning import STAT_SPLIT
+from rga_triton import dispatch as backend_mod
+from rga_triton.ops.batchnorm import norm as bn_norm
+from rga_triton.ops.batchnorm.kernels import MAX_GROUP, finalize_groups
+from rga_triton.launch.space import STAT_SPLIT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
                                 reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
@@ -62,10 +62,10 @@ def test_grouped_finalize_is_batchnorm_per_batchnorm(widths, odd, launches, monk
     bns = make_bns(widths, **odd)
     expected = make_bns(widths, device="cpu", **odd)  # the same BatchNorms, run by nn.BatchNorm2d
     calls = []
-    original = triton_path.bn_finalize
-    monkeypatch.setattr(triton_path, "bn_finalize", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
+    original = bn_norm.bn_finalize
+    monkeypatch.setattr(bn_norm, "bn_finalize", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
 
-    norm = triton_path.normalizers(bns, lambda: partials(z).to(DEVICE), batch * length, z.shape, length)
+    norm = bn_norm.normalizers(bns, lambda: partials(z).to(DEVICE), batch * length, z.shape, length)
 
     assert len(calls) == launches and all(1 <= n <= MAX_GROUP for n in calls), calls
     start = 0

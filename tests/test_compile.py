@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) through the Triton path's custom ops (rga_triton/ops.py).
+"""torch.compile(fullgraph=True) through the Triton path's custom ops (rga_triton/ops/).
 
 Compiled and eager runs of the same module must agree (outputs, grad x, parameter gradients,
 running statistics, num_batches_tracked), in train and eval mode, with and without
@@ -15,10 +15,11 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import rga_triton.ops
+from rga_triton.common import settings
 from helpers import make_pair, rel_err
 from rga_triton import RGAModule
-from rga_triton import backend as backend_mod
-from rga_triton.ops import batchnorm_args      # importing rga_triton.ops registers the ops
+from rga_triton import dispatch as backend_mod
+from rga_triton.ops.batchnorm.norm import batchnorm_args      # import rga_triton registers the ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
@@ -137,7 +138,7 @@ def test_graphs_hold_the_ops_forward_and_backward(projection_backward, monkeypat
     """One graph each way: train mode calls every op per branch (the mutating ones functionalized),
     eval mode no mutating op (running statistics fold in PyTorch). The projection's backward is an
     op with its kernels, PyTorch ops traced into the graph with its PyTorch formula."""
-    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", projection_backward)
+    monkeypatch.setattr(settings, "PROJECTION_BACKWARD", projection_backward)
     module, x = _block()
     seen = {"forward": [], "backward": []}
     compiled = torch.compile(module.train(), fullgraph=True, backend=_recording_backend(seen))

@@ -299,7 +299,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # ----------------------------------------------- inference_mode, activation checkpointing
 
-BACKENDS_HERE = ["torch"] + (["triton"] if torch.cuda.is_available() or rga_triton.backend.interpreting() else [])
+BACKENDS_HERE = ["torch"] + (["triton"] if torch.cuda.is_available() or rga_triton.dispatch.interpreting() else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -468,10 +468,10 @@ def test_syncbatchnorm_inside_rga_synchronises(ddp_results):
 def test_synchronised_batchnorm_keeps_the_block_on_the_torch_path(monkeypatch):
     """Train-mode SyncBatchNorm in a group of several ranks (faked here: one process) synchronises on the
     torch path only: backend="triton" refuses with a ValueError, "auto" warns once and runs "torch"."""
-    import rga_triton.module as module_mod
+    import rga_triton.dispatch as module_mod
     monkeypatch.setattr(module_mod, "distributed", lambda: True)
     monkeypatch.setattr(module_mod, "synchronised", lambda m: isinstance(m, nn.SyncBatchNorm) and m.training)
-    monkeypatch.setattr(rga_triton.backend, "_warned_reasons", set())
+    monkeypatch.setattr(rga_triton.dispatch, "_warned_reasons", set())
     block = nn.SyncBatchNorm.convert_sync_batchnorm(
         RGAModule(16, 8 * 4, cha_ratio=4, spa_ratio=2, down_ratio=2, backend="triton")).train()
     x = torch.randn(2, 16, 8, 4)

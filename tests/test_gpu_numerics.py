@@ -14,8 +14,8 @@ import torch
 
 from gpu_numerics import gpu_dot_numerics, tf32_rounded, tf32_truncated
 from helpers import TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import backend as backend_mod
-from rga_triton.kernels.affinity import affinity
+from rga_triton import dispatch as backend_mod
+from rga_triton.ops.affinity.kernels import affinity
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),

@@ -67,7 +67,7 @@ def test_kernel_resources_tool_reports_every_config(tmp_path):
                          "--out", str(out))
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    from rga_triton.kernels import tuned
+    from rga_triton.launch import tuned
     expected = {(" ".join(f"{k}={v}" for k, v in sorted(b.items())), str(w), str(s))
                 for b, w, s in tuned.KERNELS["_apply_gates_backward_kernel"].allowed}
     assert {(r["blocks"], r["num_warps"], r["num_stages"]) for r in rows} == expected

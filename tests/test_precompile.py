@@ -1,4 +1,4 @@
-"""Concurrent compilation of a kernel's configs before autotuning (rga_triton/kernels/precompile.py).
+"""Concurrent compilation of a kernel's configs before autotuning (rga_triton/launch/precompile.py).
 
 Triton's interpreter compiles nothing, so these tests drive the orchestration with a stand-in
 kernel: every config reaches ``warmup`` inside Triton's ``AsyncCompileMode``, once per shape
@@ -12,9 +12,9 @@ import torch
 import triton
 
 from helpers import make_pair
-from rga_triton import backend as backend_mod
-from rga_triton.kernels import precompile as pc
-from rga_triton.kernels import tuned
+from rga_triton import dispatch as backend_mod
+from rga_triton.launch import precompile as pc
+from rga_triton.launch import tuned
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b in (32, 64) for w in (4, 8)]
 

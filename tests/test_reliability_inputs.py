@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import rga_triton
 from helpers import TOLERANCE, make_pair, rel_err
 from reference import RGA_Module
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 BACKENDS = ["torch", "triton"]
 TRITON_RUNS = torch.cuda.is_available() or backend_mod.interpreting()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, float32_tolerance, make_pair, rel_err
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import TOLERANCE, assert_close, compare_steps, make_pair, rel_err, step
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()

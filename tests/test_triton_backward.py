@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import rga_triton
-import rga_triton.kernels.projection_backward
+import rga_triton.ops.projection.backward_kernels
+import rga_triton.ops.projection.op
+import rga_triton.ops.relation.op
+from rga_triton.common import settings
 from helpers import TOLERANCE, compare_steps, grad_error, make_pair, rel_err, step
-from rga_triton import backend as backend_mod
-from rga_triton.batchnorm import batch_norm
+from rga_triton import dispatch as backend_mod
+from rga_triton.common.batchnorm import batch_norm
 from rga_triton.torch_path import relation_inputs, relation_preactivation
-from rga_triton import triton_autograd
-from rga_triton.triton_autograd import project, relation_gate
+from rga_triton import triton_path
+from rga_triton.triton_path import project, relation_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
@@ -64,7 +67,7 @@ MODES = [(True,) * 5, (False,) * 5, (True, False, True, False, True), (False, Tr
 def dz_slices(request, monkeypatch):
     """dZ written and consumed in one piece (test shapes are small), or a slice of the batch at a time."""
     if request.param == "dz-sliced":
-        monkeypatch.setattr(rga_triton.ops, "DZ_SLICE_MIN_BYTES", 0)
+        monkeypatch.setattr(rga_triton.ops.relation.op, "DZ_SLICE_MIN_BYTES", 0)
     return request.param
 
 
@@ -105,17 +108,18 @@ def test_relation_gate_function_matches_autograd(name, modes, dz_slices):
     gx32 = gx_mean[:, 0].float().to(DEVICE).contiguous().requires_grad_(True)
     wg, w1, w2, z_weight, z_bias, h_weight, h_bias = fast.values()
     out = relation_gate(tp32, gx32, wg, w1, w2, torch.cat([z_weight, h_weight]), torch.cat([z_bias, h_bias]),
-                        [fast_branch.gg[1], fast_branch.W[1]], False, torch.float32)
+                        [fast_branch.gg[1], fast_branch.W[1]], False, torch.float32,
+                        keep_z=backend_mod.keeps_z(tp32.shape[1]))
     assert rel_err(out.double().cpu(), logit) <= TOL
     actual = _grads(out, [tp32, gx32] + list(fast.values()), dlogit.float().to(DEVICE))
     _assert_grads_close(actual, expected, ["tp", "gx_mean", "wg", "w1", "w2", "z weight", "z bias",
                                            "h weight", "h bias"])
 
 
-@pytest.fixture(params=rga_triton.ops.PROJECTION_BACKWARDS)
+@pytest.fixture(params=settings.PROJECTION_BACKWARDS)
 def projection_backward(request, monkeypatch):
     """The projection differentiated by its kernels, or by the PyTorch formula they replaced."""
-    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", request.param)
+    monkeypatch.setattr(settings, "PROJECTION_BACKWARD", request.param)
     return request.param
 
 
@@ -127,7 +131,7 @@ the whole batch in one program (the kernels only, in train mode)."""
 
 PROJECTION_CASES = [
     pytest.param(size, name, modes, gated, backward, id=f"{backward}-{size}-{name}-{mode_id}-{gate_id}")
-    for backward in rga_triton.ops.PROJECTION_BACKWARDS
+    for backward in settings.PROJECTION_BACKWARDS
     for size in (SIZES if backward == "kernels" else ["small"])
     for name in ("spatial", "channel")
     for modes, mode_id in zip(MODES[:3] if size == "small" else MODES[:1], ("train", "eval", "mixed"))
@@ -138,8 +142,8 @@ PROJECTION_CASES = [
 def test_projection_function_matches_autograd(size, name, modes, gated, backward, monkeypatch):
     """project: x (and the other branch's gate) -> tp, gx_mean, every input's gradient; differentiated
     by the kernels (every size) or the PyTorch formula (small)."""
-    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", backward)
-    monkeypatch.setattr(rga_triton.kernels.projection_backward, "WEIGHT_GRAD_PROGRAMS", 1)
+    monkeypatch.setattr(settings, "PROJECTION_BACKWARD", backward)
+    monkeypatch.setattr(rga_triton.ops.projection.backward_kernels, "WEIGHT_GRAD_PROGRAMS", 1)
     batch, c, h, w = SIZES[size]
     module = _module(c=c, h=h, w=w)
     branch = module.branch(name)
@@ -183,7 +187,7 @@ def test_projection_function_matches_autograd(size, name, modes, gated, backward
 
 
 def test_unknown_projection_backward_setting_names_the_variable(monkeypatch):
-    monkeypatch.setattr(rga_triton.ops, "PROJECTION_BACKWARD", "cublas")
+    monkeypatch.setattr(settings, "PROJECTION_BACKWARD", "cublas")
     module = _module().float().to(DEVICE)
     module.backend = "triton"
     x = torch.randn(2, 20, 6, 10, device=DEVICE, requires_grad=True)
@@ -209,17 +213,17 @@ def test_projection_grads_add_into_a_given_dx(view, gated, dtype, projection_bac
     args = (x, in_gate, torch.randn(3 * k, cin, generator=gen).to(dtype), torch.rand(3 * k, generator=gen) + 0.5,
             torch.randn(3 * k, generator=gen), norm, view, dtype, [True, False, True],
             torch.randn(batch, 2 * k, length, generator=gen), torch.randn(batch, length, generator=gen))
-    fresh, gate_grad, *param_grads = rga_triton.ops.projection_grads(*args)
+    fresh, gate_grad, *param_grads = rga_triton.ops.projection.op.projection_grads(*args)
     start = torch.randn(x.shape, generator=gen).to(dtype)
     buffer = start.clone()
-    into, gate_grad_into, *param_grads_into = rga_triton.ops.projection_grads(*args, dx=buffer)
+    into, gate_grad_into, *param_grads_into = rga_triton.ops.projection.op.projection_grads(*args, dx=buffer)
     assert into is buffer
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=4e-3)
     torch.testing.assert_close(buffer.float(), start.float() + fresh.float(), **tol)
     assert (gate_grad is None) == (not gated)
     for a, b in zip([gate_grad] + param_grads, [gate_grad_into] + param_grads_into, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
-    assert rga_triton.ops.projection_grads(*args, needs=(False, True, True))[0] is None
+    assert rga_triton.ops.projection.op.projection_grads(*args, needs=(False, True, True))[0] is None
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded-grad"])
@@ -276,11 +280,11 @@ def test_gradients_are_bitwise_repeatable_under_deterministic_algorithms(algorit
 
 
 class _RelationSpy:
-    """The eager ops (triton_autograd.EAGER), recording whether each ``relation`` call kept Z."""
+    """The eager ops (triton_path.EAGER), recording whether each ``relation`` call kept Z."""
 
     def __init__(self):
         self.kept = []
-        self.ops = triton_autograd.EAGER
+        self.ops = triton_path.EAGER
 
     def __getattr__(self, name):
         return getattr(self.__dict__["ops"], name)
@@ -293,10 +297,10 @@ class _RelationSpy:
 
 @pytest.mark.parametrize("keep", ["kept", "rebuilt"])
 def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep, dz_slices):
-    """Z in memory, or rebuilt from A and tp in every pass (triton_autograd.keeps_z): both exact."""
-    monkeypatch.setattr(triton_autograd, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
+    """Z in memory, or rebuilt from A and tp in every pass (dispatch.keeps_z): both exact."""
+    monkeypatch.setattr(backend_mod, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
     spy = _RelationSpy()
-    monkeypatch.setattr(triton_autograd, "EAGER", spy)
+    monkeypatch.setattr(triton_path, "EAGER", spy)
     ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
                              backend="triton")
     compare_steps(ref, fast, x, train=True, tol=TOL, dtype=torch.float32, device=DEVICE, steps=2)
@@ -315,7 +319,7 @@ def test_backward_holds_one_x_sized_gradient(order):
     grad_out = torch.randn_like(x)
     grads, held = {}, {}
     for threaded in (True, False):
-        out = triton_autograd.autograd_forward(module, x, threaded=threaded)
+        out = backend_mod.run_triton(module, x, threaded=threaded)
         with LiveTensorBytes([x, grad_out, out], min_bytes=x.nbytes) as tracker:
             grads[threaded] = torch.autograd.grad(out, [x, *module.parameters()], grad_out)
         held[threaded] = tracker.peak / x.nbytes
@@ -349,7 +353,7 @@ def test_double_backward_raises_pytorchs_error():
 
 
 def test_eager_calls_bypass_the_dispatcher_and_traced_calls_do_not(monkeypatch):
-    """Eager training calls the ops' implementations directly (triton_autograd.EAGER); under a dispatch
+    """Eager training calls the ops' implementations directly (triton_path.EAGER); under a dispatch
     mode (as make_fx and FakeTensor use) the same step goes through the registered ops, one per step,
     and gives the same result."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -8,7 +8,7 @@ import torch
 import rga_triton
 from helpers import (BATCHNORM_VARIANTS, compare_steps, float32_tolerance, make_pair, rel_err, TOLERANCE,
                      TOLERANCE_TF32, vary_batchnorms)
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
@@ -272,7 +272,7 @@ def test_kernels_launch_inside_the_inputs_device_guard(monkeypatch, wants_grad):
     (``backend.on_device_of``) before its first launch; here a spy stands in for the guard and
     the output pass checks that it runs inside."""
     from rga_triton import triton_path
-    from rga_triton.kernels import gating
+    from rga_triton.ops.gating import kernels as gating
     guarded, seen = [], []
 
     class Spy:
@@ -291,7 +291,7 @@ def test_kernels_launch_inside_the_inputs_device_guard(monkeypatch, wants_grad):
             return launch(x, *args)
         return run
 
-    monkeypatch.setattr(triton_path, "on_device_of", Spy)
+    monkeypatch.setattr(backend_mod, "on_device_of", Spy)
     monkeypatch.setattr(triton_path, "apply_gates", spying(triton_path.apply_gates))
     monkeypatch.setattr(gating, "apply_gates", spying(gating.apply_gates))
     _, fast, x = _pair(TAIL_SHAPES[0])

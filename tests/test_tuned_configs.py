@@ -8,7 +8,7 @@ import torch
 
 import rga_triton
 from helpers import TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import backend as backend_mod
+from rga_triton import dispatch as backend_mod
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
                                 reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    from rga_triton.kernels import tuned
+    from rga_triton.launch import tuned
     monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
     tuned.STORE.reset()
     yield tuned, tmp_path
@@ -37,7 +37,7 @@ def _run_eval():
 
 
 def test_file_name_normalises_the_device_name():
-    from rga_triton.kernels.tuned import device_file_name
+    from rga_triton.launch.tuned import device_file_name
     assert device_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
 
 
@@ -104,7 +104,7 @@ def test_channel_gate_gradient_partials_stay_in_their_chunk(store):
     whose BLOCK_N reached past its chunk used to count the next chunk twice. Such a config is
     refused from files (not in the space), and the kernel masks at its chunk's end anyway:
     here it is let in on purpose."""
-    from rga_triton.kernels import gating
+    from rga_triton.ops.gating import kernels as gating
     tuned, tmp_path = store
     gen = torch.Generator().manual_seed(0)
     x, grad = (torch.randn(1, 4, 3, 100, generator=gen, dtype=torch.float64) for _ in range(2))   # N = 300: 2 chunks
@@ -228,7 +228,8 @@ def test_stale_entry_autotunes_with_one_warning(store, entry, words):
 def test_a_kernel_that_adds_into_its_output_is_restored_between_autotune_trials():
     """grad x's kernel adds into the gradient the block's later readers of x left (ACCUMULATE): each
     autotune trial must start from that gradient, not from the previous trial's sum."""
-    from rga_triton.kernels import projection_backward, tuned
+    from rga_triton.launch import tuned
+    from rga_triton.ops.projection import backward_kernels as projection_backward
     kernel = tuned.KERNELS[projection_backward._input_grad_kernel.name]
     assert kernel.autotuned.restore_value == ["dx_ptr"]
     assert all(k.autotuned.restore_value == [] for name, k in tuned.KERNELS.items() if k is not kernel)

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuned import tuned
-from . import tuning
+from ...launch.tuned import tuned
+from ...launch import space as tuning
 
 
 @tuned([dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),

@@ -19,7 +19,7 @@ first tensor argument, written ``name=value`` joined by commas. A stored config 
 of the kernel's own config space (block sizes, num_warps, num_stages): those are the configs
 whose constraints the kernel relies on (dot shapes, chunk sizes) and that compile on every
 supported GPU; any other entry autotunes with a warning. ``"algorithms"`` (optional)
-holds the measured choice of ``algorithm="auto"`` per branch shape (``rga_triton.algorithm``).
+holds the measured choice of ``algorithm="auto"`` per branch shape (``rga_triton.dispatch``).
 """
 from __future__ import annotations
 
@@ -31,21 +31,16 @@ import warnings
 import torch
 import triton
 
-from ..algorithm import ALGORITHMS
+from ..common.algorithm import ALGORITHMS
+from ..common.settings import config_dir, pinned
 from .precompile import precompile
-from .tuning import configs as config_space, pinned
-
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from .space import configs as config_space
 KERNELS: dict[str, "TunedKernel"] = {}
 
 
 def device_file_name(device_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3.json'."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", device_name).strip("_") + ".json"
-
-
-def config_dir() -> str:
-    return os.environ.get("RGA_TRITON_CONFIG_DIR") or _CONFIG_DIR
 
 
 class ConfigStore:

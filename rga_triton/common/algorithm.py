@@ -9,17 +9,15 @@ only the rounding order differs:
 - ``"tiled"``: G = theta^T phi block by block on chip, Z = W_in G^T + W_out G straight from
   each block. Multiply-adds per image: K L^2 for G, 2 R L^2 for Z.
 
-``"auto"`` takes, per branch, the algorithm that ``rga_triton.tune`` measured faster on this
-GPU for that branch's (R, K, L, dtype, pass), stored in the GPU's configuration file; without
-a measurement, the one with fewer multiply-adds. With R = L / s (s: spa_ratio in the spatial
+``"auto"`` takes, per branch (``rga_triton.dispatch.branch_algorithm``), the algorithm that
+``rga_triton.tune`` measured faster on this GPU for that branch's (R, K, L, dtype, pass), stored
+in the GPU's configuration file; without a measurement, the one with fewer multiply-adds. With R = L / s (s: spa_ratio in the spatial
 branch, cha_ratio in the channel one), tiled has fewer only when (4 - s) K > 2 L: never for
 s >= 4, so the count picks reassociated at RGA-Net's ratios of 8.
 """
 from __future__ import annotations
 
 import torch
-
-from .tracing import assume_constant_result
 
 ALGORITHMS = ("reassociated", "tiled")
 PASSES = ("forward", "train")
@@ -52,12 +50,3 @@ def bucket(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str) -> s
     if grad_pass not in PASSES:
         raise ValueError(f"grad_pass must be one of {PASSES}, got {grad_pass!r}")
     return f"K={k},L={length},R={r},dtype={str(dtype).replace('torch.', '')},pass={grad_pass}"
-
-
-@assume_constant_result      # torch.compile: the choice is a constant of the graph
-def choose(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str, device: torch.device) -> str:
-    """The algorithm ``"auto"`` runs for one branch: measured on this GPU if stored, else the cost model's."""
-    from .kernels.tuned import STORE
-
-    STORE.ensure_loaded(device)
-    return STORE.algorithms.get(bucket(r, k, length, dtype, grad_pass)) or fewest_multiply_adds(r, k, length)

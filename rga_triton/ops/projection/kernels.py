@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import store_partials, welford_merge
-from .tuned import tuned
-from . import tuning
-from .tuning import STAT_SPLIT, n_splits
+from ..batchnorm.stats import store_partials, welford_merge
+from ...launch.tuned import tuned
+from ...launch import space as tuning
+from ...launch.space import STAT_SPLIT, n_splits
 
 
 @triton.jit

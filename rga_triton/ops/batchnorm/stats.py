@@ -28,7 +28,7 @@ def store_partials(stats_ptr, rows, row_mask, rows_total, n_cols, col, mean, m2)
 @triton.jit
 def load_bn_rows(bn_ptr, offs, mask, rows):
     """A BatchNorm's backward description at channels ``offs``: float32 (6, rows) holding
-    mean, inv_std, weight, bias, c_b, c_g (built by ``rga_triton.ops._bn_rows``)."""
+    mean, inv_std, weight, bias, c_b, c_g (built by ``ops/batchnorm/norm.py``'s ``bn_rows``)."""
     mean = tl.load(bn_ptr + offs, mask=mask, other=0.0)
     inv_std = tl.load(bn_ptr + rows + offs, mask=mask, other=0.0)
     weight = tl.load(bn_ptr + 2 * rows + offs, mask=mask, other=0.0)

@@ -1,23 +1,31 @@
-"""The projection's backward as PyTorch ops: the formula ``kernels/projection_backward.py``
-replaced, kept to measure the kernels against (``RGA_TRITON_PROJECTION_BACKWARD=torch``, see
-``ops.PROJECTION_BACKWARD``) and traced as it is into a compiled backward.
+"""The projection in plain PyTorch: the forward formula the ``"torch"`` backend runs, and the
+backward formula the kernels of ``backward_kernels.py`` replaced, kept to measure them against
+(``RGA_TRITON_PROJECTION_BACKWARD=torch``, ``common/settings.py``) and traced as it is into a
+compiled backward.
 """
+from __future__ import annotations
+
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import gating
-from .triton_path import weight_matrix
+from ...common.batchnorm import batch_norm
+from ...common.layout import batch_slices, empty_like_merged, weight_matrix
 
 
-def batch_slices(batch: int, pieces: int) -> list:
-    """``pieces`` slices of the batch (fewer when it is smaller); one under torch.compile, where a Python
-    loop over the batch would make every batch size a recompile."""
-    if pieces == 1 or torch.compiler.is_compiling():
-        return [slice(0, batch)]            # no arithmetic on a symbolic batch size: no guard on it
-    step = max(1, -(-batch // pieces))
-    return [slice(i, i + step) for i in range(0, batch, step)]
+def relation_inputs(branch, feats: torch.Tensor, update: bool = True):
+    """theta, phi (B, K, L) and the channel-mean of the gx embedding (B, 1, L) of one branch
+    (``branch``: its theta, phi and gx submodules) reading ``feats`` (B, Cin, L), differentiable."""
+    weights = [branch.theta[0].weight, branch.phi[0].weight, branch.gx[0].weight]
+    k = weights[0].shape[0]
+    projected = torch.matmul(torch.cat(weights).flatten(1).to(feats.dtype), feats)   # one read of feats
+    theta, phi, gx = (
+        F.relu(batch_norm(z, seq[1], update))
+        for z, seq in zip(projected.split(k, dim=1), (branch.theta, branch.phi, branch.gx))
+    )
+    return theta, phi, gx.mean(dim=1, keepdim=True)
 
 
 def gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: torch.dtype, pieces: int = 8):
@@ -44,7 +52,7 @@ def gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: 
 
 def projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
                            needs=(True, True, True), dx: Optional[Tensor] = None):
-    """``ops.projection_grads`` as PyTorch ops (``PROJECTION_BACKWARD = "torch"``).
+    """``op.projection_grads`` as PyTorch ops (``RGA_TRITON_PROJECTION_BACKWARD=torch``).
 
     Large matmuls and elementwise work, which the backend already does at bandwidth.
     Written to keep few temporaries alive: P (B, 3K, L) is normalised in place and freed once dy,
@@ -119,7 +127,7 @@ def _input_grads(x, in_gate, w3c, dp, spatial: bool, slices, dx, need_x: bool, n
     feats = x.reshape(batch, c, h * w)
     beta = 0.0 if dx is None else 1.0
     if need_x and dx is None:
-        dx = gating.empty_like_merged(x)
+        dx = empty_like_merged(x)
     out = dx.view(feats.shape) if need_x else None
     d_gate = x.new_empty(in_gate.shape, dtype=torch.float32) if need_gate else None
     for rows in slices:

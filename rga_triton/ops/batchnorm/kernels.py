@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..batchnorm import tracks_running_stats
-from .tuning import STAT_SPLIT, n_splits
+from ...common.batchnorm import tracks_running_stats
+from ...launch.space import STAT_SPLIT, n_splits
 
 
 MAX_GROUP = 3

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuned import tuned
+from ...common.layout import empty_like_merged, mergeable
+from ...launch.tuned import tuned
 
 
 @tuned([dict(BLOCK_C=16, BLOCK_N=256), dict(BLOCK_C=32, BLOCK_N=128), dict(BLOCK_C=8, BLOCK_N=512)],
@@ -90,18 +91,6 @@ def _apply_gates_backward_kernel(x_ptr, grad_ptr, spatial_ptr, channel_ptr, dx_p
                 dc += tl.sum(gx * s[None, :], axis=1) if HAS_SPATIAL else tl.sum(gx, axis=1)
     if HAS_CHANNEL:
         tl.store(dc_ptr + (b * tl.num_programs(0) + pid_n) * C + offs_c, dc, mask=c_mask)
-
-
-def mergeable(t: torch.Tensor) -> torch.Tensor:
-    """t (B, C, H, W), or a contiguous copy when its H and W axes cannot merge into one position axis."""
-    return t if t.stride(2) == t.shape[3] * t.stride(3) else t.contiguous()
-
-
-def empty_like_merged(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like x, in x's memory format where H and W merge, else contiguous."""
-    out = torch.empty_like(x)                  # x's memory format (channels_last stays channels_last)
-    return out if out.stride(2) == x.shape[3] * out.stride(3) else torch.empty(x.shape, dtype=x.dtype,
-                                                                               device=x.device)
 
 
 def apply_gates(x: torch.Tensor, spatial: torch.Tensor | None, channel: torch.Tensor | None) -> torch.Tensor:

@@ -1,24 +1,18 @@
-"""Autotune helpers shared by the kernels.
+"""Config spaces and launch-time choices shared by the kernels.
 
 Under Triton's interpreter (or with ``RGA_TRITON_PIN_CONFIG=1``) every kernel is pinned to
 the first config of its space, so CPU tests do not run each config through numpy.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from ..backend import interpreting
+from ..common.settings import pinned
 
 STAT_SPLIT = 256
 """Positions one statistics program reduces. Every BLOCK_L in a config space divides it, so
 the layout of partial statistics does not depend on which config autotune picks."""
-
-
-def pinned() -> bool:
-    return interpreting() or os.environ.get("RGA_TRITON_PIN_CONFIG", "0") not in ("", "0")
 
 
 def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:

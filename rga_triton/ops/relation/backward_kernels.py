@@ -1,6 +1,6 @@
 """Backward of the relation embedding and the attention network, without the L x L affinity.
 
-Forward per image (``relation.py``): Z = A tp (R, L), rel = ReLU(BN_z(Z)),
+Forward per image (``kernels.py``): Z = A tp (R, L), rel = ReLU(BN_z(Z)),
 h = W1 [gx_mean; rel] (Hd, L), logit = w2 . ReLU(BN_1(h)) (L,), the last BatchNorm
 applied by the caller. Each BatchNorm arrives as six float32 rows
 (mean, inv_std, weight, bias, c_b, c_g): x_hat = (x - mean) * inv_std is what it normalised
@@ -35,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .relation import RelationOperands, _block_h, _hidden_tile, _z_tile
-from .stats import load_bn_rows
-from .tuned import tuned
-from .tuning import STAT_SPLIT, n_splits
+from .kernels import RelationOperands, _block_h, _hidden_tile, _z_tile
+from ..batchnorm.stats import load_bn_rows
+from ...launch.tuned import tuned
+from ...launch.space import STAT_SPLIT, n_splits
 
 GROUPS = 128
 """(image, position tile) groups of the relation backward: its partials are at most (GROUPS, Hd, R)

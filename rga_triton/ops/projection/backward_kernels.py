@@ -1,9 +1,9 @@
 """Backward of the projection, on tensor cores at float32 accuracy (3xTF32 on CUDA).
 
-Forward (``projection.py``), per image: P = W3 Xg (3K, L) with Xg = X * in_gate along Cin,
+Forward (``kernels.py``), per image: P = W3 Xg (3K, L) with Xg = X * in_gate along Cin,
 y = ReLU(BN(P)), theta and phi the first 2K rows of y, gx_mean = mean of its last K rows.
 Each BatchNorm arrives as six float32 rows (mean, inv_std, weight, bias, c_b, c_g) per row of
-W3, as in ``relation_backward.py``: p_hat = (P - mean) inv_std is what forward normalised
+W3, as in ``ops/relation/backward_kernels.py``: p_hat = (P - mean) inv_std is what forward normalised
 with, c_b = sum(dy) / M and c_g = sum(dy p_hat) / M are the batch-statistics terms of the rows
 whose BatchNorm used the batch (0 elsewhere), M = B L. Given dtp (B, 2K, L) and dgx_mean (B, L):
 
@@ -30,11 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
-from .projection import _gate_args, _project_tile
-from .stats import load_bn_rows
-from .tuned import tuned
-from .tuning import STAT_SPLIT, n_splits
+from ...launch import space as tuning
+from .kernels import _gate_args, _project_tile
+from ..batchnorm.stats import load_bn_rows
+from ...launch.tuned import tuned
+from ...launch.space import STAT_SPLIT, n_splits
 
 DGATE_COLS_BLOCK = 64
 """The smallest BLOCK_L of ``_input_grad_kernel``'s space: in_gate's gradient has one partial

@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import MAX_HIDDEN
-from .stats import store_partials, welford_merge
-from .tuned import tuned
-from . import tuning
-from .tuning import STAT_SPLIT, n_splits
+from ...common.settings import MAX_HIDDEN
+from ..batchnorm.stats import store_partials, welford_merge
+from ...launch.tuned import tuned
+from ...launch import space as tuning
+from ...launch.space import STAT_SPLIT, n_splits
 
 
 @tuned([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),

@@ -1,0 +1,1 @@
+"""Projection: x -> theta, phi and the pooled gx, forward and backward (see README.md)."""

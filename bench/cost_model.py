@@ -1,6 +1,6 @@
 """Analytic cost model: FLOPs and minimum bytes moved by each implementation's algorithm.
 
-Notation (DESIGN.md). One branch of the RGA block sees features of shape (Cin, L) per image:
+Notation (docs/design.md). One branch of the RGA block sees features of shape (Cin, L) per image:
 ``Cin`` channels over ``L`` positions. With the paper's ratios (cha_ratio = spa_ratio =
 down_ratio = 8 unless given):
 

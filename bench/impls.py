@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 import rga_triton
+from rga_triton.testing import TOLERANCE as TESTING_TOLERANCE, tolerance
 from bench import cost_model
 from bench.cost_model import BRANCHES
 from reference import RGA_Module
@@ -18,8 +19,8 @@ IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "tri
 DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")
 FAST_IMPLS = ("torch", "triton", "triton-tiled", "triton-graphs")     # the rga_triton ones
 GRAPHED_IMPLS = ("compile-max-autotune", "triton-graphs")    # compiled with CUDA graphs on a GPU
-# float64 for the oracle; the DESIGN.md contract for the others (float32: TF32-safe bound).
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+# The contract's table (rga_triton.testing), by dtype name; float32 at its TF32-safe bound.
+TOLERANCE = {str(dtype).replace("torch.", ""): tolerance(dtype, tf32=True) for dtype in TESTING_TOLERANCE}
 # Above this (analytic FLOPs of the materialised algorithm) the float64 oracle is the torch path:
 # float64 runs far below the tensor-core rates, and the reference would take minutes per case.
 ORACLE_REFERENCE_MAX_FLOPS = 4e12

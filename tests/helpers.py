@@ -6,17 +6,13 @@ import copy
 import torch
 
 import rga_triton
-from rga_triton.testing import rel_err  # noqa: F401  (re-exported for the tests)
+from rga_triton.testing import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401  (re-exported)
 from reference import RGA_Module
-
-# DESIGN.md's contract: ||out - ref|| / ||ref|| against the float64 reference.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-TOLERANCE_TF32 = 1e-4
 
 
 def float32_tolerance(device) -> float:
-    """DESIGN.md's float32 bound where a test does not pin TF32 off: 1e-5 on the CPU, 1e-4 on CUDA."""
-    return TOLERANCE[torch.float32] if torch.device(device).type == "cpu" else TOLERANCE_TF32
+    """The contract's float32 bound where a test does not pin TF32 off: 1e-5 on the CPU, 1e-4 on CUDA."""
+    return tolerance(torch.float32, tf32=torch.device(device).type != "cpu")
 
 
 def randomize_batchnorm(module: torch.nn.Module, x: torch.Tensor, generator: torch.Generator) -> None:

@@ -26,7 +26,7 @@ def _run(module, x, grad_out, autocast_dtype=None):
 def test_autocast_matches_reference(backend, autocast_dtype, train):
     """Under torch.autocast the module keeps float32 BatchNorm statistics and products that
     cancel, and is at least as accurate as the reference under the same autocast: output,
-    grad x and every parameter gradient within DESIGN.md's 2e-2 of the float64 reference,
+    grad x and every parameter gradient within the contract's 2e-2 (rga_triton.testing) of the float64 reference,
     or, where the autocast reference itself misses that, within 4x its error up to 2x 2e-2
     (the rule of ``helpers.compare_steps``). The output dtype matches."""
     if backend == "triton" and autocast_dtype == torch.bfloat16:

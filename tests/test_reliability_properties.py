@@ -5,7 +5,7 @@ Hypothesis draws small configurations: batch, channels, H and W, valid ratios (p
 layout of x, BatchNorm momentum and a seed for the parameters, random BatchNorm statistics
 (``helpers.make_pair``) and the upstream gradient. Each case runs forward and backward on
 the path under test and on the reference in float64: outputs, grad x, every parameter
-gradient, running statistics and ``num_batches_tracked`` must meet DESIGN.md's contract
+gradient, running statistics and ``num_batches_tracked`` must meet the contract (rga_triton.testing)
 (``helpers.TOLERANCE``): through ``helpers.compare_steps`` in float64, through
 ``compare_low_precision`` (same checks, gradients measured normwise, see there) below it.
 

@@ -27,7 +27,7 @@ def dot_precision(device: torch.device) -> str:
     On CUDA: 'tf32x3', three TF32 products that recover float32 accuracy on tensor cores
     (far faster than FMA-based IEEE dots), whatever ``torch.backends.cuda.matmul.allow_tf32``
     says and whatever the block's dtype: a single TF32 product in the projection puts a
-    float32 output near 8e-4, over DESIGN.md's 1e-4, and on half-precision blocks the
+    float32 output near 8e-4, over the contract's 1e-4 (docs/numerics.md), and on half-precision blocks the
     relation products (float32 operands, sums that cancel) then miss 2e-2 on train-mode
     gradients (up to 2e-1 on grad x, measured with ``tests/gpu_numerics.py``). Elsewhere
     (Triton's interpreter) 'ieee'. Half-precision operands ignore it.

@@ -52,8 +52,7 @@ def test_baseline_trains_with_its_loss_dict_and_evaluates_features():
 
 def test_config_node_last_stride_and_rga_settings_are_read():
     cfg = _cfg(LAST_STRIDE=2)
-    cfg.MODEL.BACKBONE.RGA.USE_CHANNEL = False
-    cfg.MODEL.BACKBONE.RGA.ORDER = "cs"
+    cfg.merge_from_list(["MODEL.BACKBONE.RGA.USE_CHANNEL", False, "MODEL.BACKBONE.RGA.ORDER", "cs"])  # as YAML does
     backbone = build_backbone(cfg)
     assert backbone(torch.randn(2, 3, 64, 32)).shape == (2, 2048, 2, 1)
     assert not backbone.rga_att1.use_channel and backbone.rga_att1.order == "cs"

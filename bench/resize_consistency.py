@@ -12,7 +12,7 @@ Fine-tuning: a synthetic task whose signal is finer than the trained grid (predi
 a one-pixel marker of a 16 x 16 map), a tiny model pretrained at 8 x 8, then the same number of
 steps at 16 x 16 from the resized block and from the pooling wrapper (same data, seeds, Adam).
 
-    python bench/resize_consistency.py                # both tables (about a minute on 2 CPU cores)
+    python bench/resize_consistency.py                # both tables (3 to 6 minutes on 2 CPU cores)
     python bench/resize_consistency.py --quick        # smaller shapes, fewer steps
 """
 from __future__ import annotations

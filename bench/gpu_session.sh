@@ -29,7 +29,7 @@ case "$what" in
   # test shape would take the whole lease; CI compiles every config of every space for sm_90 instead.
   tests) RGA_TRITON_PIN_CONFIG=1 timeout 540 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
   all)
-    # 0. does compilation scale over this host's threads (the premise of kernels/precompile.py)? (~20 s)
+    # 0. does compilation scale over this host's threads (the premise of launch/precompile.py)? (~20 s)
     timeout 45 python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
     # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
     RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \

@@ -13,8 +13,9 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
 2. **SyncBatchNorm**: a train-mode ``nn.SyncBatchNorm`` in a process group of several ranks
    synchronises its statistics on the torch path only: ``"auto"`` warns once and takes it,
    ``"triton"`` raises.
-3. **ONNX export**: while ``torch.onnx.export`` traces, every block takes the torch path, so the
-   exported graph holds standard ops only (no ``rga_triton::*`` op, which ONNX cannot name).
+3. **ONNX export**: while ``torch.onnx.export`` traces (``integrations/onnx.exporting_to_onnx``),
+   every block takes the torch path, so the exported graph holds standard ops only (no
+   ``rga_triton::*`` op, which ONNX cannot name) and is the same from every backend.
 4. **Empty input** (``x.numel() == 0``): the torch path (nothing to launch; BatchNorm
    bookkeeping as nn.BatchNorm2d does it).
 5. **Route** of the Triton path (:func:`route`): ``"kernels"`` when no gradient is wanted in
@@ -49,6 +50,7 @@ from .common.batchnorm import distributed, synchronised
 from .common.layout import compute_dtype
 from .common.settings import MAX_HIDDEN, interpreting
 from .common.tracing import assume_constant_result, intercepted
+from .integrations.onnx import exporting_to_onnx
 from .torch_path import rga_forward as torch_forward
 
 BACKENDS = ("auto", "torch", "triton")
@@ -202,13 +204,6 @@ def backend_for(module, x: torch.Tensor) -> str:
     if backend != "torch" and exporting_to_onnx():
         return "torch"
     return resolve(backend, x, module)
-
-
-@assume_constant_result     # asked while torch.export traces for ONNX: a constant of the graph
-def exporting_to_onnx() -> bool:
-    """True while ``torch.onnx.export`` traces the model (either exporter; ``import torch.onnx``: ~30 ms, once)."""
-    import torch.onnx
-    return torch.onnx.is_in_onnx_export()
 
 
 # ---- 5 to 7. the Triton path: route, algorithm, Z ---------------------------------------------------------

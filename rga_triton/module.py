@@ -48,15 +48,18 @@ class RGAModule(nn.Module):
     the channel gate computed on the gated map), ``"cs"``, or ``"parallel"`` (both gates
     from x: out = x * sigmoid(a_s) * sigmoid(a_c)), the variants of the paper's Table 1.
 
+    ``inter_spatial`` (default in_spatial // spa_ratio): the relation embedding's rows; a block
+    resampled to another size keeps its source's (:meth:`resized`).
+
     x: (B, in_channel, H, W) with H * W == in_spatial. Returns a tensor of x's shape.
     """
 
     def __init__(self, in_channel: int, in_spatial: int, use_spatial: bool = True, use_channel: bool = True,
                  cha_ratio: int = 8, spa_ratio: int = 8, down_ratio: int = 8, backend: str = "auto",
-                 algorithm: str = "auto", order: str = "sc"):
+                 algorithm: str = "auto", order: str = "sc", inter_spatial: int | None = None):
         super().__init__()
         self.inter_channel, self.inter_spatial = checks.block_sizes(
-            in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio)
+            in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio, inter_spatial)
         self.in_channel, self.in_spatial = in_channel, in_spatial
         self.use_spatial, self.use_channel = use_spatial, use_channel
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
@@ -94,7 +97,17 @@ class RGAModule(nn.Module):
         return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
                 f"use_channel={self.use_channel}, cha_ratio={self.cha_ratio}, spa_ratio={self.spa_ratio}, "
                 f"down_ratio={self.down_ratio}, backend={self.backend!r}, algorithm={self.algorithm!r}, "
-                f"order={self.order!r}")
+                f"order={self.order!r}" + (f", inter_spatial={self.inter_spatial}"
+                                           if self.inter_spatial != self.in_spatial // self.spa_ratio else ""))
+
+    def resized(self, from_hw, to_hw, mode: str = "bilinear") -> "RGAModule":
+        """A new block for ``to_hw`` = (H', W') feature maps, its position-indexed weights resampled
+        from this block's, built for ``from_hw`` = (H, W) (scaled by N / N'; docs/resize.md gives
+        the rule per weight). Everything else is kept: other weights, BatchNorm buffers, settings,
+        train/eval mode. The same size returns equal weights, bit for bit. An approximation of the
+        block trained at H' x W', meant to run and fine-tune there."""
+        from .resize import resized_block
+        return resized_block(self, from_hw, to_hw, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.backend = dispatch.check_backend(self.backend)

@@ -152,35 +152,24 @@ def resized_block(block, from_hw, to_hw, mode: str = "bilinear"):
 
 
 def block_like(block, in_spatial: int, inter_spatial: int):
-    """A freshly initialised block with ``block``'s settings, ``in_spatial`` and ``inter_spatial``.
-
-    Built as RGAModule(in_channel, inter_spatial * spa_ratio, ...) (which has inter_spatial
-    rows), then its four position-indexed convs replaced by fresh ``nn.Conv2d`` of the new input
-    width (PyTorch's default initialisation, as the constructor's). Used by
-    ``load_checkpoint(..., source_size=)`` to give a model's block the checkpoint's output sizes.
-    """
+    """A freshly initialised block with ``block``'s settings, ``in_spatial`` and ``inter_spatial`` (on
+    ``block``'s device and dtype, in its mode). Used by ``load_checkpoint(..., source_size=)`` to give
+    a model's block the checkpoint's output sizes."""
     from .module import RGAModule
 
-    new = RGAModule(block.in_channel, inter_spatial * block.spa_ratio, block.use_spatial, block.use_channel,
-                    block.cha_ratio, block.spa_ratio, block.down_ratio, backend=block.backend,
-                    algorithm=block.algorithm, order=block.order)
+    new = RGAModule(block.in_channel, in_spatial, block.use_spatial, block.use_channel, block.cha_ratio,
+                    spatial_ratio(in_spatial, inter_spatial, block.spa_ratio) or block.spa_ratio, block.down_ratio,
+                    backend=block.backend, algorithm=block.algorithm, order=block.order,
+                    inter_spatial=inter_spatial)
     weight = next(block.parameters())
-    new = new.to(device=weight.device, dtype=weight.dtype).train(block.training)
-    for name, maps in POSITION_INPUTS.items():
-        seq = getattr(new, name, None)
-        if seq is not None:
-            fresh = nn.Conv2d(maps * in_spatial, inter_spatial, 1, bias=False, device=weight.device,
-                              dtype=weight.dtype)
-            _replace_input_weight(seq[0], fresh.weight.detach())
-    _set_in_spatial(new, in_spatial)
-    return new
+    return new.to(device=weight.device, dtype=weight.dtype).train(block.training)
 
 
 def _backbone(model):
-    from .models import RGABackbone
-
+    # by its attributes, not isinstance: models/ imports checkpoint.py, which imports this module
     backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, RGABackbone):
+    if not (isinstance(backbone, nn.Module) and all(hasattr(backbone, attr) for attr in
+                                                      ("rga_att1", "height", "width", "last_stride"))):
         raise TypeError(f"model must be an RGANet or RGABackbone (rga_triton.models.rga_net), got "
                         f"{type(model).__name__}")
     return backbone
@@ -188,7 +177,7 @@ def _backbone(model):
 
 def block_sizes(model, height: int, width: int) -> dict[str, tuple[int, int]]:
     """{'rga_att1': (h, w), ...}: each RGA block's feature-map size for a ``height`` x ``width`` input."""
-    from .models import stage_sizes
+    from .models.resnet import stage_sizes
 
     check_hw("(height, width)", (height, width))
     sizes = stage_sizes(height, width, _backbone(model).last_stride)

@@ -247,7 +247,7 @@ def test_one_value_per_channel_in_train_fails_on_every_path(c, h, w, use_spatial
     path raises nn.BatchNorm2d's ValueError, as the reference does.
 
     The message's size is formatted differently: "torch.Size([1, 4, 1])" from the torch path
-    (F.batch_norm's own message), "[1, 4, 1]" from the triton path (rga_triton.batchnorm);
+    (F.batch_norm's own message), "[1, 4, 1]" from the triton path (rga_triton.common.batchnorm);
     the test compares them with that formatting removed. (Without a GPU or the interpreter
     backend="triton" refuses the CPU tensor first: only the torch path is checked then.)
     """

@@ -1,7 +1,7 @@
 """Property tests (issue 8): every path computes the reference's function on random configurations.
 
 Hypothesis draws small configurations: batch, channels, H and W, valid ratios (per
-``rga_triton.checks.block_sizes``), branch flags and order, train/eval, dtype, the memory
+``rga_triton.common.checks.block_sizes``), branch flags and order, train/eval, dtype, the memory
 layout of x, BatchNorm momentum and a seed for the parameters, random BatchNorm statistics
 (``helpers.make_pair``) and the upstream gradient. Each case runs forward and backward on
 the path under test and on the reference in float64: outputs, grad x, every parameter

@@ -332,3 +332,28 @@ def test_block_like_has_the_requested_sizes():
     fresh = block_like(b, 36, 8)
     assert (fresh.in_spatial, fresh.inter_spatial, fresh.gg_spatial[0].in_channels) == (36, 8, 72)
     assert fresh(torch.randn(2, 16, 6, 6, dtype=torch.float64)).shape == (2, 16, 6, 6)
+
+
+# ------------------------------------------------------------------ the public methods, inter_spatial
+
+def test_module_method_is_resized_block():
+    b = block()
+    assert same_state(b.resized((4, 4), (6, 6)), resized_block(b, (4, 4), (6, 6)))
+    with pytest.raises(ValueError, match="from_hw"):
+        b.resized((4, 5), (6, 6))
+
+
+def test_a_block_without_a_standard_ratio_is_built_from_its_arguments():
+    """4x4 -> 6x6 keeps R = 8 rows, and no spa_ratio gives 36 // r == 8: ``inter_spatial=8`` builds
+    the same block, which loads the resized weights strictly and computes the same output bit for bit."""
+    b = block().eval()
+    r = b.resized((4, 4), (6, 6))
+    assert (r.in_spatial, r.inter_spatial) == (36, 8) and spatial_ratio(36, 8) is None
+    rebuilt = rga_triton.RGAModule(16, 36, cha_ratio=4, spa_ratio=2, down_ratio=2, backend="torch",
+                                   inter_spatial=8).double().eval()
+    rebuilt.load_state_dict(r.state_dict(), strict=True)
+    assert "inter_spatial=8" in repr(rebuilt) and "inter_spatial" not in repr(b)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    assert torch.equal(rebuilt(x), r(x))
+    with pytest.raises(ValueError, match="inter_spatial must be a positive int"):
+        rga_triton.RGAModule(16, 36, inter_spatial=0)

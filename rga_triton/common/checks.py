@@ -21,12 +21,14 @@ def positive_int(name: str, value) -> int:
     return value
 
 
-def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio):
+def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
+                inter_spatial=None):
     """Check the constructor arguments; return (inter_channel, inter_spatial).
 
     The authors' module crashes inside a conv when an embedding or a W network would
     have zero channels; here that is a ValueError naming the ratio and the smallest size
-    that works.
+    that works. ``inter_spatial``, where given, overrides in_spatial // spa_ratio (a block
+    resampled from another size keeps its relation rows: ``RGAModule.resized``).
     """
     for name, value in (("in_channel", in_channel), ("in_spatial", in_spatial), ("cha_ratio", cha_ratio),
                         ("spa_ratio", spa_ratio), ("down_ratio", down_ratio)):
@@ -37,7 +39,9 @@ def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa
     if not (use_spatial or use_channel):
         raise ValueError("use_spatial and use_channel are both False: the block would compute nothing "
                          "(the authors' module returns None); enable at least one branch")
-    inter_channel, inter_spatial = in_channel // cha_ratio, in_spatial // spa_ratio
+    if inter_spatial is not None:
+        positive_int("inter_spatial", inter_spatial)
+    inter_channel, inter_spatial = in_channel // cha_ratio, inter_spatial or in_spatial // spa_ratio
     if inter_channel < 1:
         raise ValueError(f"in_channel // cha_ratio must be >= 1 (in_channel >= cha_ratio = {cha_ratio}), "
                          f"got in_channel={in_channel}, cha_ratio={cha_ratio}")

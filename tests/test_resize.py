@@ -357,3 +357,12 @@ def test_a_block_without_a_standard_ratio_is_built_from_its_arguments():
     assert torch.equal(rebuilt(x), r(x))
     with pytest.raises(ValueError, match="inter_spatial must be a positive int"):
         rga_triton.RGAModule(16, 36, inter_spatial=0)
+
+
+def test_model_method_is_resized_model():
+    model = rga_net(5, **TINY, backend="torch")
+    resized = model.resized(96, 32)
+    assert (resized.height, resized.width) == (96, 32)
+    assert same_state(resized, resized_model(model, 96, 32))
+    with pytest.raises(ValueError, match="model.resized"):
+        model(torch.randn(1, 3, 96, 32))

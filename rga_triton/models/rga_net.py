@@ -137,12 +137,19 @@ class RGANet(nn.Module):
     def width(self) -> int:
         return self.backbone.width
 
+    def resized(self, height: int, width: int, mode: str = "bilinear") -> "RGANet":
+        """A copy of this model for ``height`` x ``width`` images: each RGA block's position-indexed
+        weights resampled from its stage's map size to the new one (``RGAModule.resized``), all
+        else copied. An approximation of the model trained at that size, to run and fine-tune there."""
+        from ..resize import resized_model
+        return resized_model(self, height, width, mode)
+
     def forward(self, x: torch.Tensor, return_featuremaps: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, self.height, self.width):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, 3, height={self.height}, width={self.width}) images, got {shape}; the "
                              f"RGA blocks' in_spatial is fixed by the input size: build the model with "
-                             f"rga_net(..., height=, width=) for another size")
+                             f"rga_net(..., height=, width=) for another size, or model.resized(height, width)")
         if not isinstance(return_featuremaps, bool):
             raise TypeError(f"return_featuremaps must be a bool, got {type(return_featuremaps).__name__}")
         maps = self.backbone(x)

@@ -112,9 +112,8 @@ def _replace_input_weight(conv: nn.Conv2d, weight: torch.Tensor) -> None:
 
 
 def _check_block(block, from_hw) -> tuple[int, int]:
-    from .module import RGAModule
-
-    if not isinstance(block, RGAModule):
+    # by its attributes, not isinstance: module.py imports this module (RGAModule.resized)
+    if not (isinstance(block, nn.Module) and all(hasattr(block, a) for a in ("in_spatial", "inter_spatial", "branch"))):
         raise TypeError(f"block must be an RGAModule (rga_triton.convert() turns the authors' RGA_Module into "
                         f"one), got {type(block).__name__}")
     from_hw = check_hw("from_hw", from_hw)
@@ -155,9 +154,7 @@ def block_like(block, in_spatial: int, inter_spatial: int):
     """A freshly initialised block with ``block``'s settings, ``in_spatial`` and ``inter_spatial`` (on
     ``block``'s device and dtype, in its mode). Used by ``load_checkpoint(..., source_size=)`` to give
     a model's block the checkpoint's output sizes."""
-    from .module import RGAModule
-
-    new = RGAModule(block.in_channel, in_spatial, block.use_spatial, block.use_channel, block.cha_ratio,
+    new = type(block)(block.in_channel, in_spatial, block.use_spatial, block.use_channel, block.cha_ratio,
                     spatial_ratio(in_spatial, inter_spatial, block.spa_ratio) or block.spa_ratio, block.down_ratio,
                     backend=block.backend, algorithm=block.algorithm, order=block.order,
                     inter_spatial=inter_spatial)

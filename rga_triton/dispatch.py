@@ -13,7 +13,7 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
 2. **SyncBatchNorm**: a train-mode ``nn.SyncBatchNorm`` in a process group of several ranks
    synchronises its statistics on the torch path only: ``"auto"`` warns once and takes it,
    ``"triton"`` raises.
-3. **ONNX export**: while ``torch.onnx.export`` traces (``integrations/onnx.exporting_to_onnx``),
+3. **ONNX export**: while ``torch.onnx.export`` traces (``common/tracing.exporting_to_onnx``),
    every block takes the torch path, so the exported graph holds standard ops only (no
    ``rga_triton::*`` op, which ONNX cannot name) and is the same from every backend.
 4. **Empty input** (``x.numel() == 0``): the torch path (nothing to launch; BatchNorm
@@ -49,8 +49,7 @@ from .common import algorithm
 from .common.batchnorm import distributed, synchronised
 from .common.layout import compute_dtype
 from .common.settings import MAX_HIDDEN, interpreting
-from .common.tracing import assume_constant_result, intercepted
-from .integrations.onnx import exporting_to_onnx
+from .common.tracing import assume_constant_result, exporting_to_onnx, intercepted
 from .torch_path import rga_forward as torch_forward
 
 BACKENDS = ("auto", "torch", "triton")

@@ -7,10 +7,10 @@ standard ATen ops, which every ONNX runtime runs. So while an ONNX export traces
 RGA block should run the torch path, whatever its ``backend`` says; the exported graph is then
 the torch path's, the same for every backend.
 
-This module imports nothing of rga_triton (the dispatch imports it) and nothing of torch.onnx:
-it only looks at the flags the exporters set, in the modules that set them, if they have been
-imported at all (``import torch`` does not import torch.onnx; the exporters import these modules
-before they trace).
+``exporting_to_onnx`` lives in ``rga_triton/common/tracing.py`` (a leaf the dispatch imports)
+and imports nothing of torch.onnx: it only looks at the flags the exporters set, in the modules
+that set them, if they have been imported at all (``import torch`` does not import torch.onnx;
+the exporters import these modules before they trace).
 
 Checked on torch 2.13 and 2.14:
 
@@ -23,28 +23,7 @@ Checked on torch 2.13 and 2.14:
 
 ``torch.onnx.is_in_onnx_export()`` reads the same two flags, but it imports torch.onnx on every
 call, and torch.compile's dynamo replaces a call to it by the constant ``False``; this function
-is marked (as ``torch.compiler.assume_constant_result`` marks, without importing torch._dynamo)
-so that dynamo calls it once and keeps its answer as a constant of the graph instead.
+is marked ``assume_constant_result`` (``common/tracing.py``) so that dynamo calls it once and
+keeps its answer as a constant of the graph instead.
 """
-from __future__ import annotations
-
-import sys
-
-_DYNAMO_FLAGS = "torch.onnx._internal.exporter._flags"
-_TORCHSCRIPT_GLOBALS = ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals")
-
-
-def exporting_to_onnx() -> bool:
-    """True while ``torch.onnx.export`` (dynamo or TorchScript exporter) traces a model."""
-    flags = sys.modules.get(_DYNAMO_FLAGS)
-    if flags is not None and getattr(flags, "_is_onnx_exporting", False):
-        return True
-    for name in _TORCHSCRIPT_GLOBALS:
-        module = sys.modules.get(name)
-        if module is not None and getattr(getattr(module, "GLOBALS", None), "in_onnx_export", False):
-            return True
-    return False
-
-
-# torch.compiler.assume_constant_result's mark (rga_triton.tracing sets the same; not imported here).
-exporting_to_onnx._dynamo_marked_constant = True
+from ..common.tracing import exporting_to_onnx  # noqa: F401  (the function this module documents)

@@ -47,6 +47,7 @@ import torch
 
 from .common import algorithm
 from .common.batchnorm import distributed, synchronised
+from .common.checks import one_of
 from .common.layout import compute_dtype
 from .common.settings import MAX_HIDDEN, interpreting
 from .common.tracing import assume_constant_result, exporting_to_onnx, intercepted
@@ -154,15 +155,11 @@ def capability_reason(capability: tuple[int, int], bfloat16: bool, device_name) 
 
 
 def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    return one_of("backend", backend, BACKENDS)
 
 
 def check_algorithm(algorithm) -> str:
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    return algorithm
+    return one_of("algorithm", algorithm, ALGORITHMS)
 
 
 def resolve(backend: str, x: torch.Tensor, module=None) -> str:

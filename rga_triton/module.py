@@ -13,9 +13,7 @@ ORDERS = ("sc", "cs", "parallel")
 
 
 def check_order(order) -> str:
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    return order
+    return checks.one_of("order", order, ORDERS)
 
 
 def _embed(in_channels: int, out_channels: int) -> nn.Sequential:

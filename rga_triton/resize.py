@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common.checks import one_of
+
 MODES = ("bilinear", "bicubic")
 
 # The block's submodules whose first conv has positions on its input axis: name -> maps per row.
@@ -52,9 +54,7 @@ def check_hw(name: str, hw) -> tuple[int, int]:
 
 
 def check_mode(mode) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return one_of("mode", mode, MODES)
 
 
 def resample_position_weight(weight: torch.Tensor, from_hw, to_hw, maps: int = 1,

@@ -11,13 +11,16 @@ only the rounding order differs:
 
 ``"auto"`` takes, per branch (``rga_triton.dispatch.branch_algorithm``), the algorithm that
 ``rga_triton.tune`` measured faster on this GPU for that branch's (R, K, L, dtype, pass), stored
-in the GPU's configuration file; without a measurement, the one with fewer multiply-adds. With R = L / s (s: spa_ratio in the spatial
-branch, cha_ratio in the channel one), tiled has fewer only when (4 - s) K > 2 L: never for
-s >= 4, so the count picks reassociated at RGA-Net's ratios of 8.
+in the GPU's configuration file; without a measurement, the one with fewer multiply-adds. With
+R = L / s (s: spa_ratio in the spatial branch, cha_ratio in the channel one), tiled has fewer
+only when (4 - s) K > 2 L: never for s >= 4, so the count picks reassociated at RGA-Net's
+ratios of 8.
 """
 from __future__ import annotations
 
 import torch
+
+from .checks import one_of
 
 ALGORITHMS = ("reassociated", "tiled")
 PASSES = ("forward", "train")
@@ -26,11 +29,9 @@ PASSES = ("forward", "train")
 
 def multiply_adds(algorithm: str, r: int, k: int, length: int) -> int:
     """Multiply-adds per image to build Z (R x L) from theta, phi (K x L) with ``algorithm``."""
-    if algorithm == "reassociated":
+    if one_of("algorithm", algorithm, ALGORITHMS) == "reassociated":
         return 4 * r * k * length
-    if algorithm == "tiled":
-        return k * length * length + 2 * r * length * length
-    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return k * length * length + 2 * r * length * length
 
 
 def fewest_multiply_adds(r: int, k: int, length: int) -> str:
@@ -47,6 +48,5 @@ def branch_dims(module, name: str) -> tuple[int, int, int]:
 
 def bucket(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str) -> str:
     """The key of a measured choice: 'K=32,L=2048,R=256,dtype=float32,pass=train'."""
-    if grad_pass not in PASSES:
-        raise ValueError(f"grad_pass must be one of {PASSES}, got {grad_pass!r}")
+    one_of("grad_pass", grad_pass, PASSES)
     return f"K={k},L={length},R={r},dtype={str(dtype).replace('torch.', '')},pass={grad_pass}"

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from .checks import one_of
+
 PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 PROJECTION_BACKWARDS = ("kernels", "torch")
@@ -53,7 +55,4 @@ def config_dir() -> str:
 
 def projection_backward() -> str:
     """:data:`PROJECTION_BACKWARD`, checked."""
-    if PROJECTION_BACKWARD not in PROJECTION_BACKWARDS:
-        raise ValueError(f"RGA_TRITON_PROJECTION_BACKWARD must be one of {PROJECTION_BACKWARDS}, "
-                         f"got {PROJECTION_BACKWARD!r}")
-    return PROJECTION_BACKWARD
+    return one_of("RGA_TRITON_PROJECTION_BACKWARD", PROJECTION_BACKWARD, PROJECTION_BACKWARDS)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from ..common.checks import one_of
 from ..module import RGAModule, check_order
 from .resnet import EXPANSION, WIDTHS, ResNet50, resnet50_keys, stage_sizes
 
@@ -79,16 +80,12 @@ NECK_FEATS = ("after", "before")
 
 def check_loss(loss) -> str:
     """``loss`` as torchreid names it: what train mode returns (see :class:`RGANet`)."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    return loss
+    return one_of("loss", loss, LOSSES)
 
 
 def check_neck_feat(neck_feat) -> str:
     """``neck_feat`` as fast-reid names it: the eval feature from after or before the BNNeck."""
-    if neck_feat not in NECK_FEATS:
-        raise ValueError(f"neck_feat must be one of {NECK_FEATS}, got {neck_feat!r}")
-    return neck_feat
+    return one_of("neck_feat", neck_feat, NECK_FEATS)
 
 
 class RGANet(nn.Module):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .common.modules import replace_submodule
+
 # Where training scripts put the state_dict inside a checkpoint dict, most common first.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "state", "weights", "params",
                    "module")
@@ -211,15 +213,6 @@ def _read(path_or_dict, map_location, weights_only):
     return path_or_dict
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at qualified ``name`` in ``model``; return the one it replaces."""
-    parent, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, leaf)
-    setattr(owner, leaf, module)
-    return old
-
-
 def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_location="cpu",
                     weights_only: bool = True, source_size=None, resize_mode: str = "bilinear") -> CheckpointReport:
     """Load a training checkpoint (file path or already-loaded object) into ``model``.
@@ -264,7 +257,7 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
         def prepare(state):
             state, resized["keys"], replacements = resized_state_dict(target, state, source_size, resize_mode)
             for name, block in replacements.items():
-                replaced[name] = _swap(target, name, block)
+                replaced[name] = replace_submodule(target, name, block)
             return state
 
     loadable, report = match_state_dict(target, _read(path_or_dict, map_location, weights_only), prepare=prepare)
@@ -274,7 +267,7 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
         report.resampled_keys, report.rebuilt_blocks = resized.get("keys", []), list(replaced)
     if strict and not report.ok:
         for name, block in replaced.items():
-            _swap(target, name, block)              # put the model's own blocks back: nothing changed
+            replace_submodule(target, name, block)      # put the model's own blocks back: nothing changed
         raise RuntimeError("load_checkpoint: the checkpoint does not match the model (strict=True; nothing was "
                            "loaded; strict=False loads the keys that match and returns this report):\n  "
                            + "\n  ".join(report.problems()))

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import dispatch
+from .common.modules import replace_submodule
 from .module import RGAModule
 
 logger = logging.getLogger("rga_triton")
@@ -185,8 +186,7 @@ def convert(model: nn.Module, backend: str = "auto", algorithm: str = "auto", ve
         if not path:
             result = replaced[key]
             continue
-        parent_path, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, replaced[key])
+        replace_submodule(model, path, replaced[key])
     message = f"rga_triton.convert: converted {len(found)} RGA block(s)" + (f": {', '.join(paths)}" if paths else "")
     if not found:
         present = sum(isinstance(m, RGAModule) for m in model.modules())

@@ -102,7 +102,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph("rga_triton")
     assert "rga_triton.triton_path" in graph["rga_triton.dispatch"]          # imported inside run_triton
     assert "rga_triton.ops.relation.kernels" in graph["rga_triton.ops.relation.op"]    # from . import kernels
-    assert "rga_triton.common.settings" in graph["rga_triton.launch.space"]            # from ..common.settings
+    assert "rga_triton.common.settings" in graph["rga_triton.launch.tuned"]            # from ..common.settings
 
 
 def test_leaves_import_nothing_above_them():

@@ -1,14 +1,13 @@
 """Config spaces and launch-time choices shared by the kernels.
 
-Under Triton's interpreter (or with ``RGA_TRITON_PIN_CONFIG=1``) every kernel is pinned to
-the first config of its space, so CPU tests do not run each config through numpy.
+Under Triton's interpreter (or with ``RGA_TRITON_PIN_CONFIG=1``, ``common/settings.pinned``)
+every kernel is pinned to the first config of its space (``tuned.py``), so CPU tests do not run
+each config through numpy.
 """
 from __future__ import annotations
 
 import torch
 import triton
-
-from ..common.settings import pinned
 
 STAT_SPLIT = 256
 """Positions one statistics program reduces. Every BLOCK_L in a config space divides it, so
@@ -17,7 +16,7 @@ the layout of partial statistics does not depend on which config autotune picks.
 
 def configs(space: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
     """The cross product of block-size dicts with num_warps and num_stages (a pinned kernel
-    autotunes over the first one only; see :func:`pinned`)."""
+    autotunes over the first one only: ``common/settings.pinned``)."""
     return [triton.Config(dict(s), num_warps=w, num_stages=st) for s in space for w in warps for st in stages]
 
 

@@ -32,9 +32,9 @@ case "$what" in
     # 0. does compilation scale over this host's threads (the premise of launch/precompile.py)? (~20 s)
     timeout 45 python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
     # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
-    RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/test_triton_backward.py \
-      tests/test_op_projection.py tests/test_op_relation.py tests/test_op_gating.py tests/test_triton_path.py \
-      tests/test_gpu_numerics.py tests/test_algorithm.py tests/test_amp_layout.py 2>&1 | tee -a "$log" || true
+    RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/block/test_triton_backward.py \
+      tests/steps/test_op_projection.py tests/steps/test_op_relation.py tests/steps/test_op_gating.py tests/block/test_triton_path.py \
+      tests/block/test_gpu_numerics.py tests/block/test_algorithm.py tests/block/test_amp_layout.py 2>&1 | tee -a "$log" || true
     # 2. tune the RGA-Net stages (float32, B=64), writing the config file after each shape (~3 min)
     timeout 180 python bench/sweep.py --tune --inputs 256x128 --batch 64 --branches RGA-SC --dtypes float32 \
       --modes eval,train --time-limit 130 2>&1 | tee -a "$log" || true

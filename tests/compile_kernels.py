@@ -1,7 +1,7 @@
 """Compile every kernel for CUDA targets without a GPU; print one JSON object {case id: "ok" or the error}.
 
 Run without TRITON_INTERPRET (``@triton.jit`` must give compilable functions):
-``python tests/compile_kernels.py``. ``tests/test_kernels_compile.py`` runs it in a subprocess.
+``python tests/compile_kernels.py``. ``tests/bench/test_kernels_compile.py`` runs it in a subprocess.
 """
 from __future__ import annotations
 

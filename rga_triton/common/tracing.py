@@ -4,7 +4,7 @@ something traces or intercepts a call (torch.compile, a dispatch mode, an ONNX e
 ``torch.compiler.assume_constant_result`` imports torch._dynamo (about a second on a 2-core CPU,
 as long as torch itself takes) only to set one attribute on the function, which dynamo reads when
 it meets a call to it while tracing. Setting that attribute here keeps ``import rga_triton`` cheap;
-``tests/test_export.py`` checks it is the one PyTorch's decorator sets.
+``tests/ecosystem/test_export.py`` checks it is the one PyTorch's decorator sets.
 """
 from __future__ import annotations
 

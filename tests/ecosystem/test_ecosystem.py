@@ -17,8 +17,9 @@ import rga_triton
 from helpers import float32_tolerance, make_pair, rel_err
 from reference import RGA_Module
 from rga_triton import RGAModule
+from paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 # ----------------------------------------------------------------------------------- convert()

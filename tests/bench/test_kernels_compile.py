@@ -18,6 +18,7 @@ import pytest
 import triton
 
 import compile_kernels
+from paths import REPO_ROOT
 
 try:
     HAS_CUDA_BACKEND = "nvidia" in triton.backends.backends
@@ -26,7 +27,7 @@ except AttributeError:
 pytestmark = pytest.mark.skipif(not HAS_CUDA_BACKEND, reason="this Triton has no NVIDIA backend to compile for")
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _compile_tool(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

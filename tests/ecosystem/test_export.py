@@ -19,6 +19,7 @@ import torch
 from helpers import float32_tolerance, make_pair, rel_err
 from rga_triton.common import tracing
 from rga_triton import dispatch as backend_mod
+from paths import REPO_ROOT
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()
@@ -29,7 +30,7 @@ pytestmark = [      # PyTorch's own, raised inside torch.export and AOTInductor
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning"),
 ]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ gradient, running statistics and ``num_batches_tracked`` must meet the contract 
 ``compare_low_precision`` (same checks, gradients measured normwise, see there) below it.
 
 The runs are derandomized (the same cases on every run) and small enough for CI under
-Triton's interpreter. ``python -m pytest tests/test_reliability_properties.py -s`` prints
+Triton's interpreter. ``python -m pytest tests/reliability/test_reliability_properties.py -s`` prints
 how many cases each path ran (the counts also go to the terminal summary).
 """
 from __future__ import annotations

@@ -7,8 +7,9 @@ import ast
 import os
 
 import pytest
+from paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _modules(package: str) -> dict[str, str]:

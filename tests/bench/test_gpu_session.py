@@ -14,8 +14,9 @@ import shlex
 import pytest
 
 from bench import goals, rga_net_step, sweep
+from paths import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 SCRIPT = os.path.join(ROOT, "bench", "gpu_session.sh")
 
 

@@ -12,6 +12,7 @@ import rga_triton
 from bench import cost_model, impls, plots, report, sweep
 from bench.impls import Case
 from reference import RGA_Module
+from paths import REPO_ROOT
 
 REQUIRED_COLUMNS = {
     "impl", "C", "H", "W", "N", "batch", "branch", "mode", "dtype", "status", "correct", "rel_err",
@@ -509,7 +510,7 @@ def test_host_overhead_tool_runs():
     """bench/host_overhead.py (host time per block call, kernels stubbed out) runs and reports every row."""
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "host_overhead.py")
+    script = os.path.join(REPO_ROOT, "bench", "host_overhead.py")
     done = subprocess.run([sys.executable, script, "--shape", "64x8x8", "--batch", "2", "--steps", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,7 +3,7 @@
 Each error names the argument, the expected value and the actual one, and the "torch" and
 "triton" backends raise exactly the same error: the checks run before dispatch. The
 single-case basics (wrong rank, channel count, H*W, dtype, constructor ratios) are in
-tests/test_torch_path.py; here every path is checked against the others, together with what
+tests/block/test_torch_path.py; here every path is checked against the others, together with what
 those tests leave out: devices, empty batches, one value per channel in training, gradients
 on non-float tensors, unusable Triton.
 """

@@ -16,8 +16,8 @@ hand each other is O(K L + R K) per image, never O(L^2).
 The branch has one composition in two forms, chosen by ``rga_triton.dispatch`` (``plan.route``):
 
 - :func:`branch_gate_kernels` (route ``"kernels"``: eager, no gradient): the launchers
-  themselves, BatchNorms folded and weights stacked once per change of the parameters (memoised
-  on the modules), the eval gate's last BatchNorm and sigmoid inside the gate kernel.
+  themselves, BatchNorms folded and weights stacked from the modules on each call, the eval gate's
+  last BatchNorm and sigmoid inside the gate kernel.
 - :func:`branch_gate_ops` (routes ``"eager-ops"`` and ``"registered-ops"``: a gradient is
   wanted, or something traces or intercepts the calls): the same kernels as the custom ops of
   ``ops/``, each differentiating its own step. Eager autograd calls their implementations and
@@ -26,9 +26,8 @@ The branch has one composition in two forms, chosen by ``rga_triton.dispatch`` (
   instead of 2.5 ms); torch.compile, make_fx, a dispatch mode or a tensor subclass get the
   registered ops (:data:`REGISTERED`), one per step.
 
-Why two forms and not one: the ops take tensors only, so a no-grad call through them restacks
-the weights on every call instead of memoising them, and runs the last BatchNorm and the sigmoid
-as PyTorch ops instead of in the gate kernel. With the kernels stubbed out (``bench/host_overhead.py``'s
+Why two forms and not one: the ops run the last BatchNorm and the sigmoid as PyTorch ops instead
+of in the gate kernel, and pay the custom-op dispatcher per step. With the kernels stubbed out (``bench/host_overhead.py``'s
 ``host_ms``, RGA-SC 64x16x8, B=2, 2-core CPU, median of five processes of 200 calls), an eval
 no-grad call took 0.31 ms of host time in the kernels form and 0.53 ms through the ops form.
 
@@ -42,7 +41,6 @@ from types import SimpleNamespace
 import torch
 
 from .common.batchnorm import batch_norm, uses_batch_stats
-from .common.cache import memo
 from .common.layout import compute_dtype, input_views, mergeable, weight_matrix
 from .common.tracing import intercepted
 from .ops.batchnorm.norm import affine_rows, batchnorm_args, normalizers, norm_rows, one_channel_affine
@@ -109,9 +107,10 @@ def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
 
 # ---- the branch without autograd: the launchers themselves ------------------------------------------------
 
-def _weight(owner, tag, dtype, weights):
-    """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, memoised."""
-    return memo(owner, (tag, dtype), weights, lambda: weight_matrix(torch.cat([w.detach() for w in weights]), dtype))
+def _weight(dtype, weights):
+    """The 1x1-conv weights stacked as one (rows, in) matrix in ``dtype``, from the parameters as they
+    are now (derived per call: see docs/design.md, "Nothing derived outlives a call")."""
+    return weight_matrix(torch.cat([w.detach() for w in weights]), dtype)
 
 
 def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
@@ -120,12 +119,12 @@ def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, a
     count = batch * length
     dtype = compute_dtype(x)
     embeds = (branch.theta, branch.phi, branch.gx)
-    w3 = _weight(branch.theta[0], "w3", dtype, [seq[0].weight for seq in embeds])
+    w3 = _weight(dtype, [seq[0].weight for seq in embeds])
     norm, p = measure_projection([seq[1] for seq in embeds], x, shape, strides, w3, in_gate)
     tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate, p)
     del p
 
-    wg = _weight(branch.gg[0], "wg", dtype, [branch.gg[0].weight])
+    wg = _weight(dtype, [branch.gg[0].weight])
     r = wg.shape[0]
     if algorithm == "tiled":
         operands = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
@@ -134,10 +133,10 @@ def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, a
     z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(operands), count, (batch, r, length), length)
 
     conv1, bn1, _, conv2, bn2 = branch.W
-    w1 = _weight(conv1, "w1", torch.float32, [conv1.weight])
+    w1 = _weight(torch.float32, [conv1.weight])
     h_scale, h_shift, *_ = normalizers([bn1], lambda: hidden_stats(operands, w1, z_scale, z_shift),
                                        count, (batch, w1.shape[0], length), length)
-    w2 = _weight(conv2, "w2", torch.float32, [conv2.weight])
+    w2 = _weight(torch.float32, [conv2.weight])
     if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
         out_scale, out_shift, *_ = normalizers([bn2], None, count, (batch, 1, length), length)
         return gate_logit(operands, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)

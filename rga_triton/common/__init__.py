@@ -1,2 +1,2 @@
 """Leaves: settings, argument checks, BatchNorm semantics, tensor layouts, the algorithm cost model,
-the memo and the torch.compile marker. They import nothing of the package above them."""
+and the torch.compile marker. They import nothing of the package above them."""

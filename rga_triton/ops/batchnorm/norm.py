@@ -2,7 +2,7 @@
 
 A :class:`Norm` holds a group of BatchNorms' rows (their channels concatenated) as one call uses
 them: bn(z) = z * scale + shift, plus the mean and 1/std it normalised with (backward reads those).
-In eval the running statistics fold (:func:`folded`, memoised on the module); in train a kernel
+In eval the running statistics fold (:func:`folded`, on every call); in train a kernel
 measures per-split (mean, M2) partials and ``kernels.bn_finalize`` merges them and moves the
 running statistics exactly as ``nn.BatchNorm2d`` does (:func:`normalizers`).
 
@@ -16,12 +16,10 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from ...common.batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats,
                                  update_running_stats, uses_batch_stats)
-from ...common.cache import memo
 from .kernels import bn_finalize, finalize_groups
 
 
@@ -41,15 +39,9 @@ def as_norm(rows: Tensor) -> Norm:
 
 
 def folded(bns) -> Norm:
-    """The :class:`Norm` of BatchNorms that all normalise with their running statistics (eval),
-    folded once per change of their parameters or buffers in eager mode."""
-    fold = lambda: _affines(bns, None, None, 0)  # noqa: E731
-    # views rebuilt inside an op hold nothing lasting; torch.compile cannot trace memo's data_ptr
-    if not isinstance(bns[0], nn.Module) or torch.compiler.is_compiling():
-        return fold()
-    # num_batches_tracked: every train step bumps its version; kernels and F.batch_norm move the statistics unseen
-    sources = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias)]
-    return memo(bns[0], ("affine", len(bns)), sources, fold)
+    """The :class:`Norm` of BatchNorms that all normalise with their running statistics (eval), folded
+    on every call: no memo key sees every change (``.data`` updates bump no version; eps is an attribute)."""
+    return _affines(bns, None, None, 0)
 
 
 def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
@@ -113,7 +105,7 @@ def one_channel_affine(bn, logit: Tensor, count: int) -> Norm:
 def norm_rows(bns, measure) -> Tensor:
     """The norm (4, rows) of a BatchNorm group for the ops: ``measure()``, an op that mutates the
     running statistics, when one of them normalises with the batch; else their running statistics
-    folded in PyTorch (memoised in eager mode, fused by inductor), mutating nothing."""
+    folded in PyTorch (fused by inductor), mutating nothing."""
     if any(uses_batch_stats(bn) for bn in bns):
         return measure()
     return torch.stack(folded(bns))

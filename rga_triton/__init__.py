@@ -1,8 +1,9 @@
 """rga_triton: exact, fast Relation-Aware Global Attention (Zhang et al., CVPR 2020) for PyTorch."""
+from . import testing
 from .maps import affinity, relation_maps
 from .module import RGA_Module, RGAModule
 
-__all__ = ["RGAModule", "RGA_Module", "affinity", "relation_maps", "tune"]
+__all__ = ["RGAModule", "RGA_Module", "affinity", "relation_maps", "testing", "tune"]
 __version__ = "0.1.0"
 
 
@@ -19,6 +20,7 @@ def tune(*args, **kwargs):
 from . import models  # noqa: E402
 from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
+from .attach import attach; __all__ += ["attach"]  # noqa: E402,E702  (issue 30: RGA after the stages of any CNN)
 
 __all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
 

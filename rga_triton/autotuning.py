@@ -1,23 +1,32 @@
 """``rga_triton.tune``: autotune every kernel over RGA-Net shapes and write the GPU's config file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
+import tempfile
 import time
 
 import torch
 import triton
 import triton.testing
 
+try:
+    import fcntl
+except ImportError:     # Windows: save_config locks by creating its lock file exclusively
+    fcntl = None
+
 from .common.algorithm import ALGORITHMS, branch_dims, bucket
 from .common.checks import is_positive_int
 from .common.settings import config_dir
-from .launch.tuned import KERNELS, STORE, device_file_name
+from .launch.tuned import MALFORMED, STORE, device_file_name, read_config
 from .module import RGAModule
 
 BRANCH_FLAGS = {"RGA-S": (True, False), "RGA-C": (False, True), "RGA-SC": (True, True)}
 # The RGA-Net stages of a 256 x 128 input: (C, H, W).
 DEFAULT_SHAPES = [(256, 64, 32), (512, 32, 16), (1024, 16, 8), (2048, 16, 8)]
+LOCK_TIMEOUT = 60       # seconds: a write holds the lock for milliseconds
 
 
 def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.float32, torch.bfloat16),
@@ -31,10 +40,11 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
 
     shapes: (C, H, W) feature maps (default: RGA-Net stages of a 256 x 128 input). The file
     goes to ``path`` or ``<config dir>/<device name>.json`` (the packaged ``rga_triton/configs``
-    unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries already there. It is
-    rewritten after every shape, so an interrupted run keeps what it tuned; ``time_limit``
-    (seconds) starts no new case once spent. Returns the path written. The launches that
-    follow use the new configs at once.
+    unless ``RGA_TRITON_CONFIG_DIR`` is set), merged over the entries it holds when written (so
+    runs tuning at once keep each other's; see :func:`save_config`). It is rewritten after every
+    shape, so an interrupted run keeps what it tuned; ``time_limit`` (seconds) starts no new case
+    once spent. A folder that cannot be written is refused before tuning. Returns the path
+    written. The launches that follow use the new configs at once, over the device file's.
     """
     shapes = _check_selection(shapes or DEFAULT_SHAPES, batch_sizes, branches, dtypes, modes, algorithms)
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
@@ -43,54 +53,141 @@ def tune(shapes=None, batch_sizes=(64,), branches=("RGA-SC",), dtypes=(torch.flo
     device = _check_device(device)
     device_name = torch.cuda.get_device_name(device)
     path = path or os.path.join(config_dir(), device_file_name(device_name))
+    _check_target(path)                 # before minutes of tuning, not after the first shape
     STORE.ensure_loaded(device)
-    kernels, chosen = {k: dict(v) for k, v in STORE.table.items()}, dict(STORE.algorithms)
+    loaded = STORE.table, STORE.algorithms
+    chosen = {}                         # this run's algorithm choices
     STORE.table, STORE.recorded = {}, {}               # force every launch through the autotuner
     deadline = time.perf_counter() + time_limit if time_limit else float("inf")
 
     cases = [(b, br, dt, m, alg) for b in batch_sizes for br in branches for dt in dtypes for m in modes
              for alg in algorithms]
     progress = _progress(len(shapes) * len(cases), verbose)
-    with torch.cuda.device(device):     # Triton launches, and do_bench times, on the current device
-        try:
-            for c, h, w in shapes:
-                for batch, branch, dtype, mode, algorithm in cases:
-                    if time.perf_counter() > deadline:
-                        raise TimeoutError
-                    module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
-                    _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
-                    torch.cuda.synchronize(device)
-                    progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
-                if len(set(algorithms)) > 1:
-                    chosen.update(measure_algorithms([(c, h, w)], batch_sizes, branches, dtypes, modes, device,
-                                                     algorithms, verbose))
-                save_config(path, device_name, kernels, STORE.recorded, chosen)
-        except TimeoutError:
-            if verbose:
-                print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
-    kernels = save_config(path, device_name, kernels, STORE.recorded, chosen)
-    STORE.table, STORE.algorithms = kernels, chosen
+    try:
+        with torch.cuda.device(device):     # Triton launches, and do_bench times, on the current device
+            try:
+                for c, h, w in shapes:
+                    for batch, branch, dtype, mode, algorithm in cases:
+                        if time.perf_counter() > deadline:
+                            raise TimeoutError
+                        module = RGAModule(c, h * w, *BRANCH_FLAGS[branch], backend="triton", algorithm=algorithm)
+                        _step(module, batch, h, w, dtype, mode, device)()     # every launch autotunes its bucket
+                        torch.cuda.synchronize(device)
+                        progress(f"{branch} {c}x{h}x{w} B={batch} {mode} {str(dtype)[6:]} {algorithm}")
+                    if len(set(algorithms)) > 1:
+                        chosen.update(measure_algorithms([(c, h, w)], batch_sizes, branches, dtypes, modes, device,
+                                                         algorithms, verbose))
+                    save_config(path, device_name, STORE.recorded, chosen)
+            except TimeoutError:
+                if verbose:
+                    print(f"time limit of {time_limit:g} s reached: {path} keeps the shapes tuned so far", flush=True)
+        written = save_config(path, device_name, STORE.recorded, chosen)
+    except BaseException:
+        STORE.table, STORE.algorithms = loaded      # launches go on with the configs they had
+        raise
+    STORE.table, STORE.algorithms = _merged(loaded[0], STORE.recorded), {**loaded[1], **chosen}
     if verbose:
-        n = sum(len(v) for v in kernels.values())
-        print(f"wrote {n} tuned configs for {len(KERNELS)} kernels and {len(chosen)} algorithm choices to {path}")
+        n = sum(len(v) for v in written["kernels"].values())
+        print(f"wrote {n} tuned configs for {len(written['kernels'])} kernels and {len(written['algorithms'])} "
+              f"algorithm choices to {path}")
     return path
 
 
-def save_config(path: str, device_name: str, kernels: dict, recorded: dict, algorithms: dict) -> dict:
-    """Write the configuration file: ``kernels`` with ``recorded``'s buckets merged over it, and the
-    algorithm choices. Atomic (a temporary file, then a rename): readers never see half a file.
-    Returns the merged kernel table."""
+def _check_target(path: str) -> None:
+    """Named errors, before any tuning, for a configuration file that cannot be written (a read-only
+    folder such as an installed package's) or that holds something other than a configuration."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".rga_triton-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot write the tuned configuration {path} ({exc}): set RGA_TRITON_CONFIG_DIR to a "
+                         f"writable folder, or pass tune(path=...) a writable file") from exc
+    try:
+        read_config(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, *MALFORMED) as exc:
+        raise ValueError(f"{path} is not a readable configuration file ({exc!r}), and tune() merges over it: "
+                         f"fix or remove it, or pass tune(path=...) another file") from exc
+
+
+def save_config(path: str, device_name: str, recorded: dict, algorithms: dict) -> dict:
+    """Merge ``recorded`` (kernel -> bucket -> config) and ``algorithms`` over the file's entries and write
+    it; returns the file's new content. The merge reads the file under a lock (``<path>.lock``), so
+    processes tuning at once keep each other's entries; the file is replaced whole by a rename, so
+    readers never see half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with _locked(path):
+        try:
+            kernels, chosen = read_config(path)
+        except FileNotFoundError:
+            kernels, chosen = {}, {}
+        data = {"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
+                "kernels": {k: dict(sorted(v.items())) for k, v in sorted(_merged(kernels, recorded).items())},
+                "algorithms": dict(sorted({**chosen, **algorithms}.items()))}
+        # a name of its own: two writers sharing one temporary file truncate each other's
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())        # the rename must not land before the content does
+            # mkstemp makes the file private; keep the mode of the file it replaces
+            os.chmod(partial, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644)
+            os.replace(partial, path)
+        except BaseException:
+            os.remove(partial)
+            raise
+    return data
+
+
+def _merged(kernels: dict, recorded: dict) -> dict:
+    """kernel -> bucket -> config: ``recorded``'s buckets over ``kernels``'."""
     merged = {k: dict(v) for k, v in kernels.items()}
     for kernel, buckets in recorded.items():
         merged.setdefault(kernel, {}).update(buckets)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump({"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
-                   "kernels": {k: dict(sorted(v.items())) for k, v in sorted(merged.items())},
-                   "algorithms": dict(sorted(algorithms.items()))}, f, indent=1)
-    os.replace(partial, path)
     return merged
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Holds ``<path>.lock`` exclusively, and removes it when done: ``flock`` where there is one (released
+    if the process dies), else creating the file exclusively, with an error naming it if it stays."""
+    lock = path + ".lock"
+    if fcntl is None:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock} has been held for {LOCK_TIMEOUT} s: remove it if no tune() is "
+                                       f"writing {path}") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            os.remove(lock)
+        return
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:        # the holder before us may have removed the file we locked: then lock the new one
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.remove(lock)     # before unlocking: a waiter on this file then sees it gone and retries
+        os.close(fd)
 
 
 def _progress(total: int, verbose: bool):

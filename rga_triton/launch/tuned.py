@@ -35,7 +35,15 @@ from ..common.algorithm import ALGORITHMS
 from ..common.settings import config_dir, pinned
 from .precompile import precompile
 from .space import configs as config_space
-KERNELS: dict[str, "TunedKernel"] = {}
+
+KERNELS: dict[str, TunedKernel] = {}
+# Every tuned kernel's name. Some kernel modules are imported only when first used (affinity), so a
+# file's kernel names are checked against this list, not just against the kernels registered so far.
+KERNEL_NAMES = frozenset({
+    "_affinity_kernel", "_apply_gates_backward_kernel", "_apply_gates_kernel", "_gate_logit_kernel",
+    "_hidden_backward_kernel", "_hidden_stats_kernel", "_input_grad_kernel", "_projection_apply_kernel",
+    "_projection_grad_kernel", "_projection_stats_kernel", "_relation_a_kernel", "_relation_backward_kernel",
+    "_relation_z_tiled_kernel", "_weight_grad_kernel", "_z_stats_kernel"})
 
 
 def device_file_name(device_name: str) -> str:
@@ -85,20 +93,19 @@ class ConfigStore:
         if device.type != "cuda" and not os.path.exists(path):
             return      # the interpreter pins one config: nothing to tune, nothing to say
         try:
-            with open(path) as f:
-                data = json.load(f)
-            table = {kernel: dict(buckets) for kernel, buckets in data["kernels"].items()}
-            algorithms = dict(data.get("algorithms", {}))
-            odd = {k: v for k, v in algorithms.items() if v not in ALGORITHMS}
-            if odd:
-                raise ValueError(f"'algorithms' values must be one of {ALGORITHMS}, got {odd}")
-            self.table, self.algorithms = table, algorithms
+            self.table, self.algorithms = read_config(path)
         except FileNotFoundError:
             warnings.warn(f"rga_triton: no tuned configuration for {name} ({path}); kernels autotune on first "
                           f"use of each shape (run `python bench/sweep.py --tune` to write one)", stacklevel=4)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return
+        except (OSError, *MALFORMED) as exc:
             warnings.warn(f"rga_triton: ignoring malformed tuned configuration {path} ({exc!r}); kernels "
                           f"autotune instead", stacklevel=4)
+            return
+        unknown = sorted(set(self.table) - KERNEL_NAMES - set(KERNELS))
+        if unknown:     # a typo or a kernel since renamed: its entries would never be looked up
+            warnings.warn(f"rga_triton: ignoring the tuned configs of {unknown} in {path}: no kernel has that "
+                          f"name (known: {sorted(KERNEL_NAMES | set(KERNELS))})", stacklevel=4)
 
     def lookup(self, kernel: str, bucket: str, space: list[tuple[dict, int, int]]) -> triton.Config | None:
         """The stored config of (kernel, bucket), or None (autotune) when there is none or it is not
@@ -126,6 +133,9 @@ def entry_problem(entry, space: list[tuple[dict, int, int]]) -> str | None:
     written for an older config space, or edited by hand); None when it is."""
     if not isinstance(entry, dict):
         return f"expected a dict of block sizes, got {type(entry).__name__}"
+    floats = {k: v for k, v in entry.items() if type(v) is not int}
+    if floats:      # 32.0 == 32 would pass the space check below and then fail inside Triton
+        return f"values must be ints, got {floats}"
     blocks = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
     names = set(space[0][0])
     if set(blocks) != names:
@@ -134,6 +144,26 @@ def entry_problem(entry, space: list[tuple[dict, int, int]]) -> str | None:
         return "not a config of the kernel's space " + ", ".join(
             f"{b} warps={w} stages={st}" for b, w, st in space[:2]) + (", ..." if len(space) > 2 else "")
     return None
+
+
+
+
+# A file that json or the table's shape refuses. RecursionError: JSON nested past Python's recursion
+# limit, which json.load raises as such rather than as a ValueError.
+MALFORMED = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
+
+
+def read_config(path: str) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
+    """(kernel -> bucket -> config, algorithm bucket -> algorithm) of a configuration file. Raises
+    FileNotFoundError, another OSError, or one of :data:`MALFORMED`; entries are checked at lookup."""
+    with open(path) as f:
+        data = json.load(f)
+    table = {kernel: dict(buckets) for kernel, buckets in data["kernels"].items()}
+    algorithms = dict(data.get("algorithms", {}))
+    odd = {k: v for k, v in algorithms.items() if v not in ALGORITHMS}
+    if odd:
+        raise ValueError(f"'algorithms' values must be one of {ALGORITHMS}, got {odd}")
+    return table, algorithms
 
 
 STORE = ConfigStore()

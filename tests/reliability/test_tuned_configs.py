@@ -177,7 +177,7 @@ def test_tune_needs_a_gpu():
 
 def test_saved_file_merges_and_is_read_back(store):
     """tune()'s writer: recorded buckets merge over the file's, algorithm choices are kept, and the
-    store reads back exactly what was written (no temporary file left behind)."""
+    store reads back exactly what was written (no temporary or lock file left behind)."""
     from rga_triton.autotuning import save_config
     tuned, tmp_path = store
     path = _device_file(tuned, tmp_path)
@@ -185,19 +185,21 @@ def test_saved_file_merges_and_is_read_back(store):
            "_affinity_kernel": {"M=8": {"BLOCK_M": 64, "num_warps": 8, "num_stages": 3}}}
     new = {"_gate_logit_kernel": {"R=9": {"BLOCK_R": 64, "num_warps": 8, "num_stages": 3}}}
     choice = {"K=6,L=60,R=7,dtype=float32,pass=train": "tiled"}
-    save_config(str(path), "cpu", old, new, choice)
+    other = {"K=6,L=60,R=7,dtype=float32,pass=forward": "reassociated"}
+    save_config(str(path), "cpu", old, choice)
+    save_config(str(path), "cpu", new, other)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     tuned.STORE.ensure_loaded(torch.device(DEVICE))
     assert tuned.STORE.table["_gate_logit_kernel"].keys() == {"R=7", "R=9"}
     assert tuned.STORE.table["_affinity_kernel"] == old["_affinity_kernel"]
-    assert tuned.STORE.algorithms == choice
+    assert tuned.STORE.algorithms == {**choice, **other}
     config = tuned.STORE.lookup("_gate_logit_kernel", "R=9", [({"BLOCK_R": 64}, 8, 3)])
     assert config.kwargs == {"BLOCK_R": 64} and (config.num_warps, config.num_stages) == (8, 3)
 
 
 @pytest.mark.parametrize("entry,words", [
     ({"BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}, "differ from the kernel's"),
-    ({"BLOCK_K": "x", "BLOCK_C": 64, "BLOCK_L": 128}, "not a config of the kernel's space"),
+    ({"BLOCK_K": "x", "BLOCK_C": 64, "BLOCK_L": 128}, "must be ints"),
     ({"BLOCK_K": 8, "BLOCK_C": 64, "BLOCK_L": 128}, "not a config of the kernel's space"),   # a dot under 16
     ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 3}, "not a config of the kernel's space"),
     ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_stages": 5}, "not a config of the kernel's space"),

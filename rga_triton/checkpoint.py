@@ -8,8 +8,11 @@ DataParallel's ``module.`` prefix, and its BatchNorms have no ``num_batches_trac
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -113,9 +116,13 @@ def _hint_shape(key: str) -> str:
 
 def find_state_dict(checkpoint) -> tuple[dict, str]:
     """(state_dict, where) from a checkpoint object: a bare state_dict or a dict holding one."""
-    where = []
+    where, seen = [], set()
     obj = checkpoint
     while True:
+        if id(obj) in seen:     # d["state_dict"] = d: a file can make the dicts refer to themselves
+            raise ValueError(f"the checkpoint's dicts refer back to themselves under {' / '.join(where)}: "
+                             f"found no state_dict")
+        seen.add(id(obj))
         if isinstance(obj, nn.Module):
             return dict(obj.state_dict()), " / ".join(where + ["module's state_dict()"])
         if not isinstance(obj, Mapping):
@@ -131,9 +138,15 @@ def find_state_dict(checkpoint) -> tuple[dict, str]:
             raise ValueError(f"found no state_dict in the checkpoint{' under ' + ' / '.join(where) if where else ''}: "
                              f"its keys are {_listing(map(repr, obj.keys())) or 'none'}; expected a mapping of "
                              f"names to tensors, or one under {', '.join(repr(k) for k in STATE_DICT_KEYS)}")
-        others = [k for k in obj if k not in tensors and not str(k).endswith("_extra_state")]
+        named = " under " + " / ".join(where) if where else ""
+        odd = [k for k in obj if not isinstance(k, str)]
+        if odd:
+            raise ValueError(f"the checkpoint's state_dict{named} has keys that are not strings: "
+                             f"{_listing(f'{k!r} ({type(k).__name__})' for k in odd)}; a state_dict maps "
+                             f"parameter names such as 'conv1.weight' to tensors")
+        others = [k for k in obj if k not in tensors and not k.endswith("_extra_state")]
         if others:
-            raise ValueError(f"the checkpoint's state_dict{' under ' + ' / '.join(where) if where else ''} holds "
+            raise ValueError(f"the checkpoint's state_dict{named} holds "
                              f"non-tensor values: {_listing(map(repr, others))}")
         return dict(obj), " / ".join(where) if where else "top level (a bare state_dict)"
 
@@ -197,20 +210,84 @@ def match_state_dict(model: nn.Module, checkpoint, ignore_missing=(), ignore_une
     return loadable, report
 
 
+def _damage(path) -> str | None:
+    """Why the file at ``path`` is not a torch.save file, found without unpickling anything; None when
+    its structure is sound. Called only after torch.load failed, to tell a damaged file from one that
+    holds what weights_only=True refuses (torch raises the same UnpicklingError for both)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None          # unreadable (permissions...): torch's own error says so
+    try:
+        with f:
+            head = f.read(4)
+            if not head:
+                return "it is empty"
+            f.seek(0)
+            if head == b"PK\x03\x04":          # torch.save's format since PyTorch 1.6: a zip archive
+                with zipfile.ZipFile(f) as archive:
+                    bad = archive.testzip()       # reads every member against its CRC
+                    if bad is not None:
+                        return f"its zip member {bad!r} fails its CRC check"
+                    pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                    if len(pickles) != 1:
+                        return "its zip archive holds no data.pkl: torch.save did not write it"
+                    _check_pickle(archive.read(pickles[0]))
+                return None
+            # The legacy format (PyTorch < 1.6, the authors' files): five pickles (magic number, protocol
+            # version, system info, the object, its storage keys), then the raw storages.
+            if torch.serialization.MAGIC_NUMBER not in [arg for _, arg, _ in pickletools.genops(f)]:
+                return "it is neither a zip archive nor a legacy torch.save file (no magic number)"
+            for _ in range(4):
+                _check_pickle(f)
+    except Exception as err:   # pickletools: ValueError for an unknown opcode, truncated data...; BadZipFile
+        return f"it is truncated or damaged ({type(err).__name__}: {_first_line(err)})"
+    return None
+
+
+def _check_pickle(data) -> None:
+    """Walk one pickle's opcodes (``data``: bytes, or a file at the pickle's start) without running any:
+    a ValueError for an unknown opcode, truncated data, a memo entry never stored, a broken stack."""
+    pickletools.dis(data, out=io.StringIO())
+
+
+def _first_line(err) -> str:
+    line = (str(err).splitlines() or [""])[0]
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
 def _read(path_or_dict, map_location, weights_only):
-    if isinstance(path_or_dict, (str, os.PathLike)):
-        if not os.path.isfile(path_or_dict):
-            raise FileNotFoundError(f"no checkpoint file at {os.fspath(path_or_dict)!r}")
-        try:
-            return torch.load(path_or_dict, map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as err:
-            if not weights_only:
-                raise
-            raise RuntimeError(f"load_checkpoint: torch.load(weights_only=True) refused {os.fspath(path_or_dict)!r}: "
-                               f"it holds objects other than tensors and plain containers (training scripts often "
-                               f"save numpy values or whole modules). If you trust the file, pass "
-                               f"weights_only=False.\n{err}") from err
-    return path_or_dict
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        return path_or_dict
+    path = os.fspath(path_or_dict)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:
+        damage = _damage(path)
+        if damage is None and isinstance(err, (OSError, RuntimeError)) and not _loads(path, weights_only):
+            # sound pickles, yet unreadable on the CPU too: a legacy file cut inside its raw storages,
+            # a zip header that Python's zipfile tolerates and torch's reader does not
+            damage = "torch cannot read its data"
+        if damage is not None:
+            raise ValueError(f"load_checkpoint: {path!r} is not a readable PyTorch checkpoint: {damage} "
+                             f"(torch.load: {type(err).__name__}: {_first_line(err)})") from err
+        if isinstance(err, pickle.UnpicklingError) and weights_only:
+            raise RuntimeError(f"load_checkpoint: torch.load(weights_only=True) refused {path!r}: it holds objects "
+                               f"other than tensors and plain containers (training scripts often save numpy values "
+                               f"or whole modules). If you trust the file, pass weights_only=False.\n{err}") from err
+        raise      # a sound file that torch cannot load as asked (map_location, a class it cannot find...)
+
+
+def _loads(path, weights_only) -> bool:
+    """Whether torch.load reads ``path`` onto the CPU. A legacy file cut inside its raw storages has sound
+    pickles, and torch says so with a RuntimeError, as it says a map_location problem."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception:
+        return False
+    return True
 
 
 def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_location="cpu",
@@ -232,6 +309,8 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
     (same name and shape) and leaves the rest. Returns a :class:`CheckpointReport` either way.
     ``map_location`` and ``weights_only`` go to ``torch.load`` for a path (``weights_only=True``
     reads tensors and plain containers only; pass ``False`` for a file you trust that needs more).
+    A file that is not a readable torch.save file (empty, truncated, damaged) raises one ValueError
+    that names it.
 
     ``source_size=(H, W)``: the checkpoint was trained on H x W inputs and ``model`` (an RGA-Net,
     :func:`rga_triton.models.rga_net`) is built for another size: each RGA block's
@@ -239,9 +318,10 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
     (:func:`rga_triton.resize.resized_state_dict`, ``resize_mode`` "bilinear" or "bicubic",
     scaled by N/N'), and a block whose relation-embedding rows (inter_spatial) differ from
     the checkpoint's is rebuilt with the checkpoint's (``rga_net(height=384)`` has
-    3072 // 8 = 384 rows in its first block, a 256 x 128 checkpoint 256). The report lists the
-    resampled keys and rebuilt blocks. With ``strict=True`` and a mismatch the model is left as
-    it was.
+    3072 // 8 = 384 rows in its first block, a 256 x 128 checkpoint 256; more rows than the larger
+    of the source map's positions, the model's and the block's own are refused with a ValueError
+    before anything is built). The report lists the resampled keys and rebuilt blocks. With
+    ``strict=True`` and a mismatch the model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -39,6 +39,9 @@ MODES = ("bilinear", "bicubic")
 
 # The block's submodules whose first conv has positions on its input axis: name -> maps per row.
 POSITION_INPUTS = {"gx_channel": 1, "gg_spatial": 2, "theta_channel": 1, "phi_channel": 1}
+# The most elements a resampled weight may have: 32-bit indexing's limit (8 GiB in float32), far past any
+# feature map a block can run on; a typo like to_hw=(10**6, 10**6) is refused, not allocated (terabytes).
+MAX_WEIGHT_ELEMENTS = 2**31 - 1
 
 
 def check_hw(name: str, hw) -> tuple[int, int]:
@@ -79,6 +82,10 @@ def resample_position_weight(weight: torch.Tensor, from_hw, to_hw, maps: int = 1
     if from_hw == to_hw:
         return weight.detach().clone()
     rows = weight.shape[0]
+    if rows * maps * h2 * w2 > MAX_WEIGHT_ELEMENTS:
+        raise ValueError(f"to_hw={to_hw} would give the resampled weight {rows} x {maps * h2 * w2} = "
+                         f"{rows * maps * h2 * w2:,} elements, more than the limit of {MAX_WEIGHT_ELEMENTS:,} "
+                         f"(2**31 - 1); resample to a smaller H' x W'")
     grid = weight.detach().to(torch.float64).reshape(rows * maps, 1, h, w)
     out = F.interpolate(grid, size=to_hw, mode=mode, align_corners=False, antialias=True) * (h * w / (h2 * w2))
     out = out.reshape(rows, maps * h2 * w2, *weight.shape[2:])
@@ -213,7 +220,8 @@ def resized_state_dict(model, state: dict, source_size, mode: str = "bilinear"):
     """
     backbone = _backbone(model)
     mode = check_mode(mode)
-    source = block_sizes(model, *check_hw("source_size", source_size))
+    source_size = check_hw("source_size", source_size)
+    source = block_sizes(model, *source_size)
     target = block_sizes(model, backbone.height, backbone.width)
     prefix = next(name + "." for name, m in model.named_modules() if m is backbone) if backbone is not model else ""
     state, resampled, replacements = dict(state), [], {}
@@ -227,6 +235,15 @@ def resized_state_dict(model, state: dict, source_size, mode: str = "bilinear"):
                     or value.shape[1] != maps * sh * sw):
                 continue
             rows = value.shape[0]
+            # The rows decide the size of the block built below (W_spatial grows as their square): a file
+            # may not ask for more than the sizes the caller gave (in_spatial // spa_ratio <= in_spatial).
+            most = max(sh * sw, hw[0] * hw[1], block.inter_spatial)
+            if rows > most:
+                raise ValueError(f"checkpoint key {key!r} has {rows} relation rows, more than {name} can have: at "
+                                 f"most {most}, the larger of its {sh} x {sw} map's positions at source_size="
+                                 f"{source_size}, its {hw[0]} x {hw[1]} map's in the model and its own "
+                                 f"{block.inter_spatial} rows; the file is not a checkpoint of this model at "
+                                 f"that size")
             if (sh, sw) != hw:
                 state[key] = resample_position_weight(value, (sh, sw), hw, maps, mode)
                 resampled.append(key)

@@ -17,7 +17,7 @@ try:
 except ImportError:     # Windows: save_config locks by creating its lock file exclusively
     fcntl = None
 
-from .common.algorithm import ALGORITHMS, branch_dims, bucket
+from .common.algorithm import ALGORITHMS, bucket
 from .common.checks import is_positive_int
 from .common.settings import config_dir
 from .launch.tuned import MALFORMED, STORE, device_file_name, read_config
@@ -278,7 +278,7 @@ def measure_algorithms(shapes, batch_sizes, branches, dtypes, modes, device, alg
                 step()
                 totals[algorithm] += timer(step)
         best = min(totals, key=totals.get)
-        key = bucket(*branch_dims(module, name), dtype, "train" if mode == "train" else "forward")
+        key = bucket(*module.branch(name).dims, dtype, "train" if mode == "train" else "forward")
         chosen[key] = best
         progress(f"{name} branch of {c}x{h}x{w} {mode} {str(dtype)[6:]}: "
                  + ", ".join(f"{a} {t:.3f} ms" for a, t in totals.items()) + f" -> {best}")

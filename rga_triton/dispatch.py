@@ -19,7 +19,7 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
 4. **Empty input** (``x.numel() == 0``): the torch path (nothing to launch; BatchNorm
    bookkeeping as nn.BatchNorm2d does it).
 5. **Route** of the Triton path (:func:`route`): ``"kernels"`` when no gradient is wanted in
-   eager mode (the launchers themselves, memoised weights); ``"eager-ops"`` when one is (the
+   eager mode (the launchers themselves); ``"eager-ops"`` when one is (the
    custom ops' implementations and autograd formulas called without the dispatcher, x threaded
    through the projections); ``"registered-ops"`` under torch.compile, or wherever something
    intercepts PyTorch calls (make_fx, a dispatch mode, a tensor subclass): ``torch.ops.rga_triton.*``.
@@ -48,8 +48,8 @@ import torch
 from .common import algorithm
 from .common.batchnorm import distributed, synchronised
 from .common.checks import one_of
-from .common.layout import compute_dtype
-from .common.settings import MAX_HIDDEN, interpreting
+from .common.layout import compute_dtype, mergeable
+from .common.settings import MAX_HIDDEN, interpreter_serialised, interpreting
 from .common.tracing import assume_constant_result, exporting_to_onnx, intercepted
 from .torch_path import rga_forward as torch_forward
 
@@ -205,8 +205,10 @@ def backend_for(module, x: torch.Tensor) -> str:
 # ---- 5 to 7. the Triton path: route, algorithm, Z ---------------------------------------------------------
 
 class Plan(NamedTuple):
-    """How the Triton path runs one call (``triton_path.forward`` reads it)."""
+    """How the Triton path runs one call (``triton_path.forward`` reads it), with what it runs on."""
 
+    branches: dict          # branch name -> common.branch.Branch, the branches in use (spatial first)
+    dtype: torch.dtype      # the dtype the kernels multiply in (common.layout.compute_dtype of x)
     route: str              # one of ROUTES
     wants_grad: bool        # a backward will follow: keep what it reads
     threaded: bool          # x threaded through the projections (one grad-x buffer; eager backward only)
@@ -231,12 +233,12 @@ def choose(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str, devi
         algorithm.fewest_multiply_adds(r, k, length)
 
 
-def branch_algorithm(module, name: str, dtype: torch.dtype, device: torch.device, grad_pass: str) -> str:
-    """The algorithm that builds the ``name`` branch's Z with products in ``dtype``: the module's
-    setting, or for ``"auto"`` the branch's measured or cheapest one (:func:`choose`)."""
-    if module.algorithm != "auto":
-        return module.algorithm
-    return choose(*algorithm.branch_dims(module, name), dtype, grad_pass, device)
+def branch_algorithm(setting: str, branch, dtype: torch.dtype, device: torch.device, grad_pass: str) -> str:
+    """The algorithm that builds ``branch``'s Z with products in ``dtype``: the module's ``setting``,
+    or for ``"auto"`` the branch's measured or cheapest one (:func:`choose`)."""
+    if setting != "auto":
+        return setting
+    return choose(*branch.dims, dtype, grad_pass, device)
 
 
 RECOMPUTE_Z_MAX_K2 = 64
@@ -251,18 +253,19 @@ def keeps_z(k2: int) -> bool:
     return k2 > RECOMPUTE_Z_MAX_K2
 
 
-def plan(module, x: torch.Tensor, wants_grad: bool, threaded: bool | None = None) -> Plan:
-    """The :class:`Plan` of a Triton-path call. ``threaded`` (default: when a gradient is wanted
-    in eager mode; torch.compile traces the ops' own formulas) chains x through the projections."""
+def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bool | None = None) -> Plan:
+    """The :class:`Plan` of a Triton-path call on ``branches`` (``RGAModule.branches()``). ``threaded``
+    (default: when a gradient is wanted in eager mode; torch.compile traces the ops' own formulas)
+    chains x through the projections."""
     taken = route(x, wants_grad)
     if threaded is None:
         threaded = wants_grad and not torch.compiler.is_compiling()
     grad_pass = "train" if wants_grad else "forward"
     dtype = compute_dtype(x)
-    names = [name for name, used in (("spatial", module.use_spatial), ("channel", module.use_channel)) if used]
-    algorithms = {name: branch_algorithm(module, name, dtype, x.device, grad_pass) for name in names}
-    keep_z = {name: wants_grad and keeps_z(2 * module.branch(name).theta[0].weight.shape[0]) for name in names}
-    return Plan(taken, wants_grad, threaded, algorithms, keep_z)
+    algorithms = {name: branch_algorithm(module.algorithm, branch, dtype, x.device, grad_pass)
+                  for name, branch in branches.items()}
+    keep_z = {name: wants_grad and keeps_z(2 * branch.dims[1]) for name, branch in branches.items()}
+    return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z)
 
 
 # ---- running it -------------------------------------------------------------------------------------------
@@ -286,18 +289,20 @@ def wants_grad(module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
-def run_triton(module, x: torch.Tensor, threaded: bool | None = None) -> torch.Tensor:
+def run_triton(module, x: torch.Tensor, branches: dict, threaded: bool | None = None) -> torch.Tensor:
     """The block's output on the Triton path (steps 4 to 7 of the rule)."""
     if x.numel() == 0:
-        return torch_forward(module, x)
+        return torch_forward(module, x, branches)
     from . import triton_path
 
-    with on_device_of(x):
-        return triton_path.forward(module, x, plan(module, x, wants_grad(module, x), threaded))
+    with on_device_of(x), interpreter_serialised():
+        x = mergeable(x)        # once per call: every step reads x with its H and W merged
+        return triton_path.forward(module, x, plan(module, x, branches, wants_grad(module, x), threaded))
 
 
-def forward(module, x: torch.Tensor) -> torch.Tensor:
-    """``RGAModule.forward``'s dispatch: the whole rule of this module's docstring."""
+def forward(module, x: torch.Tensor, branches: dict) -> torch.Tensor:
+    """``RGAModule.forward``'s dispatch: the whole rule of this module's docstring. ``branches``:
+    ``module.branches()``, handed down to the path that runs."""
     if backend_for(module, x) == "triton":
-        return run_triton(module, x)
-    return torch_forward(module, x)
+        return run_triton(module, x, branches)
+    return torch_forward(module, x, branches)

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from . import dispatch
 from .common import checks
-from .torch_path import Branch
+from .common.branch import Branch
 
 
 ORDERS = ("sc", "cs", "parallel")
@@ -58,6 +58,9 @@ class RGAModule(nn.Module):
         super().__init__()
         self.inter_channel, self.inter_spatial = checks.block_sizes(
             in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio, inter_spatial)
+        # checked above: ints of any kind (NumPy's too), kept as Python ints
+        in_channel, in_spatial, cha_ratio, spa_ratio, down_ratio = map(
+            int, (in_channel, in_spatial, cha_ratio, spa_ratio, down_ratio))
         self.in_channel, self.in_spatial = in_channel, in_spatial
         self.use_spatial, self.use_channel = use_spatial, use_channel
         self.cha_ratio, self.spa_ratio, self.down_ratio = cha_ratio, spa_ratio, down_ratio
@@ -86,10 +89,17 @@ class RGAModule(nn.Module):
             self.phi_channel = _embed(in_spatial, self.inter_spatial)
 
     def branch(self, name: str) -> Branch:
-        """The submodules of the ``"spatial"`` or ``"channel"`` branch."""
+        """The submodules and sizes of the ``"spatial"`` or ``"channel"`` branch."""
         if name not in ("spatial", "channel"):
             raise ValueError(f"name must be 'spatial' or 'channel', got {name!r}")
-        return Branch(*(getattr(self, f"{part}_{name}") for part in ("theta", "phi", "gx", "gg", "W")))
+        dims = ((self.inter_spatial, self.inter_channel, self.in_spatial) if name == "spatial" else
+                (self.inter_channel, self.inter_spatial, self.in_channel))       # (R, K, L)
+        return Branch(*(getattr(self, f"{part}_{name}") for part in ("theta", "phi", "gx", "gg", "W")), dims)
+
+    def branches(self) -> dict[str, Branch]:
+        """The :class:`Branch` of each branch in use, spatial first: what a call hands down."""
+        return {name: self.branch(name) for name, used in (("spatial", self.use_spatial),
+                                                           ("channel", self.use_channel)) if used}
 
     def extra_repr(self) -> str:
         return (f"in_channel={self.in_channel}, in_spatial={self.in_spatial}, use_spatial={self.use_spatial}, "
@@ -111,9 +121,10 @@ class RGAModule(nn.Module):
         self.backend = dispatch.check_backend(self.backend)
         self.algorithm = dispatch.check_algorithm(self.algorithm)
         self.order = check_order(self.order)
-        first = self.branch("spatial" if self.use_spatial else "channel")
+        branches = self.branches()
+        first = next(iter(branches.values()))
         checks.input_tensor(x, self.in_channel, self.in_spatial, checks.uniform_parameters(self, first.theta[0].weight))
-        return dispatch.forward(self, x)      # which implementation runs: the whole rule is in dispatch.py
+        return dispatch.forward(self, x, branches)      # which implementation runs: the whole rule is in dispatch.py
 
 
 RGA_Module = RGAModule

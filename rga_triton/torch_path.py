@@ -13,23 +13,11 @@ through ``common/batchnorm.batch_norm``, which behaves exactly as ``nn.BatchNorm
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.nn as nn
 
+from .common.branch import Branch
 from .ops.projection.pytorch import relation_inputs
 from .ops.relation.pytorch import relation_gate_logit, relation_preactivation  # noqa: F401  (re-exported)
-
-
-class Branch(NamedTuple):
-    """The five submodules of one RGA branch (spatial or channel)."""
-
-    theta: nn.Sequential
-    phi: nn.Sequential
-    gx: nn.Sequential
-    gg: nn.Sequential
-    W: nn.Sequential
 
 
 def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torch.Tensor:
@@ -39,8 +27,9 @@ def gate_logit(branch: Branch, feats: torch.Tensor, update: bool = True) -> torc
     return relation_gate_logit(branch, theta, phi, pooled, update)
 
 
-def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
-    """The RGA block's output for x (B, C, H, W), its branches composed in ``module.order``.
+def rga_forward(module, x: torch.Tensor, branches: dict, update: bool = True) -> torch.Tensor:
+    """The RGA block's output for x (B, C, H, W), its ``branches`` (``module.branches()``) composed in
+    ``module.order``.
 
     float16/bfloat16 inputs are computed in float32 and the output rounded once: the
     half-precision reference rounds every intermediate, and rounding the reassociated
@@ -51,25 +40,25 @@ def rga_forward(module, x: torch.Tensor, update: bool = True) -> torch.Tensor:
     """
     if _autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return rga_forward(module, x, update)
+            return rga_forward(module, x, branches, update)
     if x.dtype in (torch.float16, torch.bfloat16):
-        return _forward(module, x.float(), update).to(x.dtype)
-    return _forward(module, x, update)
+        return _forward(module, x.float(), branches, update).to(x.dtype)
+    return _forward(module, x, branches, update)
 
 
 def _autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def _forward(module, x: torch.Tensor, update: bool) -> torch.Tensor:
+def _forward(module, x: torch.Tensor, branches: dict, update: bool) -> torch.Tensor:
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
 
     def spatial_gate(feats):
-        return torch.sigmoid(gate_logit(module.branch("spatial"), feats, update)).unsqueeze(1)     # (B, 1, N)
+        return torch.sigmoid(gate_logit(branches["spatial"], feats, update)).unsqueeze(1)     # (B, 1, N)
 
     def channel_gate(feats):
-        return torch.sigmoid(gate_logit(module.branch("channel"), feats.transpose(1, 2), update)).unsqueeze(2)
+        return torch.sigmoid(gate_logit(branches["channel"], feats.transpose(1, 2), update)).unsqueeze(2)
 
     both = module.use_spatial and module.use_channel
     if both and module.order == "parallel":

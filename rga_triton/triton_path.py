@@ -41,13 +41,14 @@ from types import SimpleNamespace
 import torch
 
 from .common.batchnorm import batch_norm, uses_batch_stats
-from .common.layout import compute_dtype, input_views, mergeable, weight_matrix
+from .common.layout import input_views, weight_matrix
 from .common.tracing import intercepted
-from .ops.batchnorm.norm import affine_rows, batchnorm_args, normalizers, norm_rows, one_channel_affine
+from .ops.batchnorm.norm import (affine_rows, batch_normalised, batchnorm_args, check_batch, finalized, folded,
+                                 one_channel_affine)
 from .ops.gating.kernels import apply_gates
 from .ops.gating.op import eager_apply_gates
-from .ops.projection.kernels import projection_apply
-from .ops.projection.op import ThreadedProjection, eager_projection, measure_projection
+from .ops.projection.kernels import projection_apply, projection_stats
+from .ops.projection.op import ThreadedProjection, eager_projection
 from .ops.registry import IMPLS
 from .ops.relation.kernels import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
                                    z_stats)
@@ -80,17 +81,18 @@ def compose_gates(module, gate):
 
 
 def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
-    """The block's output (B, C, H, W) for x; updates BatchNorm buffers in train mode.
+    """The block's output (B, C, H, W) for x, whose H and W merge (``common.layout.mergeable``);
+    updates BatchNorm buffers in train mode.
 
-    ``plan`` (``rga_triton.dispatch.Plan``): the route, the algorithm and whether Z stays in
-    memory per branch, and whether x is threaded through the projections.
+    ``plan`` (``rga_triton.dispatch.Plan``): the branches and compute dtype, the route, the
+    algorithm and whether Z stays in memory per branch, and whether x is threaded through the projections.
     """
-    x = mergeable(x)
     if plan.route == "kernels":
         views = input_views(x)
 
         def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
-            return branch_gate_kernels(module.branch(name), x, *views[name], in_gate, plan.algorithms[name])
+            return branch_gate_kernels(plan.branches[name], x, *views[name], in_gate, plan.algorithms[name],
+                                       plan.dtype)
 
         return apply_gates(x, *compose_gates(module, gate))
 
@@ -98,7 +100,7 @@ def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
     reader = [x]        # the tensor the next reader of x reads: x, or the last projection's view of it
 
     def gate(name, in_gate=None):
-        sigmoid_gate, reader[0] = branch_gate_ops(ops, module.branch(name), reader[0], name, in_gate, plan)
+        sigmoid_gate, reader[0] = branch_gate_ops(ops, plan.branches[name], reader[0], name, in_gate, plan)
         return sigmoid_gate
 
     spatial, channel = compose_gates(module, gate)
@@ -113,15 +115,23 @@ def _weight(dtype, weights):
     return weight_matrix(torch.cat([w.detach() for w in weights]), dtype)
 
 
-def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, algorithm="reassociated"):
-    """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x)."""
+def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algorithm: str, dtype) -> torch.Tensor:
+    """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x),
+    products in ``dtype``. Each BatchNorm in straight lines: check the batch, measure, finalize
+    (train), or fold the running statistics (eval); then the pass that applies it."""
     batch, _, length = shape
     count = batch * length
-    dtype = compute_dtype(x)
-    embeds = (branch.theta, branch.phi, branch.gx)
-    w3 = _weight(dtype, [seq[0].weight for seq in embeds])
-    norm, p = measure_projection([seq[1] for seq in embeds], x, shape, strides, w3, in_gate)
-    tp, gx_mean = projection_apply(x, shape, strides, w3, norm.scale, norm.shift, in_gate, p)
+    embed_bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
+    w3 = _weight(dtype, [seq[0].weight for seq in (branch.theta, branch.phi, branch.gx)])
+    k = w3.shape[0] // 3
+    p = None            # P = W3 X, kept by the statistics pass for the apply pass
+    if batch_normalised(embed_bns):
+        check_batch(embed_bns, count, (batch, k, length))
+        stats, p = projection_stats(x, shape, strides, w3, in_gate, keep_p=True)
+        embed = finalized(embed_bns, stats, length)
+    else:
+        embed = folded(embed_bns)
+    tp, gx_mean = projection_apply(x, shape, strides, w3, embed.scale, embed.shift, in_gate, p)
     del p
 
     wg = _weight(dtype, [branch.gg[0].weight])
@@ -130,19 +140,28 @@ def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate=None, a
         operands = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
     else:
         operands = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
-    z_scale, z_shift, *_ = normalizers([branch.gg[1]], lambda: z_stats(operands), count, (batch, r, length), length)
+    bn_z = [branch.gg[1]]
+    if batch_normalised(bn_z):
+        check_batch(bn_z, count, (batch, r, length))
+        z_norm = finalized(bn_z, z_stats(operands), length)
+    else:
+        z_norm = folded(bn_z)
 
     conv1, bn1, _, conv2, bn2 = branch.W
     w1 = _weight(torch.float32, [conv1.weight])
-    h_scale, h_shift, *_ = normalizers([bn1], lambda: hidden_stats(operands, w1, z_scale, z_shift),
-                                       count, (batch, w1.shape[0], length), length)
+    if batch_normalised([bn1]):
+        check_batch([bn1], count, (batch, w1.shape[0], length))
+        h_norm = finalized([bn1], hidden_stats(operands, w1, z_norm.scale, z_norm.shift), length)
+    else:
+        h_norm = folded([bn1])
     w2 = _weight(torch.float32, [conv2.weight])
     if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out_scale, out_shift, *_ = normalizers([bn2], None, count, (batch, 1, length), length)
-        return gate_logit(operands, w1, z_scale, z_shift, h_scale, h_shift, w2, out_scale, out_shift)
-    logit = gate_logit(operands, w1, z_scale, z_shift, h_scale, h_shift, w2)
-    out_scale, out_shift, *_ = one_channel_affine(bn2, logit, count)
-    return torch.sigmoid(logit * out_scale + out_shift)
+        out = folded([bn2])
+        return gate_logit(operands, w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, w2,
+                          out.scale, out.shift)
+    logit = gate_logit(operands, w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, w2)
+    out = one_channel_affine(bn2, logit, count)
+    return torch.sigmoid(logit * out.scale + out.shift)
 
 
 # ---- the branch as custom ops, differentiable -------------------------------------------------------------
@@ -154,17 +173,16 @@ def _detached(t):
 def projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype) -> tuple:
     """The arguments of the ``projection`` op for the ``view`` branch reading x (scaled by in_gate (B, Cin)
     where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns`` (theta's,
-    phi's and gx's BatchNorm): measures the batch statistics first where one of them uses them (moving
-    its running statistics in train mode), keeping P for the projection."""
-    kept = {}           # P, where the statistics pass measured (and stored) it
-
-    def measure():
-        norm, kept["p"] = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
-                                              **batchnorm_args(bns))
-        return norm
-
-    norm = norm_rows(bns, measure)
-    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], kept.get("p")
+    phi's and gx's BatchNorm): the ``projection_norm`` op measures the batch statistics first where one
+    of them uses them (moving its running statistics in train mode) and keeps P for the projection;
+    else the running statistics fold here, mutating nothing."""
+    p = None
+    if batch_normalised(bns):
+        norm, p = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
+                                      **batchnorm_args(bns))
+    else:
+        norm = torch.stack(folded(bns))
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], p
 
 
 def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype, ops=None):
@@ -182,8 +200,10 @@ def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool,
     keeps neither A nor Z for backward; ``keep_z`` keeps Z (``dispatch.keeps_z``)."""
     ops = ops or _ops_for(tp)
     a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, wants_grad and keep_z, dtype)
-    norm = norm_rows(bns, lambda: ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(),
-                                                    **batchnorm_args(bns)))
+    if batch_normalised(bns):
+        norm = ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), **batchnorm_args(bns))
+    else:
+        norm = torch.stack(folded(bns))
     return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,
                           [uses_batch_stats(bn) for bn in bns], dtype)
 
@@ -197,7 +217,7 @@ def branch_gate_ops(ops, branch, x: torch.Tensor, view: str, in_gate, plan):
     differentiable in x, in_gate and every parameter: :func:`project`, :func:`relation_gate`, then the
     last BatchNorm and the sigmoid. With ``plan.threaded`` the x returned is the view that the block's
     next reader of x must read; else it is x."""
-    dtype = compute_dtype(x)
+    dtype = plan.dtype
     embeds = (branch.theta, branch.phi, branch.gx)
     embed_bns = [seq[1] for seq in embeds]
     w3 = torch.cat([seq[0].weight.flatten(1) for seq in embeds])         # (3K, Cin)

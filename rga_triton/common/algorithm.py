@@ -39,13 +39,6 @@ def fewest_multiply_adds(r: int, k: int, length: int) -> str:
     return min(ALGORITHMS, key=lambda a: multiply_adds(a, r, k, length))
 
 
-def branch_dims(module, name: str) -> tuple[int, int, int]:
-    """(R, K, L) of an RGA block's ``"spatial"`` or ``"channel"`` branch."""
-    branch = module.branch(name)
-    length = module.in_spatial if name == "spatial" else module.in_channel
-    return branch.gg[0].weight.shape[0], branch.theta[0].weight.shape[0], length
-
-
 def bucket(r: int, k: int, length: int, dtype: torch.dtype, grad_pass: str) -> str:
     """The key of a measured choice: 'K=32,L=2048,R=256,dtype=float32,pass=train'."""
     one_of("grad_pass", grad_pass, PASSES)

@@ -13,7 +13,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 from .checks import one_of
 
@@ -41,6 +43,15 @@ def _flag(name: str) -> bool:
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through Triton's interpreter."""
     return _flag("TRITON_INTERPRET")
+
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def interpreter_serialised():
+    """A context that lets one thread at a time launch kernels under Triton's interpreter, which is not
+    thread-safe (kernels called from several threads at once raise ``InterpreterError``); on a GPU, none."""
+    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def pinned() -> bool:

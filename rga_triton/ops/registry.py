@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..common.settings import interpreter_serialised
+
 IMPLS: dict[str, Callable] = {}
 """Each op's Python implementation, by op name (what :func:`eager_function` and eager backward call)."""
 
@@ -65,7 +67,8 @@ def eager_function(name: str, setup_context, backward):
         @staticmethod
         @once_differentiable
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            with interpreter_serialised():      # one thread at a time through Triton's interpreter
+                return backward(ctx, *grads)
 
     EagerOp.__name__ = EagerOp.__qualname__ = f"{name}_eager"
     return EagerOp.apply
@@ -73,13 +76,15 @@ def eager_function(name: str, setup_context, backward):
 
 def float32_backward(backward):
     """Run a backward formula with autocast off: its products stay float32, as in eager backward
-    (torch.compile traces backward under the forward's autocast state). ctx.device_type: set in setup or forward."""
+    (torch.compile traces backward under the forward's autocast state), one thread at a time under
+    Triton's interpreter. ctx.device_type: set in setup or forward."""
     @functools.wraps(backward)
     def run(ctx, *grads):
-        if not torch.is_autocast_enabled(ctx.device_type):     # eager backward: nothing to switch off
-            return backward(ctx, *grads)
-        with torch.autocast(ctx.device_type, enabled=False):
-            return backward(ctx, *grads)
+        with interpreter_serialised():
+            if not torch.is_autocast_enabled(ctx.device_type):     # eager backward: nothing to switch off
+                return backward(ctx, *grads)
+            with torch.autocast(ctx.device_type, enabled=False):
+                return backward(ctx, *grads)
     return run
 
 

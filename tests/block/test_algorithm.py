@@ -7,15 +7,12 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import TOLERANCE, compare_steps, make_pair
+from helpers import DEVICE, TOLERANCE, compare_steps, make_pair
 from rga_triton import autotuning
 from rga_triton.common import algorithm
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.ops.relation import kernels as relation_kernels
 
-needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
-                                   reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # C=20 at 6x10, cha_ratio=3, spa_ratio=8, down_ratio=4: spatial (R, K, L) = (7, 6, 60), channel (7, 6, 20).
 SHAPE = dict(c=20, h=6, w=10, batch=3, cha_ratio=3, spa_ratio=8, down_ratio=4)
 # (C, H, W) that tune() can measure with the default ratios (8, 8, 8): hidden widths stay >= 1.
@@ -35,7 +32,7 @@ def test_multiply_adds_by_hand():
 def test_cost_model_picks_reassociated_at_rga_net_shapes(c, h, w):
     module = rga_triton.RGAModule(c, h * w)
     for name in ("spatial", "channel"):
-        assert algorithm.fewest_multiply_adds(*algorithm.branch_dims(module, name)) == "reassociated"
+        assert algorithm.fewest_multiply_adds(*module.branch(name).dims) == "reassociated"
 
 
 def test_cost_model_picks_tiled_when_theta_is_wide_and_r_is_l():
@@ -51,12 +48,10 @@ def test_bucket_names_every_key_and_checks_the_pass():
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    from rga_triton.launch import tuned
-    monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
-    tuned.STORE.reset()
-    yield tuned, tmp_path / tuned.device_file_name(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
-    tuned.STORE.reset()
+def store(store):
+    """conftest's empty store, with the file this device reads in place of its folder."""
+    tuned, folder = store
+    return tuned, folder / tuned.device_file_name(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
 
 
 @pytest.fixture
@@ -78,12 +73,12 @@ def _write(path, algorithms, kernels=None):
     path.write_text(json.dumps({"device": "test", "kernels": kernels or {}, "algorithms": algorithms}))
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_stored_choice_runs_per_branch_and_matches_the_reference(store, tiled_calls):
     _, path = store
     ref, fast, x = make_pair(**SHAPE, device=DEVICE, backend="triton")
     assert fast.algorithm == "auto"
-    spatial = algorithm.branch_dims(fast, "spatial")
+    spatial = fast.branch("spatial").dims
     # Tiled for the spatial branch (L = 60) in both passes; the channel branch keeps the cost model's choice.
     _write(path, {algorithm.bucket(*spatial, torch.float32, p): "tiled" for p in algorithm.PASSES})
     for train in (True, False):
@@ -96,32 +91,32 @@ def test_stored_choice_runs_per_branch_and_matches_the_reference(store, tiled_ca
         assert len(tiled_calls) == before + 1
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_without_a_file_auto_follows_the_cost_model(store, tiled_calls):
     # spa_ratio=1 and cha_ratio=2: the spatial branch has R = L = 6 and K = 10 > 2L/3, so tiled is cheaper.
     ref, fast, x = make_pair(20, 2, 3, 4, cha_ratio=2, spa_ratio=1, down_ratio=4, use_channel=False,
                              device=DEVICE, backend="triton")
-    assert algorithm.fewest_multiply_adds(*algorithm.branch_dims(fast, "spatial")) == "tiled"
+    assert algorithm.fewest_multiply_adds(*fast.branch("spatial").dims) == "tiled"
     compare_steps(ref, fast, x, True, TOLERANCE[torch.float32], torch.float32, device=DEVICE)
     assert tiled_calls, "the cost model chose tiled, but the tiled kernel never ran"
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_explicit_algorithm_ignores_the_file(store, tiled_calls):
     _, path = store
     _, fast, x = make_pair(**SHAPE, device=DEVICE, backend="triton")
-    _write(path, {algorithm.bucket(*algorithm.branch_dims(fast, n), torch.float32, p): "tiled"
+    _write(path, {algorithm.bucket(*fast.branch(n).dims, torch.float32, p): "tiled"
                   for n in ("spatial", "channel") for p in algorithm.PASSES})
     fast.algorithm = "reassociated"
     fast(x.float().to(DEVICE)).sum().backward()
     assert not tiled_calls
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_unknown_algorithm_in_the_file_is_malformed(store):
     _, path = store
     _, fast, x = make_pair(**SHAPE, device=DEVICE, backend="triton")
-    _write(path, {algorithm.bucket(*algorithm.branch_dims(fast, "spatial"), torch.float32, "forward"): "fastest"})
+    _write(path, {algorithm.bucket(*fast.branch("spatial").dims, torch.float32, "forward"): "fastest"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -130,7 +125,7 @@ def test_unknown_algorithm_in_the_file_is_malformed(store):
     assert len(messages) == 1 and "fastest" in messages[0], messages
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_measure_algorithms_records_the_faster_per_branch(store):
     """tune()'s second half, with a stand-in timer: tiled measures faster for the spatial branch only."""
     times = []
@@ -143,8 +138,8 @@ def test_measure_algorithms_records_the_faster_per_branch(store):
     chosen = autotuning.measure_algorithms([(c, h, w)], [2], ["RGA-SC"], [torch.float32], ["train"],
                                            torch.device(DEVICE), verbose=False, timer=timer)
     module = rga_triton.RGAModule(c, h * w)        # tune() measures the authors' default ratios
-    expected = {algorithm.bucket(*algorithm.branch_dims(module, "channel"), torch.float32, "train"): "reassociated",
-                algorithm.bucket(*algorithm.branch_dims(module, "spatial"), torch.float32, "train"): "tiled"}
+    expected = {algorithm.bucket(*module.branch("channel").dims, torch.float32, "train"): "reassociated",
+                algorithm.bucket(*module.branch("spatial").dims, torch.float32, "train"): "tiled"}
     assert len(times) == 4 and chosen == expected
 
 
@@ -172,12 +167,12 @@ def test_tune_without_a_gpu_says_so():
         rga_triton.tune()
 
 
-@needs_kernels
+@pytest.mark.needs_triton
 def test_stored_choice_compiles_fullgraph(store, tiled_calls):
     """Under torch.compile the choice is a constant of the graph: no break, and the stored algorithm runs."""
     _, path = store
     ref, fast, x = make_pair(**SHAPE, device=DEVICE, backend="triton")
-    _write(path, {algorithm.bucket(*algorithm.branch_dims(fast, "channel"), torch.float32, p): "tiled"
+    _write(path, {algorithm.bucket(*fast.branch("channel").dims, torch.float32, p): "tiled"
                   for p in algorithm.PASSES})
     fast.compile(fullgraph=True, backend="aot_eager")        # in place: parameter names stay
     compare_steps(ref, fast, x, True, TOLERANCE[torch.float32], torch.float32, device=DEVICE)

@@ -13,11 +13,10 @@ import torch
 
 from helpers import compare_steps, grad_error, make_pair, rel_err, step
 from op_helpers import DEVICE, TOL, _module, dz_slices  # noqa: F401  (dz_slices: a fixture)
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton import triton_path
 
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 
 
 def _step_grads(fast, x, grad_out):
@@ -61,7 +60,7 @@ class _RelationSpy:
 @pytest.mark.parametrize("keep", ["kept", "rebuilt"])
 def test_z_kept_or_rebuilt_gives_the_reference_gradients(monkeypatch, keep, dz_slices):
     """Z in memory, or rebuilt from A and tp in every pass (dispatch.keeps_z): both exact."""
-    monkeypatch.setattr(backend_mod, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
+    monkeypatch.setattr(dispatch, "RECOMPUTE_Z_MAX_K2", 0 if keep == "kept" else 10 ** 6)
     spy = _RelationSpy()
     monkeypatch.setattr(triton_path, "EAGER", spy)
     ref, fast, x = make_pair(20, 6, 10, 3, cha_ratio=3, spa_ratio=8, down_ratio=4, device=DEVICE,
@@ -82,7 +81,7 @@ def test_backward_holds_one_x_sized_gradient(order):
     grad_out = torch.randn_like(x)
     grads, held = {}, {}
     for threaded in (True, False):
-        out = backend_mod.run_triton(module, x, threaded=threaded)
+        out = dispatch.run_triton(module, x, module.branches(), threaded=threaded)
         with LiveTensorBytes([x, grad_out, out], min_bytes=x.nbytes) as tracker:
             grads[threaded] = torch.autograd.grad(out, [x, *module.parameters()], grad_out)
         held[threaded] = tracker.peak / x.nbytes

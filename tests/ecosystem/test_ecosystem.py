@@ -480,7 +480,7 @@ def test_synchronised_batchnorm_keeps_the_block_on_the_torch_path(monkeypatch):
         block(x)
     block.backend = "auto"
     ran = []
-    monkeypatch.setattr(module_mod, "torch_forward", lambda m, x: ran.append("torch") or x)
+    monkeypatch.setattr(module_mod, "torch_forward", lambda m, x, branches: ran.append("torch") or x)
     with pytest.warns(UserWarning, match="train-mode SyncBatchNorm synchronises its statistics on the torch path"):
         block(x)
     assert ran == ["torch"]

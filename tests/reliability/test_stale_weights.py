@@ -113,3 +113,38 @@ def test_block_holds_no_derived_state(pairs):
     _eval_call(fast, x)
     held = [name for m in fast.modules() for name in vars(m) if name.startswith("_rga_triton")]
     assert not held, f"derived state kept on the modules: {held}"
+
+
+@pytest.mark.needs_triton
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_threads_calling_one_block_under_the_interpreter(pairs, train):
+    """Triton's interpreter is not thread-safe: block calls from several threads are serialised there,
+    so each returns the single-threaded answer and every BatchNorm counts every batch once."""
+    import threading
+
+    _, fast, x = _fresh(pairs, "triton")
+    fast.train(train)
+    xf = x.float()
+    tracked = [int(bn.num_batches_tracked) for bn in fast.modules() if isinstance(bn, torch.nn.BatchNorm2d)]
+    results, errors = [], []
+
+    def call():
+        try:
+            out = fast(xf.clone().requires_grad_(train))
+            if train:
+                out.sum().backward()
+            results.append(out.detach())
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 4
+    if not train:
+        assert all(torch.equal(r, results[0]) for r in results)
+    now = [int(bn.num_batches_tracked) for bn in fast.modules() if isinstance(bn, torch.nn.BatchNorm2d)]
+    assert now == [t + (4 if train else 0) for t in tracked]

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.ops.batchnorm import norm as bn_norm
 from rga_triton.ops.batchnorm.kernels import MAX_GROUP, finalize_groups
 from rga_triton.launch.space import STAT_SPLIT
+from helpers import DEVICE
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.needs_triton
 
 
 def partials(z: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,8 @@ def test_grouped_finalize_is_batchnorm_per_batchnorm(widths, odd, launches, monk
     original = bn_norm.bn_finalize
     monkeypatch.setattr(bn_norm, "bn_finalize", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
 
-    norm = bn_norm.normalizers(bns, lambda: partials(z).to(DEVICE), batch * length, z.shape, length)
+    bn_norm.check_batch(bns, batch * length, z.shape)
+    norm = bn_norm.finalized(bns, partials(z).to(DEVICE), length)
 
     assert len(calls) == launches and all(1 <= n <= MAX_GROUP for n in calls), calls
     start = 0

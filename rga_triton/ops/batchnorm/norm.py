@@ -2,9 +2,9 @@
 
 A :class:`Norm` holds a group of BatchNorms' rows (their channels concatenated) as one call uses
 them: bn(z) = z * scale + shift, plus the mean and 1/std it normalised with (backward reads those).
-In eval the running statistics fold (:func:`folded`, on every call); in train a kernel
-measures per-split (mean, M2) partials and ``kernels.bn_finalize`` merges them and moves the
-running statistics exactly as ``nn.BatchNorm2d`` does (:func:`normalizers`).
+A call site normalises in straight lines: in eval the running statistics fold (:func:`folded`); in
+train it checks the batch (:func:`check_batch`), a kernel measures per-split (mean, M2) partials,
+and :func:`finalized` merges them and moves the running statistics exactly as ``nn.BatchNorm2d`` does.
 
 Inside a custom op the BatchNorm modules are rebuilt from the op's arguments as
 :class:`BatchNormView` objects (:func:`batchnorm_args` / :func:`batchnorm_views`), which every
@@ -44,21 +44,25 @@ def folded(bns) -> Norm:
     return _affines(bns, None, None, 0)
 
 
-def normalizers(bns, partials, count: int, shape, length: int) -> Norm:
-    """The :class:`Norm` of the rows of ``bns`` (concatenated in order).
+def batch_normalised(bns) -> bool:
+    """Whether one of ``bns`` normalises with the batch: its call must measure statistics first."""
+    return any(uses_batch_stats(bn) for bn in bns)
 
-    ``partials()`` launches the kernel that measures per-split (mean, M2) of those rows;
-    it runs only if a BatchNorm normalises with the batch, and ``bn_finalize`` launches (one
-    per run of up to three alike BatchNorms: ``finalize_groups``) then merge them and move
-    the running statistics as nn.BatchNorm2d does. In eval the running statistics fold
-    (:func:`folded`).
-    """
-    if not any(uses_batch_stats(bn) for bn in bns):
-        return folded(bns)
+
+def check_batch(bns, count: int, shape) -> None:
+    """Refuse a batch of ``count`` values per channel as nn.BatchNorm2d does, before anything is
+    measured; like it, count the batch first (``num_batches_tracked``) for a group that tracks."""
     if count <= 1 and tracks_running_stats(bns[0]):
         step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)
-    stats = partials()
+
+
+def finalized(bns, stats: Tensor, length: int) -> Norm:
+    """The :class:`Norm` of the rows of ``bns`` (concatenated in order), from the per-split (mean, M2)
+    partials ``stats`` a kernel measured over them: ``bn_finalize`` (one launch per run of up to three
+    alike BatchNorms, ``finalize_groups``) merges them and moves the running statistics as
+    nn.BatchNorm2d does; rows of a BatchNorm in eval fold its running statistics. Call
+    :func:`check_batch` before measuring."""
     starts = [0]
     for bn in bns:
         starts.append(starts[-1] + bn.num_features)
@@ -100,15 +104,6 @@ def one_channel_affine(bn, logit: Tensor, count: int) -> Norm:
     check_batch_size(count, (logit.shape[0], 1, logit.shape[1]))
     var, mean = torch.var_mean(logit, unbiased=False)
     return _affines([bn], mean.view(1), var.view(1), count)
-
-
-def norm_rows(bns, measure) -> Tensor:
-    """The norm (4, rows) of a BatchNorm group for the ops: ``measure()``, an op that mutates the
-    running statistics, when one of them normalises with the batch; else their running statistics
-    folded in PyTorch (fused by inductor), mutating nothing."""
-    if any(uses_batch_stats(bn) for bn in bns):
-        return measure()
-    return torch.stack(folded(bns))
 
 
 def affine_rows(bns, like: Tensor):

@@ -15,33 +15,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ...common import settings
-from ...common.batchnorm import uses_batch_stats
 from ...common.layout import branch_length, empty_like_merged, input_views, mergeable, weight_matrix
-from ..batchnorm.norm import SCHEMA, as_norm, batchnorm_views, bn_rows, normalizers
+from ..batchnorm.norm import SCHEMA, as_norm, batch_normalised, batchnorm_views, bn_rows, check_batch, finalized, folded
 from ..registry import IMPLS, backward_op, custom_op, eager_function, float32_backward
 from . import backward_kernels
 from .kernels import projection_apply, projection_stats
 from .pytorch import projection_grads_torch
-
-
-def measure_projection(bns, x: torch.Tensor, shape, strides, w3: torch.Tensor, in_gate=None):
-    """(:class:`Norm` of theta's, phi's and gx's BatchNorms ``bns``, P or None) for P = W3 (X * in_gate).
-
-    Where a BatchNorm normalises with the batch, the statistics pass keeps P (B, 3K, L) float32,
-    and the apply pass reads it instead of multiplying W3 and X a second time: one matmul fewer
-    per branch in train mode (the channel branch's is 51 GFLOP at RGA-Net's first stage, B=64),
-    for a P-sized tensor (3K/Cin of x in float32) that lives from one pass to the next.
-    """
-    batch, _, length = shape
-    kept = []
-
-    def partials():
-        stats, p = projection_stats(x, shape, strides, w3, in_gate, keep_p=True)
-        kept.append(p)
-        return stats
-
-    norm = normalizers(bns, partials, batch * length, (batch, w3.shape[0] // 3, length), length)
-    return norm, (kept[0] if kept else None)
 
 
 @custom_op("projection_norm", mutates_args=("bn_buffers",),
@@ -62,14 +41,18 @@ def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, 
     k = w3c.shape[0] // 3
     in_gate = in_gate.contiguous() if in_gate is not None else None
     bns = batchnorm_views([k] * 3, bn_affine, bn_buffers, bn_settings)
-    norm, p = measure_projection(bns, x, shape, strides, w3c, in_gate)
-    return torch.stack(norm), (p if p is not None else x.new_empty((0,), dtype=torch.float32))
+    if not batch_normalised(bns):
+        return torch.stack(folded(bns)), x.new_empty((0,), dtype=torch.float32)
+    batch, _, length = shape
+    check_batch(bns, batch * length, (batch, k, length))
+    stats, p = projection_stats(x, shape, strides, w3c, in_gate, keep_p=True)
+    return torch.stack(finalized(bns, stats, length)), p
 
 
 @projection_norm.register_fake
 def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
     rows = w3.shape[0]
-    measured = any(uses_batch_stats(bn) for bn in batchnorm_views([rows // 3] * 3, bn_affine, bn_buffers, bn_settings))
+    measured = batch_normalised(batchnorm_views([rows // 3] * 3, bn_affine, bn_buffers, bn_settings))
     p_shape = (x.shape[0], rows, branch_length(x, view)) if measured else (0,)
     return x.new_empty((4, rows), dtype=torch.float32), x.new_empty(p_shape, dtype=torch.float32)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...common.layout import batch_slices, weight_matrix
-from ..batchnorm.norm import SCHEMA, as_norm, batchnorm_views, bn_rows, normalizers
+from ..batchnorm.norm import SCHEMA, as_norm, batch_normalised, batchnorm_views, bn_rows, check_batch, finalized, folded
 from ..registry import backward_op, custom_op, eager_function, float32_backward
 from . import kernels
 from .backward_kernels import hidden_backward, relation_backward
@@ -72,9 +72,16 @@ def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
     w1f = weight_matrix(w1, torch.float32)
     count, r, hidden = ops.batch * ops.length, ops.r, w1f.shape[0]
     bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
-    z_norm = normalizers([bn_z], lambda: kernels.z_stats(ops), count, (ops.batch, r, ops.length), ops.length)
-    h_norm = normalizers([bn_h], lambda: kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift),
-                         count, (ops.batch, hidden, ops.length), ops.length)
+    if batch_normalised([bn_z]):
+        check_batch([bn_z], count, (ops.batch, r, ops.length))
+        z_norm = finalized([bn_z], kernels.z_stats(ops), ops.length)
+    else:
+        z_norm = folded([bn_z])
+    if batch_normalised([bn_h]):
+        check_batch([bn_h], count, (ops.batch, hidden, ops.length))
+        h_norm = finalized([bn_h], kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift), ops.length)
+    else:
+        h_norm = folded([bn_h])
     return torch.cat([torch.stack(z_norm), torch.stack(h_norm)], dim=1)
 
 

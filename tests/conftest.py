@@ -19,6 +19,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_triton: runs the Triton kernels (a GPU, or TRITON_INTERPRET=1 on the CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.needs_triton`` (or a module's ``pytestmark``): skipped, with the way to run it,
+    where the kernels cannot run."""
+    from helpers import TRITON_RUNS
+
+    if TRITON_RUNS:
+        return
+    skip = pytest.mark.skip(reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+    for item in items:
+        if "needs_triton" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty per-GPU configuration store in a temporary folder (``RGA_TRITON_CONFIG_DIR``):
+    (``launch.tuned``, that folder)."""
+    from rga_triton.launch import tuned
+
+    monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
+    tuned.STORE.reset()
+    yield tuned, tmp_path
+    tuned.STORE.reset()
+
+
 @pytest.fixture(autouse=True)
 def _fp32_matmul_exact():
     """Keep float32 matmuls IEEE (no TF32) unless a test says otherwise."""

@@ -8,6 +8,12 @@ import torch
 import rga_triton
 from rga_triton.testing import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401  (re-exported)
 from reference import RGA_Module
+from rga_triton.common.settings import interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the tests run: the GPU when there is one, else the CPU (kernels through Triton's interpreter)."""
+TRITON_RUNS = DEVICE == "cuda" or interpreting()
+"""Whether the Triton kernels can run here; ``@pytest.mark.needs_triton`` skips a test where they cannot."""
 
 
 def float32_tolerance(device) -> float:
@@ -186,3 +192,13 @@ def vary_batchnorms(modules, variant: str) -> None:
                     new.weight, new.bias = child.weight, child.bias
                 new.train(child.training)
                 setattr(parent, name, new)
+
+
+def train_step(module, x, grad_out):
+    """One forward + backward of ``module`` on a fresh leaf copy of x: (out, grad x, {name: grad}), the
+    parameter names without torch.compile's ``_orig_mod.`` prefix."""
+    xin = x.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(xin)
+    out.backward(grad_out)
+    return out.detach(), xin.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}

@@ -5,9 +5,8 @@ import torch
 
 import rga_triton
 import rga_triton.ops.relation.op
-from helpers import TOLERANCE, rel_err
+from helpers import DEVICE, TOLERANCE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = TOLERANCE[torch.float32]
 
 

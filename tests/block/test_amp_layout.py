@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, allowance, grad_error, make_pair, rel_err
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 
-BACKENDS = ["torch"] + (["triton"] if backend_mod.interpreting() else [])
+BACKENDS = ["torch"] + (["triton"] if dispatch.interpreting() else [])
 
 
 def _run(module, x, grad_out, autocast_dtype=None):

@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from gpu_numerics import gpu_dot_numerics, tf32_rounded, tf32_truncated
-from helpers import TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import dispatch as backend_mod
+from helpers import DEVICE, TOLERANCE, compare_steps, make_pair, rel_err
+from rga_triton import dispatch
 from rga_triton.ops.affinity.kernels import affinity
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 interpreter_only = pytest.mark.skipif(DEVICE == "cuda", reason="the emulation stands in for a GPU; this one has one")
 
 

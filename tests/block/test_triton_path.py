@@ -6,13 +6,11 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import (BATCHNORM_VARIANTS, compare_steps, float32_tolerance, make_pair, rel_err, TOLERANCE,
+from helpers import (DEVICE, BATCHNORM_VARIANTS, compare_steps, float32_tolerance, make_pair, rel_err, TOLERANCE,
                      TOLERANCE_TF32, vary_batchnorms)
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # interpreter: no bf16
 
 BRANCHES = [(True, True), (True, False), (False, True)]
@@ -206,7 +204,7 @@ def test_explicit_triton_refuses_float64():
 
 
 def test_auto_falls_back_once_per_reason(monkeypatch):
-    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    monkeypatch.setattr(dispatch, "_warned_reasons", set())
     _, fast, x = _pair(TAIL_SHAPES[0], dtype=torch.float64)
     fast.backend = "auto"
     x = x.to(DEVICE)
@@ -219,7 +217,7 @@ def test_auto_falls_back_once_per_reason(monkeypatch):
 
 
 def test_triton_without_gpu_or_interpreter_says_so(monkeypatch):
-    monkeypatch.setattr(backend_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     _, fast, x = _pair(TAIL_SHAPES[0])
     with pytest.raises(ValueError, match="CUDA tensor"):
         fast.cpu()(x.float())     # a CPU tensor, no interpreter
@@ -230,13 +228,13 @@ def test_too_wide_attention_network_is_refused_or_falls_back(monkeypatch):
     arguments; "auto" runs the torch path (matching the reference) after one warning that says why."""
     ref, fast, x = make_pair(4, 8, 16, 2, use_channel=False, cha_ratio=2, spa_ratio=1, down_ratio=1,
                              device=DEVICE, backend="triton")
-    assert backend_mod.MAX_HIDDEN == 128
+    assert dispatch.MAX_HIDDEN == 128
     with pytest.raises(ValueError, match=r"spatial branch's attention network has 129 hidden channels "
                                          r"\(\(1 \+ in_spatial // spa_ratio\) // down_ratio with in_spatial=128, "
                                          r"spa_ratio=1, down_ratio=1\) and the Triton kernels take at most 128"):
         fast(x.float().to(DEVICE))
     fast.backend = "auto"
-    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    monkeypatch.setattr(dispatch, "_warned_reasons", set())
     with pytest.warns(UserWarning, match="129 hidden channels"):
         out = fast(x.float().to(DEVICE))
     assert rel_err(out.double().cpu(), ref(x)) <= TOLERANCE_TF32
@@ -246,7 +244,7 @@ def test_widest_attention_network_taken_matches_reference():
     """(1 + 255) // 2 = 128 hidden channels, backend.MAX_HIDDEN: the kernels' largest hidden block."""
     ref, fast, x = make_pair(4, 15, 17, 2, use_channel=False, cha_ratio=2, spa_ratio=1, down_ratio=2,
                              device=DEVICE, backend="triton")
-    assert fast.W_spatial[0].out_channels == backend_mod.MAX_HIDDEN
+    assert fast.W_spatial[0].out_channels == dispatch.MAX_HIDDEN
     compare_steps(ref, fast, x, True, float32_tolerance(DEVICE), torch.float32, device=DEVICE, steps=1)
 
 
@@ -291,7 +289,7 @@ def test_kernels_launch_inside_the_inputs_device_guard(monkeypatch, wants_grad):
             return launch(x, *args)
         return run
 
-    monkeypatch.setattr(backend_mod, "on_device_of", Spy)
+    monkeypatch.setattr(dispatch, "on_device_of", Spy)
     monkeypatch.setattr(triton_path, "apply_gates", spying(triton_path.apply_gates))
     monkeypatch.setattr(gating, "apply_gates", spying(gating.apply_gates))
     _, fast, x = _pair(TAIL_SHAPES[0])
@@ -302,7 +300,7 @@ def test_kernels_launch_inside_the_inputs_device_guard(monkeypatch, wants_grad):
 
 
 def test_device_guard_is_a_no_op_off_cuda():
-    with backend_mod.on_device_of(torch.zeros(1)):
+    with dispatch.on_device_of(torch.zeros(1)):
         pass
 
 

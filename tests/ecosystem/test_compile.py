@@ -16,14 +16,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import rga_triton.ops
 from rga_triton.common import settings
-from helpers import make_pair, rel_err
+from helpers import DEVICE, make_pair, rel_err, train_step
 from rga_triton import RGAModule
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.ops.batchnorm.norm import batchnorm_args      # import rga_triton registers the ops
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 TOL = 1e-5
 OPS = torch.ops.rga_triton
 
@@ -50,22 +48,14 @@ def _block(seed=0, **kw):
     return fast, x.float().to(DEVICE)
 
 
-def _step(module, x, grad_out):
-    """Forward + backward; (out, grad x, {name: grad}) detached."""
-    xin = x.clone().requires_grad_(True)
-    module.zero_grad(set_to_none=True)
-    out = module(xin)
-    out.backward(grad_out)
-    return out.detach(), xin.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}
-
 
 def _compare_runs(eager, compiled_module, compiled, x, steps=2, seed=1):
     """``steps`` train steps then no-grad forwards, in the modules' current mode: everything equal to TOL."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         grad_out = torch.randn(x.shape, generator=gen).to(DEVICE)
-        e_out, e_gx, e_grads = _step(eager, x, grad_out)
-        c_out, c_gx, c_grads = _step(compiled, x, grad_out)
+        e_out, e_gx, e_grads = train_step(eager, x, grad_out)
+        c_out, c_gx, c_grads = train_step(compiled, x, grad_out)
         _close(c_out, e_out, "output")
         _close(c_gx, e_gx, "grad x")
         for name, grad in e_grads.items():
@@ -243,7 +233,7 @@ def test_auto_backend_fallback_warns_and_compiles():
     """backend='auto' on a CPU tensor: the fallback warning is given while tracing, no graph break."""
     module = RGAModule(16, 30, cha_ratio=4, spa_ratio=3, down_ratio=2)
     x = torch.randn(2, 16, 6, 5)
-    backend_mod._warned_reasons.clear()
+    dispatch._warned_reasons.clear()
     with pytest.warns(UserWarning, match="using the 'torch' backend"):
         out = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
     assert rel_err(out, module(x)) <= TOL

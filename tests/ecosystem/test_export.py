@@ -16,15 +16,12 @@ import textwrap
 import pytest
 import torch
 
-from helpers import float32_tolerance, make_pair, rel_err
+from helpers import DEVICE, float32_tolerance, make_pair, rel_err, train_step
 from rga_triton.common import tracing
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from paths import REPO_ROOT
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU"))]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.needs_triton)]
 SAME = 1e-6         # exported vs eager: the same ops on the same inputs, up to reduction order
 pytestmark = [      # PyTorch's own, raised inside torch.export and AOTInductor
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
@@ -60,14 +57,6 @@ def _block(backend, train):
                              backend=backend)
     return ref.train(train), fast.train(train), x
 
-
-def _step(module, x, grad_out):
-    """(out, grad x, {name: grad}) of one forward + backward."""
-    xin = x.clone().requires_grad_(True)
-    module.zero_grad(set_to_none=True)
-    out = module(xin)
-    out.backward(grad_out)
-    return out.detach(), xin.grad, {name: p.grad for name, p in module.named_parameters()}
 
 
 def test_import_registers_the_ops_without_torch_dynamo():
@@ -139,7 +128,7 @@ def test_constant_marker_is_the_one_torch_compiler_sets():
     before = set(vars(probe))
     torch.compiler.assume_constant_result(probe)
     assert set(vars(probe)) - before == {tracing.MARKER}
-    for fn in (backend_mod._capability, backend_mod.warn_once, backend_mod.choose, backend_mod.exporting_to_onnx):
+    for fn in (dispatch._capability, dispatch.warn_once, dispatch.choose, dispatch.exporting_to_onnx):
         assert getattr(fn, tracing.MARKER) is True, fn.__name__
 
 
@@ -159,8 +148,8 @@ def test_exported_block_matches_eager_at_other_batch_sizes(backend, train):
     for batch in (3, 1):
         xb = torch.randn(batch, *x.shape[1:], generator=gen, dtype=torch.float64)
         grad_out = torch.randn(xb.shape, generator=gen).to(DEVICE)
-        e_out, e_gx, e_grads = _step(eager, xb.float().to(DEVICE), grad_out)
-        out, gx, grads = _step(exported, xb.float().to(DEVICE), grad_out)
+        e_out, e_gx, e_grads = train_step(eager, xb.float().to(DEVICE), grad_out)
+        out, gx, grads = train_step(exported, xb.float().to(DEVICE), grad_out)
         assert rel_err(out, e_out) <= SAME, f"output, B={batch}"
         assert rel_err(gx, e_gx) <= SAME, f"grad x, B={batch}"
         for name, grad in e_grads.items():     # 10x: some are cancellation residues (helpers.grad_error)
@@ -213,7 +202,7 @@ def test_saved_program_loads_in_a_fresh_process(backend, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+@pytest.mark.needs_triton
 def test_exported_rga_net_matches_eager():
     """RGA-Net on the Triton path (RGA-S blocks, small input: the block tests cover the rest), eval mode,
     exported with a dynamic batch: features as eager's at another batch size."""
@@ -231,7 +220,7 @@ def test_exported_rga_net_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+@pytest.mark.needs_triton
 def test_aoti_package_runs_the_triton_path(tmp_path):
     """AOTInductor compiles the exported eval block into a package; loaded, it calls the custom ops
     (through Python: the process imports rga_triton) and gives eager's output at another batch size."""

@@ -20,11 +20,9 @@ import rga_triton  # noqa: E402
 from rga_triton.integrations.onnx import exporting_to_onnx  # noqa: E402
 from rga_triton.models import rga_net  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
+from helpers import DEVICE
 
-TRITON_RUNS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU"))]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.needs_triton)]
 FLOAT32 = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from helpers import make_pair
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.launch import precompile as pc
 from rga_triton.launch import tuned
 
@@ -78,8 +78,7 @@ def test_without_async_compile_mode_nothing_is_submitted(monkeypatch):
     assert pc.precompile(fn, CONFIGS, (1,), (), {}) == 0 and not fn.calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
-                    reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+@pytest.mark.needs_triton
 def test_each_bucket_is_precompiled_once_before_autotuning(monkeypatch, tmp_path):
     """On a file miss, a kernel precompiles its configs once per shape bucket, then autotunes."""
     monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))

@@ -20,13 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rga_triton
-from helpers import TOLERANCE, make_pair, rel_err
+from helpers import TOLERANCE, TRITON_RUNS, make_pair, rel_err
 from reference import RGA_Module
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 
 BACKENDS = ["torch", "triton"]
-TRITON_RUNS = torch.cuda.is_available() or backend_mod.interpreting()
-needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels")
 
 
 def _module(backend: str, dtype=torch.float32, **kw) -> rga_triton.RGAModule:
@@ -357,7 +355,7 @@ def test_attributes_changed_after_construction_are_checked(attribute, value):
 ])
 def test_gpu_capability_decides_what_triton_takes(capability, bfloat16, words):
     """Volta and older take nothing; Turing takes float32 and float16 but not bfloat16."""
-    reason = backend_mod.capability_reason(capability, bfloat16, lambda: "Tesla T4")
+    reason = dispatch.capability_reason(capability, bfloat16, lambda: "Tesla T4")
     if words is None:
         assert reason is None
     else:
@@ -367,8 +365,8 @@ def test_gpu_capability_decides_what_triton_takes(capability, bfloat16, words):
 def test_triton_not_installed(monkeypatch):
     """Without an importable triton, backend="triton" says so and "auto" falls back to torch
     with one warning naming the reason."""
-    monkeypatch.setattr(backend_mod, "triton_importable", lambda: False)
-    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "_warned_reasons", set())
     x = _randn(2, 16, 8, 8)
     with pytest.raises(ValueError, match="backend='triton' cannot run this input: triton is not installed"):
         _module("triton")(x)
@@ -382,8 +380,8 @@ def test_triton_not_installed(monkeypatch):
 def test_auto_without_gpu_or_interpreter_runs_torch(monkeypatch):
     """No CUDA tensor and no interpreter: backend="auto" warns once and gives the torch path's
     result bit for bit (backend="triton" raising here is tested in test_triton_path.py)."""
-    monkeypatch.setattr(backend_mod, "interpreting", lambda: False)
-    monkeypatch.setattr(backend_mod, "_warned_reasons", set())
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(dispatch, "_warned_reasons", set())
     auto, torch_module = _module("auto"), _module("torch")
     torch_module.load_state_dict(auto.state_dict())
     x = _randn(2, 16, 8, 8)
@@ -396,7 +394,7 @@ def test_auto_without_gpu_or_interpreter_runs_torch(monkeypatch):
     assert torch.equal(out, torch_module(x))
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not backend_mod.interpreting(),
+@pytest.mark.skipif(torch.cuda.is_available() or not dispatch.interpreting(),
                     reason="the interpreter's bfloat16 limit: CPU under TRITON_INTERPRET=1 only")
 def test_explicit_triton_refuses_bfloat16_under_the_interpreter():
     """Triton's interpreter has no bfloat16 arithmetic: an explicit backend="triton" says so."""
@@ -461,7 +459,7 @@ def test_relation_maps_accepts_numpy_and_tensor_indices():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relation_maps_leave_batchnorm_buffers_alone_in_train_mode(backend):
     """README: relation maps use the module's current mode and change no BatchNorm buffer."""
-    if backend == "triton" and not (torch.cuda.is_available() or backend_mod.interpreting()):
+    if backend == "triton" and not (torch.cuda.is_available() or dispatch.interpreting()):
         pytest.skip("no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
     module = rga_triton.RGAModule(16, 24, spa_ratio=2, down_ratio=2, backend=backend).train()
     before = copy.deepcopy(module.state_dict())

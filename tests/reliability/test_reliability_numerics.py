@@ -16,11 +16,9 @@ import copy
 import pytest
 import torch
 
-from helpers import TOLERANCE, float32_tolerance, make_pair, rel_err
-from rga_triton import dispatch as backend_mod
+from helpers import DEVICE, TOLERANCE, TRITON_RUNS, float32_tolerance, make_pair, rel_err
+from rga_triton import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()
 
 # (backend, algorithm); the triton ones skip where neither a GPU nor the interpreter runs them
 PATHS = [("torch", "auto"), ("triton", "reassociated"), ("triton", "tiled")]

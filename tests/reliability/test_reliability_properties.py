@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOLERANCE, assert_close, compare_steps, make_pair, rel_err, step
-from rga_triton import dispatch as backend_mod
+from helpers import DEVICE, TOLERANCE, assert_close, compare_steps, make_pair, rel_err, step
+from rga_triton import dispatch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = DEVICE == "cuda" or backend_mod.interpreting()
 
 BRANCHES = [(True, True), (True, False), (False, True)]
 ORDERS = ["sc", "cs", "parallel"]
@@ -279,7 +277,7 @@ def test_torch_path_matches_reference(dtype):
     _property("torch", dtype, lambda case: check_case(case, "torch", steps=2))()
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+@pytest.mark.needs_triton
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("algorithm", ["reassociated", "tiled"])
 def test_triton_path_matches_reference(algorithm, dtype):

@@ -7,21 +7,10 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import dispatch as backend_mod
+from helpers import DEVICE, TOLERANCE, compare_steps, make_pair, rel_err
+from rga_triton import dispatch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    from rga_triton.launch import tuned
-    monkeypatch.setenv("RGA_TRITON_CONFIG_DIR", str(tmp_path))
-    tuned.STORE.reset()
-    yield tuned, tmp_path
-    tuned.STORE.reset()
+pytestmark = pytest.mark.needs_triton
 
 
 def _device_file(tuned, tmp_path):

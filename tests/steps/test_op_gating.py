@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from op_helpers import DEVICE, _assert_grads_close
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded-grad"])

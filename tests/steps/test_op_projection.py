@@ -7,13 +7,12 @@ import rga_triton.ops.projection.backward_kernels
 import rga_triton.ops.projection.op
 from helpers import rel_err
 from op_helpers import DEVICE, MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.common import settings
 from rga_triton.torch_path import relation_inputs
 from rga_triton.triton_path import project
 
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 
 
 @pytest.fixture(params=settings.PROJECTION_BACKWARDS)

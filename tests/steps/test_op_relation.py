@@ -7,13 +7,12 @@ import torch.nn.functional as F
 from helpers import rel_err
 from op_helpers import DEVICE, MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
 from op_helpers import dz_slices  # noqa: F401  (a fixture)
-from rga_triton import dispatch as backend_mod
+from rga_triton import dispatch
 from rga_triton.common.batchnorm import batch_norm
 from rga_triton.torch_path import relation_inputs, relation_preactivation
 from rga_triton.triton_path import relation_gate
 
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.interpreting(),
-                                reason="no GPU: set TRITON_INTERPRET=1 to run the kernels on the CPU")
+pytestmark = pytest.mark.needs_triton
 
 
 @pytest.mark.parametrize("modes", MODES, ids=["train", "eval", "mixed-a", "mixed-b"])
@@ -54,7 +53,7 @@ def test_relation_gate_function_matches_autograd(name, modes, dz_slices):
     wg, w1, w2, z_weight, z_bias, h_weight, h_bias = fast.values()
     out = relation_gate(tp32, gx32, wg, w1, w2, torch.cat([z_weight, h_weight]), torch.cat([z_bias, h_bias]),
                         [fast_branch.gg[1], fast_branch.W[1]], False, torch.float32,
-                        keep_z=backend_mod.keeps_z(tp32.shape[1]))
+                        keep_z=dispatch.keeps_z(tp32.shape[1]))
     assert rel_err(out.double().cpu(), logit) <= TOL
     actual = _grads(out, [tp32, gx32] + list(fast.values()), dlogit.float().to(DEVICE))
     _assert_grads_close(actual, expected, ["tp", "gx_mean", "wg", "w1", "w2", "z weight", "z bias",

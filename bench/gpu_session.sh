@@ -30,7 +30,7 @@ case "$what" in
   tests) RGA_TRITON_PIN_CONFIG=1 timeout 540 python -m pytest -q -x tests/ 2>&1 | tee "$log" ;;
   all)
     # 0. does compilation scale over this host's threads (the premise of launch/precompile.py)? (~20 s)
-    timeout 45 python bench/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
+    timeout 45 python bench/studies/compile_threads.py --cases 16 --threads 8 2>&1 | tee "$log" || true
     # 1. the compiled kernels against the float64 reference, forward and backward (~2 min)
     RGA_TRITON_PIN_CONFIG=1 timeout 150 python -m pytest -q -x -m "not slow" tests/block/test_triton_backward.py \
       tests/steps/test_op_projection.py tests/steps/test_op_relation.py tests/steps/test_op_gating.py tests/block/test_triton_path.py \
@@ -41,7 +41,7 @@ case "$what" in
     # 3. the issue #6 table with the tuned file: RGA-SC train + eval, reference vs torch vs triton (~2 min)
     timeout 125 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train,eval \
       --dtypes float32 --impls reference,torch,triton --time-limit 75 --resume 2>&1 | tee -a "$log" || true
-    timeout 15 python bench/goals.py 2>&1 | tee -a "$log" || true       # which of issue 6's goals hold
+    timeout 15 python bench/studies/goals.py 2>&1 | tee -a "$log" || true       # which of issue 6's goals hold
     # 4. the projection's backward kernels against the PyTorch formula they replaced: the same train rows
     #    with RGA_TRITON_PROJECTION_BACKWARD=torch, in their own folder (compare the triton rows' ms)
     RGA_TRITON_PROJECTION_BACKWARD=torch timeout 55 python bench/sweep.py --inputs 256x128 --batch 64 \
@@ -52,10 +52,10 @@ case "$what" in
   train) timeout 540 python bench/sweep.py --inputs 256x128 --batch 64 --branches RGA-SC --modes train \
            --dtypes float32,bfloat16 --impls reference,compile,torch,triton,triton-graphs --time-limit 480 --resume \
            2>&1 | tee "$log"
-         timeout 15 python bench/goals.py 2>&1 | tee -a "$log"
-         timeout 15 python bench/goals.py --impl triton-graphs 2>&1 | tee -a "$log" ;;
-  step)  timeout 540 python bench/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log"
-         timeout 15 python bench/goals.py 2>&1 | tee -a "$log" ;;
+         timeout 15 python bench/studies/goals.py 2>&1 | tee -a "$log"
+         timeout 15 python bench/studies/goals.py --impl triton-graphs 2>&1 | tee -a "$log" ;;
+  step)  timeout 540 python bench/studies/rga_net_step.py --compile both --precisions float32,bf16-autocast 2>&1 | tee "$log"
+         timeout 15 python bench/studies/goals.py 2>&1 | tee -a "$log" ;;
   paper) timeout 560 python bench/sweep.py --preset paper --time-limit 500 --resume 2>&1 | tee "$log" ;;
   *) echo "unknown step: $what" >&2; exit 2 ;;
 esac

@@ -3,7 +3,7 @@
     python bench/sweep.py                      # quick preset on a CPU, paper preset on a GPU
     python bench/sweep.py --preset paper --dtypes bfloat16 --batch 64 --branches RGA-SC
     python bench/sweep.py --shapes 256x64x32 --impls reference,torch,triton --modes train
-    python bench/plots.py bench/results/<device>/sweep.csv   # redraw plots and summary.md
+    python bench/lib/plots.py bench/results/<device>/sweep.csv   # redraw plots and summary.md
 
 Implementations (same inputs, same parameters: one state_dict loaded into each):
   reference             reference.RGA_Module, eager (materialised N x N affinity)
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 
 import rga_triton  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
-from bench import cost_model, hardware, impls, timing  # noqa: E402
-from bench.impls import Case  # noqa: E402
+from bench.lib import cost_model, hardware, impls, timing  # noqa: E402
+from bench.lib.impls import Case  # noqa: E402
 
 # Input resolution H x W -> feature maps of ResNet-50 stages in RGA-Net (last stride 1):
 # stage: (channels, downsampling factor).
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or os.path.join(ROOT, "bench", "results", hardware.results_dir_name(device))
     sweep = Sweep(device, names, cases, args, out_dir)
     status = sweep.run()
-    from bench import plots, report
+    from bench.lib import plots, report
     if not args.no_plots:
         for path in plots.plot_all(sweep.csv_path, out_dir):
             sweep.log(f"wrote {path}")

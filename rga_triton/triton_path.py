@@ -27,7 +27,7 @@ The branch has one composition in two forms, chosen by ``rga_triton.dispatch`` (
   registered ops (:data:`REGISTERED`), one per step.
 
 Why two forms and not one: the ops run the last BatchNorm and the sigmoid as PyTorch ops instead
-of in the gate kernel, and pay the custom-op dispatcher per step. With the kernels stubbed out (``bench/host_overhead.py``'s
+of in the gate kernel, and pay the custom-op dispatcher per step. With the kernels stubbed out (``bench/studies/host_overhead.py``'s
 ``host_ms``, RGA-SC 64x16x8, B=2, 2-core CPU, median of five processes of 200 calls), an eval
 no-grad call took 0.31 ms of host time in the kernels form and 0.53 ms through the ops form.
 

@@ -33,7 +33,7 @@ stage of a 512 x 256 input). The kernels hold a position tile's hidden activatio
 and the relation backward kernel's shared memory grows with it: at 128 its configs need 48 to
 160 KiB (sm_90, two pipeline stages; autotuning skips those a GPU cannot hold, and every GPU
 since Turing holds the smallest), at 256 up to 320 KiB, past any GPU's. Every config of every
-kernel compiles at this width in CI (tests/compile_kernels.py)."""
+kernel compiles at this width in CI (bench/lib/compile_kernels.py)."""
 
 
 def _flag(name: str) -> bool:

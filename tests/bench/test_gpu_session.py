@@ -13,7 +13,9 @@ import shlex
 
 import pytest
 
-from bench import goals, rga_net_step, sweep
+from bench.studies import goals, rga_net_step
+
+from bench import sweep
 from paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -39,7 +41,7 @@ def by_tool(name: str) -> list[list[str]]:
 def test_the_script_is_found_and_read():
     # the three tools below and pytest, in the steps "all", "tests", "tune", "train", "step", "paper"
     assert len(by_tool("bench/sweep.py")) >= 6
-    assert by_tool("bench/rga_net_step.py") and by_tool("bench/compile_threads.py") and len(by_tool("bench/goals.py")) == 4
+    assert by_tool("bench/studies/rga_net_step.py") and by_tool("bench/studies/compile_threads.py") and len(by_tool("bench/studies/goals.py")) == 4
     assert [argv for argv in by_tool("-m") if argv[0] == "pytest"]
 
 
@@ -51,17 +53,17 @@ def test_sweep_commands_parse(argv):
     assert names and cases
 
 
-@pytest.mark.parametrize("argv", by_tool("bench/rga_net_step.py"), ids=" ".join)
+@pytest.mark.parametrize("argv", by_tool("bench/studies/rga_net_step.py"), ids=" ".join)
 def test_rga_net_step_commands_parse(argv):
     rga_net_step.parse_args(argv)
 
 
-@pytest.mark.parametrize("argv", by_tool("bench/goals.py"), ids=lambda argv: " ".join(argv) or "default")
+@pytest.mark.parametrize("argv", by_tool("bench/studies/goals.py"), ids=lambda argv: " ".join(argv) or "default")
 def test_goals_commands_parse(argv):
     goals.build_parser().parse_args(argv)
 
 
-@pytest.mark.parametrize("argv", by_tool("bench/compile_threads.py"), ids=" ".join)
+@pytest.mark.parametrize("argv", by_tool("bench/studies/compile_threads.py"), ids=" ".join)
 def test_compile_threads_commands_parse(argv):
     flags = dict(zip(argv[::2], argv[1::2]))
     assert set(flags) <= {"--cases", "--threads"} and all(int(v) > 0 for v in flags.values())

@@ -17,7 +17,7 @@ import sys
 import pytest
 import triton
 
-import compile_kernels
+from bench.lib import compile_kernels
 from paths import REPO_ROOT
 
 try:
@@ -43,7 +43,7 @@ def _compile_tool(script: str, *args: str, timeout: int = 600) -> subprocess.Com
 @pytest.fixture(scope="module")
 def results():
     """Compile every case in one subprocess."""
-    done = _compile_tool("tests/compile_kernels.py", timeout=1500)
+    done = _compile_tool("bench/lib/compile_kernels.py", timeout=1500)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -53,18 +53,18 @@ def test_kernel_compiles_for_cuda(results, case_id):
 
 
 def test_compile_threads_tool_runs():
-    """bench/compile_threads.py (the premise of concurrent precompilation) compiles and reports."""
-    done = _compile_tool("bench/compile_threads.py", "--cases", "2", "--threads", "2")
+    """bench/studies/compile_threads.py (the premise of concurrent precompilation) compiles and reports."""
+    done = _compile_tool("bench/studies/compile_threads.py", "--cases", "2", "--threads", "2")
     assert "2 kernel variants for sm_90" in done.stdout and "on 2 threads" in done.stdout
 
 
 def test_kernel_resources_tool_reports_every_config(tmp_path):
-    """bench/kernel_resources.py compiles each config of a space (block sizes x num_warps x num_stages) and
+    """bench/studies/kernel_resources.py compiles each config of a space (block sizes x num_warps x num_stages) and
     reads registers and spills from ptxas. The gating backward, a memory-bound pass over x, spills nothing
     in any config (its space dropped the tiles that did)."""
     import csv
     out = tmp_path / "resources.csv"
-    done = _compile_tool("bench/kernel_resources.py", "--kernels", "_apply_gates_backward_kernel", "--quiet",
+    done = _compile_tool("bench/studies/kernel_resources.py", "--kernels", "_apply_gates_backward_kernel", "--quiet",
                          "--out", str(out))
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))

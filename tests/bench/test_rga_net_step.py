@@ -1,4 +1,4 @@
-"""bench/rga_net_step.py: reference-block models, the largest-batch search, and the CLI on a tiny CPU run."""
+"""bench/studies/rga_net_step.py: reference-block models, the largest-batch search, and the CLI on a tiny CPU run."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +6,7 @@ import csv
 import torch
 
 import rga_triton
-from bench import rga_net_step
+from bench.studies import rga_net_step
 from reference import RGA_Module
 
 TINY = dict(num_classes=4, height=32, width=16, spa_ratio=2, down_ratio=2, backend="torch")

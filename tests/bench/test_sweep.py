@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import rga_triton
-from bench import cost_model, impls, plots, report, sweep
-from bench.impls import Case
+from bench.lib import cost_model, impls, plots, report
+from bench import sweep
+from bench.lib.impls import Case
 from reference import RGA_Module
 from paths import REPO_ROOT
 
@@ -64,7 +65,7 @@ def test_sweep_rows_columns_and_correctness(tiny_sweep):
         t20, t50, t80 = (float(r[k]) for k in ("time_ms_p20", "time_ms_median", "time_ms_p80"))
         assert 0 < t20 <= t50 <= t80
         assert r["host_ms"] == ""      # host-bound or not is a GPU question (bench/timing.host_ms)
-        assert float(r["peak_mem_mb"]) > 0     # CPU: live tensor bytes (bench/live_memory.py)
+        assert float(r["peak_mem_mb"]) > 0     # CPU: live tensor bytes (bench/lib/live_memory.py)
         assert int(r["flops"]) > 0 and int(r["min_bytes"]) > 0
         assert float(r["tflops"]) == pytest.approx(int(r["flops"]) / (t50 * 1e-3) / 1e12, rel=1e-3)
         if r["impl"] != "reference":
@@ -119,7 +120,7 @@ def test_graph_skips_are_counted_with_their_reasons_and_marked():
 def test_live_tensor_bytes_hand_count():
     """The CPU peak: storages counted once from first appearance to their last tensor's death,
     autograd-saved tensors included; views of held tensors and in-place results counted once."""
-    from bench.live_memory import LiveTensorBytes, peak_tensor_bytes
+    from bench.lib.live_memory import LiveTensorBytes, peak_tensor_bytes
     held = torch.ones(1000, requires_grad=True)           # 4000 B, alive before the step
     with LiveTensorBytes([held]) as tracker:
         view = held.view(10, 100)
@@ -188,7 +189,7 @@ def test_host_bound_rows_are_marked_in_the_summary(tmp_path):
 
 
 def test_host_time_is_a_gpu_measure():
-    from bench import timing
+    from bench.lib import timing
     assert timing.host_ms(lambda: None, torch.device("cpu")) is None
 
 
@@ -450,7 +451,7 @@ def test_impl_algorithms():
 
 
 def test_results_dir_names_are_normalised():
-    from bench import hardware
+    from bench.lib import hardware
     name = hardware.results_dir_name(torch.device("cpu"))
     assert name.startswith("cpu_") and name == name.lower()
     assert all(ch.isalnum() or ch == "_" for ch in name)
@@ -458,12 +459,12 @@ def test_results_dir_names_are_normalised():
 
 
 def test_step_memory_stays_a_fraction_of_the_reference():
-    """bench/step_memory.py on one shape: a train step's peak memory, the gradients included.
+    """bench/studies/step_memory.py on one shape: a train step's peak memory, the gradients included.
     The bounds leave ~25% headroom over what the current code measures (triton 3.2x the input
     since the projection's backward runs as kernels, 3.55x before, 4.5x before grad x lived in
     one buffer; torch 9.0x, reference 19.2x); a step that starts keeping another x-sized tensor
     fails them."""
-    from bench import step_memory
+    from bench.studies import step_memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = ["reference", "torch"] + ([] if impls.triton_unavailable(device) else ["triton"])
     case = Case(64, 16, 16, 16, "RGA-SC", "train", "float32")
@@ -478,7 +479,7 @@ def test_step_memory_stays_a_fraction_of_the_reference():
 def test_spec_float32_rate_follows_the_matmul_tf32_switch():
     """PyTorch's defaults differ (matmul off, cuDNN on): the spec line follows the switch of the
     measured ceiling, a torch.matmul, and the CSV records both."""
-    from bench import hardware
+    from bench.lib import hardware
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = matmul.allow_tf32, cudnn.allow_tf32     # set and restored by hand: these are properties of
     try:                                            # module objects that monkeypatch cannot always undo
@@ -495,7 +496,7 @@ def test_step_memory_breakdown_lists_what_the_peak_holds(capsys):
     """--breakdown N: after each implementation's peak, its N largest live tensors, largest first,
     which together fit in that peak (and an x-sized one, the output or grad x, is among them)."""
     import re
-    from bench import step_memory
+    from bench.studies import step_memory
     assert step_memory.main(["--shape", "128x16x16", "--batch", "8", "--impls", "torch", "--breakdown", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     peak_mb = float(re.search(r"torch\s+([\d.]+) MB", lines[1]).group(1))
@@ -507,7 +508,7 @@ def test_step_memory_breakdown_lists_what_the_peak_holds(capsys):
 
 
 def test_host_overhead_tool_runs():
-    """bench/host_overhead.py (host time per block call, kernels stubbed out) runs and reports every row."""
+    """bench/studies/host_overhead.py (host time per block call, kernels stubbed out) runs and reports every row."""
     import subprocess
     import sys
     script = os.path.join(REPO_ROOT, "bench", "host_overhead.py")
@@ -536,9 +537,9 @@ def _stage_rows(times: dict, dtype="float32", memory=None) -> list[dict]:
 
 
 def test_goals_are_judged_from_the_stage_rows(tmp_path):
-    """bench/goals.py: issue 6's goals from a sweep's train rows; a failed baseline is flagged, not dropped;
+    """bench/studies/goals.py: issue 6's goals from a sweep's train rows; a failed baseline is flagged, not dropped;
     missing rows are said, not judged."""
-    from bench import goals
+    from bench.studies import goals
     rows = _stage_rows({"reference": [100.0, 20, 20, 40], "compile": [40.0, 10, 10, 20],
                         "torch": [6.0, 3, 3, 3], "triton": [3.0, 1.5, 2.5, None]},
                        memory={"reference": 1000.0, "triton": 40.0})
@@ -561,8 +562,8 @@ def test_goals_are_judged_from_the_stage_rows(tmp_path):
 
 
 def test_rga_net_goal_is_judged_per_precision_and_compile_mode():
-    """bench/goals.py on rga_net_step.csv rows: converted (triton) vs the authors' blocks in images/s."""
-    from bench import goals
+    """bench/studies/goals.py on rga_net_step.csv rows: converted (triton) vs the authors' blocks in images/s."""
+    from bench.studies import goals
 
     def row(impl, precision, compiled, images, status="ok"):
         return dict(impl=impl, precision=precision, compiled=str(compiled), images_per_s=str(images),

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import rga_triton
-from bench import resize_consistency as rc
+from rga_triton.common.settings import interpreting
+from bench.studies import resize_consistency as rc
 from helpers import TOLERANCE, compare_steps, randomize_batchnorm
 from rga_triton.models import rga_net
 from rga_triton.resize import (POSITION_INPUTS, block_like, resample_position_weight, resized_block,
                                resized_model, spatial_ratio)
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = interpreting()
 BACKENDS = ["torch"] + (["triton"] if INTERPRETING or torch.cuda.is_available() else [])
 # Whole RGA-Nets under the interpreter take minutes on a 2-core CPU: those runs are slow-marked.
 MODEL_BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and INTERPRETING else b for b in BACKENDS]

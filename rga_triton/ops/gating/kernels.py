@@ -44,7 +44,7 @@ GATE_CHUNK_N positions (channel gate). Every BLOCK_N in its space divides GATE_C
 their layout does not depend on which config runs (autotune trials leave nothing stale)."""
 
 
-# BLOCK_N=128 (at 4 warps) and 256 spill registers for sm_90 (bench/kernel_resources.py)
+# BLOCK_N=128 (at 4 warps) and 256 spill registers for sm_90 (bench/studies/kernel_resources.py)
 @tuned([dict(BLOCK_N=64), dict(BLOCK_N=32)], key=["C", "N"], warps=(4, 8), stages=(1,))
 @triton.jit
 def _apply_gates_backward_kernel(x_ptr, grad_ptr, spatial_ptr, channel_ptr, dx_ptr, ds_ptr, dc_ptr, C, N,

@@ -30,11 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch import space as tuning
 from .kernels import _gate_args, _project_tile
 from ..batchnorm.stats import load_bn_rows
 from ...launch.tuned import tuned
-from ...launch.space import STAT_SPLIT, n_splits
+from ...launch.space import STAT_SPLIT, dot_precision, n_splits
 
 DGATE_COLS_BLOCK = 64
 """The smallest BLOCK_L of ``_input_grad_kernel``'s space: in_gate's gradient has one partial
@@ -60,7 +59,7 @@ def _dy_tile(p, b, rows, row_mask, offs_l, l_mask, L, K, mean, inv_std, weight, 
     return p_hat, dy
 
 
-# BLOCK_C=16: the 64 x 64 tile that all but fits in registers at 8 warps on sm_90 (bench/kernel_resources.py)
+# BLOCK_C=16: the 64 x 64 tile that all but fits in registers at 8 warps on sm_90 (bench/studies/kernel_resources.py)
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
         dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
         dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=64)],
@@ -227,7 +226,7 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp,
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_grad_kernel[grid](x, gate, weight, bn_rows, dtp, dgx_mean, dp, partials, cin, length, rows, cols,
                                   *strides, stride_gb, HAS_GATE=has_gate, STORE_DP=direct, SPLIT=STAT_SPLIT,
-                                  DOT_PRECISION=tuning.dot_precision(x.device))
+                                  DOT_PRECISION=dot_precision(x.device))
     sums = partials.sum(dim=2)
     if not direct:
         k = rows // 3
@@ -253,7 +252,7 @@ def input_grad(x, shape, strides, weight, dp, in_gate, dx, dx_strides, accumulat
     _input_grad_kernel[grid](weight, dp, x, gate, dx if dx is not None else x, dgate, cin, length, weight.shape[0],
                              n_cols, *strides, stride_gb, *(dx_strides if dx is not None else strides),
                              HAS_GATE=has_gate, WRITE_DX=dx is not None, ACCUMULATE=accumulate,
-                             DOT_PRECISION=tuning.dot_precision(x.device))
+                             DOT_PRECISION=dot_precision(x.device))
     return dgate.sum(dim=2) if has_gate else None
 
 
@@ -273,5 +272,5 @@ def weight_grad(x, shape, strides, weight, dp, in_gate):
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"]), groups)  # noqa: E731
     _weight_grad_kernel[grid](dp, x, gate, weight, dw, cin, length, rows, batch, *strides, stride_gb,
-                              HAS_GATE=has_gate, DOT_PRECISION=tuning.dot_precision(x.device))
+                              HAS_GATE=has_gate, DOT_PRECISION=dot_precision(x.device))
     return dw[0] if groups == 1 else dw.sum(dim=0)

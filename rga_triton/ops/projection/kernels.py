@@ -25,8 +25,7 @@ import triton.language as tl
 
 from ..batchnorm.stats import store_partials, welford_merge
 from ...launch.tuned import tuned
-from ...launch import space as tuning
-from ...launch.space import STAT_SPLIT, n_splits
+from ...launch.space import STAT_SPLIT, dot_precision, n_splits
 
 
 @triton.jit
@@ -80,7 +79,7 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, ro
 
 
 # The BLOCK_C=16 tiles: as wide as the others, and at 8 warps the only wide ones whose 3xTF32 products
-# fit in registers on sm_90 (bench/kernel_resources.py; the others spill).
+# fit in registers on sm_90 (bench/studies/kernel_resources.py; the others spill).
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
         dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
         dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_ROWS=128, BLOCK_C=16, BLOCK_L=64)],
@@ -184,7 +183,7 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_stats_kernel[grid](x, gate, weight, stats, p if keep_p else stats, cin, length, rows, cols, *strides,
                                    stride_gb, HAS_GATE=has_gate, STORE_P=keep_p, SPLIT=STAT_SPLIT,
-                                   DOT_PRECISION=tuning.dot_precision(x.device))
+                                   DOT_PRECISION=dot_precision(x.device))
     return stats, p
 
 
@@ -205,5 +204,5 @@ def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scal
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
     _projection_apply_kernel[grid](x, gate, weight, p if p is not None else tp, scale, shift, tp, gx_mean, cin,
                                    length, k, *strides, stride_gb, HAS_GATE=has_gate, P_IN=p is not None,
-                                   DOT_PRECISION=tuning.dot_precision(x.device))
+                                   DOT_PRECISION=dot_precision(x.device))
     return tp, gx_mean

@@ -1,7 +1,7 @@
 """Compile every kernel for CUDA targets without a GPU; print one JSON object {case id: "ok" or the error}.
 
 Run without TRITON_INTERPRET (``@triton.jit`` must give compilable functions):
-``python tests/compile_kernels.py``. ``tests/bench/test_kernels_compile.py`` runs it in a subprocess.
+``python bench/lib/compile_kernels.py``. ``tests/bench/test_kernels_compile.py`` runs it in a subprocess.
 """
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import sys
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import triton  # noqa: E402
 
@@ -20,8 +21,12 @@ from rga_triton.common.settings import MAX_HIDDEN  # noqa: E402
 from rga_triton.launch import tuned  # noqa: E402
 from rga_triton.ops.gating import kernels as gating  # noqa: E402
 
-KERNEL_MODULES = ("projection.kernels", "projection.backward_kernels", "relation.kernels", "relation.backward_kernels",
-                  "gating.kernels", "batchnorm.kernels", "affinity.kernels")
+import rga_triton.ops  # noqa: E402
+
+# Every step's kernel files (ops/<step>/*kernels.py), found rather than listed: a new one is compiled too.
+KERNEL_MODULES = tuple(sorted(f"{step.name}.{module.name}" for step in pkgutil.iter_modules(rga_triton.ops.__path__)
+                              if step.ispkg for module in pkgutil.iter_modules([os.path.join(
+                                  rga_triton.ops.__path__[0], step.name)]) if module.name.endswith("kernels")))
 for _name in KERNEL_MODULES:
     importlib.import_module(f"rga_triton.ops.{_name}")
 

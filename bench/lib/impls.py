@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rga_triton.common.settings import interpreting  # noqa: F401  (re-exported for bench scripts and tests)
+
 import rga_triton
 from rga_triton.testing import TOLERANCE as TESTING_TOLERANCE, tolerance
-from bench import cost_model
-from bench.cost_model import BRANCHES
+from bench.lib import cost_model
+from bench.lib.cost_model import BRANCHES
 from reference import RGA_Module
 
 IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled", "triton-graphs")
@@ -230,25 +232,13 @@ def compiled(impl: str) -> bool:
     return impl.startswith("compile") or impl == "triton-graphs"
 
 
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run on the CPU through Triton's interpreter (slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def triton_unavailable(device: torch.device) -> str | None:
-    """Why rga_triton's Triton path cannot run here, or None.
+    """Why rga_triton's Triton path cannot run float32 tensors on ``device``, or None: the library's own
+    reason (``dispatch.triton_unsupported_reason``). Under TRITON_INTERPRET=1 it takes CPU tensors and
+    runs through Triton's interpreter: a functional check (timings are meaningless)."""
+    from rga_triton import dispatch
 
-    It needs a CUDA tensor, except under TRITON_INTERPRET=1, where it takes CPU tensors and
-    runs through Triton's interpreter: a functional check (timings are meaningless).
-    """
-    if device.type != "cuda" and not interpreting():
-        return (f"the Triton path needs a CUDA tensor (this run is on {device.type}; "
-                f"TRITON_INTERPRET=1 runs it through Triton's interpreter)")
-    try:
-        import rga_triton.triton_path  # noqa: F401
-    except Exception as exc:   # noqa: BLE001 - any import failure means: not available
-        return f"import rga_triton.triton_path failed: {type(exc).__name__}: {exc}"
-    return None
+    return dispatch.triton_unsupported_reason(torch.empty(0, device=device))
 
 
 def resolved_algorithms(module, dtype: torch.dtype, train: bool, device: torch.device) -> str:
@@ -257,8 +247,10 @@ def resolved_algorithms(module, dtype: torch.dtype, train: bool, device: torch.d
     if module.algorithm != "auto":
         return module.algorithm
     from rga_triton.dispatch import branch_algorithm
-    names = [n for n, on in (("spatial", module.use_spatial), ("channel", module.use_channel)) if on]
-    chosen = {n: branch_algorithm(module, n, dtype, device, "train" if train else "forward") for n in names}
+    branches = module.branches()
+    names = list(branches)
+    chosen = {n: branch_algorithm(module.algorithm, b, dtype, device, "train" if train else "forward")
+              for n, b in branches.items()}
     if len(set(chosen.values())) == 1:
         return f"{chosen[names[0]]} (auto)"
     return "+".join(f"{n}:{a}" for n, a in chosen.items()) + " (auto)"

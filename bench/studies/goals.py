@@ -6,13 +6,13 @@ The goals, for one RGA-SC training step (forward + backward) at B=64 on the stag
 - the Triton path >= 1.5x the torch path at every stage (each dtype the CSV holds);
 - the step's peak memory <= 5 % of the reference's at the first stage, float32.
 
-And for whole RGA-Net training steps (``bench/rga_net_step.py``'s CSV, 256 x 128): converted blocks on the
+And for whole RGA-Net training steps (``bench/studies/rga_net_step.py``'s CSV, 256 x 128): converted blocks on the
 Triton path >= 2x the authors' blocks in images/s, per precision, with and without torch.compile.
 
 A goal is judged only from rows that ran and passed their correctness check; a baseline that failed its
 own check still took its time, so a ratio against it is given and flagged. Missing rows say so.
 
-    python bench/goals.py [bench/results/<device>/sweep.csv] [--impl triton-graphs] [--net FILE]
+    python bench/studies/goals.py [bench/results/<device>/sweep.csv] [--impl triton-graphs] [--net FILE]
     # default: this GPU's sweep.csv, and its rga_net_step.csv beside it when there is one
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.rows import load_rows  # noqa: E402
+from bench.lib.rows import load_rows  # noqa: E402
 
 BATCH = 64
 INPUT = "256x128"
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     if not given:
         import torch
 
-        from bench import hardware
+        from bench.lib import hardware
         if not torch.cuda.is_available():
             parser.error("csv: no GPU here to name the results folder; give the CSV's path")
         args.csv = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

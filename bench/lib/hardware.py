@@ -8,7 +8,7 @@ import subprocess
 
 import torch
 
-from bench import timing
+from bench.lib import timing
 
 # Dense (no structured sparsity) spec-sheet numbers. float32 is the TF32 tensor-core rate
 # (what cuBLAS/cuDNN reach when TF32 is allowed); "fp32" is the non-tensor-core rate.
@@ -81,7 +81,7 @@ def driver_version(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)

@@ -3,7 +3,7 @@
 
 Needs onnx, onnxscript and onnxruntime (the toolbox venv of ``.ci/run`` has them):
 
-    python bench/onnx_latency.py --size 256x128 --batches 1,8
+    python bench/studies/onnx_latency.py --size 256x128 --batches 1,8
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import rga_triton  # noqa: E402
 from rga_triton.models import rga_net  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from bench.rows import impls_in, load_rows
+from bench.lib.rows import impls_in, load_rows
 
 FAST = ("torch", "triton", "triton-tiled", "triton-graphs")   # rga_triton's implementations (impls.FAST_IMPLS)
 

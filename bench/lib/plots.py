@@ -1,6 +1,6 @@
 """Plots from a sweep CSV: speed-up, peak memory, roofline, time vs resolution.
 
-    python bench/plots.py bench/results/<device>/sweep.csv [--out DIR]
+    python bench/lib/plots.py bench/results/<device>/sweep.csv [--out DIR]
 
 One figure per (mode, dtype) for each kind, drawn for one branch (RGA-SC when present) at
 the largest batch size of that mode and dtype (roofline: every branch and batch). A row
@@ -21,12 +21,14 @@ import textwrap
 
 import matplotlib
 
+# run as a script (python bench/lib/plots.py): the repository root holds the `bench` package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from bench.rows import ORDER, impls_in, load_rows  # noqa: E402,F401  (load_rows: part of this module's API)
+from bench.lib.rows import ORDER, impls_in, load_rows  # noqa: E402,F401  (load_rows: part of this module's API)
 
 COLORS = {"reference": "#7f7f7f", "compile": "#ff7f0e", "compile-max-autotune": "#8c564b", "torch": "#1f77b4",
           "triton": "#2ca02c", "triton-tiled": "#9467bd", "triton-graphs": "#17becf"}
@@ -328,18 +330,17 @@ def plot_all(csv_path: str, out_dir: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/plots.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python bench/lib/plots.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", help="a sweep.csv written by bench/sweep.py")
     parser.add_argument("--out", help="output directory (default: the CSV's directory)")
     args = parser.parse_args(argv)
     out_dir = args.out or os.path.dirname(os.path.abspath(args.csv))
     for path in plot_all(args.csv, out_dir):
         print(f"wrote {path}")
-    from bench import report
+    from bench.lib import report
     print(f"wrote {report.write_summary(args.csv, os.path.join(out_dir, 'summary.md'))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -6,11 +6,11 @@ kernel whose space spills everywhere needs smaller tiles or more warps. Triton l
 PTX, and the ptxas Triton bundles reports per kernel "Used N registers" and "X bytes spill stores"
 (``ptxas -v``). The configs are each tuned kernel's whole autotune space (block sizes x num_warps x
 num_stages), with float32 operands and 3xTF32 dots (the heaviest case), the usual constexpr switches
-(``tests/compile_kernels.py``) and, where a kernel has a hidden layer, also the widest one. The
+(``bench/lib/compile_kernels.py``) and, where a kernel has a hidden layer, also the widest one. The
 numbers are this Triton's and its ptxas's; a GPU machine's Triton may allocate a little differently.
 
-    python bench/kernel_resources.py                      # sm_90, every kernel, CSV + per-kernel summary
-    python bench/kernel_resources.py --arch 80 --kernels _gate_logit_kernel --out /tmp/r.csv
+    python bench/studies/kernel_resources.py                      # sm_90, every kernel, CSV + per-kernel summary
+    python bench/studies/kernel_resources.py --arch 80 --kernels _gate_logit_kernel --out /tmp/r.csv
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)          # before Triton is imported: @triton.jit must compile
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import compile_kernels  # noqa: E402
+from bench.lib import compile_kernels  # noqa: E402
 from rga_triton.launch import tuned  # noqa: E402
 
 COLUMNS = ["kernel", "variant", "blocks", "num_warps", "num_stages", "registers", "spill_store_bytes",

@@ -1,7 +1,7 @@
 """Peak memory of one RGA train step (forward + backward) per implementation, without timing it.
 
-    python bench/step_memory.py --shape 256x64x32 --batch 8
-    TRITON_INTERPRET=1 python bench/step_memory.py --impls reference,torch,triton   # on a CPU
+    python bench/studies/step_memory.py --shape 256x64x32 --batch 8
+    TRITON_INTERPRET=1 python bench/studies/step_memory.py --impls reference,torch,triton   # on a CPU
 
 On CUDA: the allocator's peak beyond what was allocated before the step. On a CPU: the peak
 bytes of live tensors that ATen ops return (``live_memory.py``), which also counts the
@@ -16,15 +16,15 @@ import gc
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench import impls, timing  # noqa: E402
-from bench.impls import Case  # noqa: E402
-from bench.live_memory import LiveTensorBytes  # noqa: E402
+from bench.lib import impls, timing  # noqa: E402
+from bench.lib.impls import Case  # noqa: E402
+from bench.lib.live_memory import LiveTensorBytes  # noqa: E402
 
 BRANCHES = ("RGA-S", "RGA-C", "RGA-SC")
 

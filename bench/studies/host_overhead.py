@@ -7,7 +7,7 @@ queue of earlier work hides it). Runs on a CPU: kernels go through Triton's inte
 launches are replaced by no-ops, so what is timed is everything but the kernels (and Triton's
 own launcher, which a GPU adds per launch).
 
-    python bench/host_overhead.py --shape 64x16x8 --batch 2
+    python bench/studies/host_overhead.py --shape 64x16x8 --batch 2
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"        # before Triton is imported: its ker
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import rga_triton  # noqa: E402
 
 LAUNCHES: collections.Counter = collections.Counter()

@@ -1,8 +1,8 @@
 """RGA-Net training steps, images/s: the authors' RGA blocks against converted ones, +- torch.compile.
 
-    python bench/rga_net_step.py                                  # 256 x 128, B=64 on a GPU; tiny on a CPU
-    python bench/rga_net_step.py --precisions float32,bf16-autocast --compile both
-    python bench/rga_net_step.py --max-batch --height 512 --width 256   # largest batch each fits
+    python bench/studies/rga_net_step.py                                  # 256 x 128, B=64 on a GPU; tiny on a CPU
+    python bench/studies/rga_net_step.py --precisions float32,bf16-autocast --compile both
+    python bench/studies/rga_net_step.py --max-batch --height 512 --width 256   # largest batch each fits
 
 One model, one set of weights: RGA-Net (``rga_triton.models.rga_net``) whose four blocks are
 the reference's ``RGA_Module`` (materialised affinity: the authors' model) or
@@ -26,12 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import rga_triton  # noqa: E402
-from bench.hardware import environment, results_dir_name  # noqa: E402
-from bench.impls import free_memory, is_oom, triton_unavailable  # noqa: E402
+from bench.lib.hardware import environment, results_dir_name  # noqa: E402
+from bench.lib.impls import free_memory, is_oom, triton_unavailable  # noqa: E402
 from reference import RGA_Module  # noqa: E402
 
 IMPLS = ("reference", "torch", "triton")

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bench.live_memory import peak_tensor_bytes
+from bench.lib.live_memory import peak_tensor_bytes
 
 # No row spends much more than this timing (slow reference cases); at least MIN_RUNS runs.
 BUDGET_S = 3.0

@@ -12,8 +12,8 @@ Fine-tuning: a synthetic task whose signal is finer than the trained grid (predi
 a one-pixel marker of a 16 x 16 map), a tiny model pretrained at 8 x 8, then the same number of
 steps at 16 x 16 from the resized block and from the pooling wrapper (same data, seeds, Adam).
 
-    python bench/resize_consistency.py                # both tables (3 to 6 minutes on 2 CPU cores)
-    python bench/resize_consistency.py --quick        # smaller shapes, fewer steps
+    python bench/studies/resize_consistency.py                # both tables (3 to 6 minutes on 2 CPU cores)
+    python bench/studies/resize_consistency.py --quick        # smaller shapes, fewer steps
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reference/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # reference/
 
 from reference import RGA_Module  # noqa: E402
 from rga_triton import RGAModule  # noqa: E402

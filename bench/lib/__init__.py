@@ -1,0 +1,1 @@
+"""What bench/sweep.py, the studies and the tests import: implementations, timing, hardware, cost model, plots, reports."""

@@ -10,19 +10,20 @@ __version__ = "0.1.0"
 def tune(*args, **kwargs):
     """Autotune the Triton kernels on this GPU and write its configuration file; returns the path.
 
-    See :func:`rga_triton.autotuning.tune` for the arguments (imported on call, so that
+    See :func:`rga_triton.tuning.tune` for the arguments (imported on call, so that
     ``import rga_triton`` works where Triton is not installed).
     """
-    from .autotuning import tune as _tune
+    from .tuning import tune as _tune
     return _tune(*args, **kwargs)
 
-# Models and ecosystem (issue 7): RGA-Net, convert() for the authors' blocks, their checkpoints.
-from . import models  # noqa: E402
+# Models and ecosystem (issue 7): RGA-Net, convert() for the authors' blocks, their checkpoints; the
+# toolbox adapters' package (it imports no adapter, and so no toolbox).
+from . import integrations, models  # noqa: E402
 from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 from .attach import attach; __all__ += ["attach"]  # noqa: E402,E702  (issue 30: RGA after the stages of any CNN)
 
-__all__ += ["models", "convert", "load_checkpoint", "CheckpointReport"]
+__all__ += ["integrations", "models", "convert", "load_checkpoint", "CheckpointReport"]
 
 # The Triton path's custom operators (torch.ops.rga_triton.*): registered at import, so that exported and
 # AOTInductor-compiled programs load wherever rga_triton is imported.

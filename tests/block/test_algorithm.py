@@ -8,7 +8,7 @@ import torch
 
 import rga_triton
 from helpers import DEVICE, TOLERANCE, compare_steps, make_pair
-from rga_triton import autotuning
+from rga_triton import tuning
 from rga_triton.common import algorithm
 from rga_triton import dispatch
 from rga_triton.ops.relation import kernels as relation_kernels
@@ -135,7 +135,7 @@ def test_measure_algorithms_records_the_faster_per_branch(store):
         return [2.0, 1.0, 1.0, 2.0][len(times) - 1]     # spatial: reassociated, tiled; channel: the same
 
     c, h, w = TUNE_SHAPE
-    chosen = autotuning.measure_algorithms([(c, h, w)], [2], ["RGA-SC"], [torch.float32], ["train"],
+    chosen = tuning.measure_algorithms([(c, h, w)], [2], ["RGA-SC"], [torch.float32], ["train"],
                                            torch.device(DEVICE), verbose=False, timer=timer)
     module = rga_triton.RGAModule(c, h * w)        # tune() measures the authors' default ratios
     expected = {algorithm.bucket(*module.branch("channel").dims, torch.float32, "train"): "reassociated",

@@ -75,7 +75,7 @@ def test_backward_holds_one_x_sized_gradient(order):
     into one buffer. The composition torch.compile traces (each projection hands autograd a new
     x-sized gradient to sum) holds two or more at once; the tracker must see that difference.
     At this shape no other backward intermediate is as large as x."""
-    from bench.live_memory import LiveTensorBytes
+    from bench.lib.live_memory import LiveTensorBytes
     module = _module(c=16, h=6, w=5, order=order).float().to(DEVICE).train()
     x = torch.randn(3, 16, 6, 5, device=DEVICE, requires_grad=True)
     grad_out = torch.randn_like(x)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rga_triton
-from rga_triton import autotuning
+from rga_triton import tuning
 from rga_triton.launch import tuned
 
 ENTRY = {"BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
@@ -34,7 +34,7 @@ def store(tmp_path, monkeypatch):
 def fake_gpu(store, monkeypatch):
     """tune() on the CPU, named "cpu": the GPU-only calls are stood in for, and each case's step records
     one bucket of _gate_logit_kernel (C=<channels>) as an autotuned launch would."""
-    monkeypatch.setattr(autotuning, "_check_device", lambda device: CPU)
+    monkeypatch.setattr(tuning, "_check_device", lambda device: CPU)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -42,7 +42,7 @@ def fake_gpu(store, monkeypatch):
     def step(module, batch, h, w, dtype, mode, device):
         return lambda: tuned.STORE.recorded.setdefault("_gate_logit_kernel", {}).update(
             {f"C={module.in_channel}": TUNED})
-    monkeypatch.setattr(autotuning, "_step", step)
+    monkeypatch.setattr(tuning, "_step", step)
     return store
 
 
@@ -58,7 +58,7 @@ def _write(path, kernels=None, algorithms=None):
 def _save_many(path: str, name: str, count: int) -> None:
     bulk = {f"{name}-{j}": ENTRY for j in range(100)}      # a file of many writes, not one
     for i in range(count):
-        autotuning.save_config(path, "cpu", {"_gate_logit_kernel": {f"{name}{i}": ENTRY}, "_affinity_kernel": bulk},
+        tuning.save_config(path, "cpu", {"_gate_logit_kernel": {f"{name}{i}": ENTRY}, "_affinity_kernel": bulk},
                                {f"{name}{i}": "tiled"})
 
 
@@ -66,7 +66,7 @@ def _save_many(path: str, name: str, count: int) -> None:
 @pytest.mark.parametrize("lock", ["flock", "exclusive-create"])
 def test_processes_saving_at_once_keep_both_sets_and_readers_see_whole_files(store, monkeypatch, lock):
     if lock == "exclusive-create":          # the fallback where fcntl does not exist (Windows)
-        monkeypatch.setattr(autotuning, "fcntl", None)
+        monkeypatch.setattr(tuning, "fcntl", None)
     count, path = 25, str(store)
     fork = multiprocessing.get_context("fork")      # children inherit the patched module, and start at once
     writers = [fork.Process(target=_save_many, args=(path, name, count)) for name in ("a", "b")]
@@ -128,7 +128,7 @@ def test_a_folder_that_cannot_be_written_is_refused_before_tuning(fake_gpu, tmp_
 
         def step(*args):
             raise AssertionError("tuned before the folder was checked")
-        monkeypatch.setattr(autotuning, "_step", step)
+        monkeypatch.setattr(tuning, "_step", step)
         with pytest.raises(ValueError, match=r"cannot write .*RGA_TRITON_CONFIG_DIR.*path="):
             _tune()
         assert tuned.STORE.table == loaded
@@ -152,7 +152,7 @@ def test_an_error_while_tuning_leaves_the_loaded_table(fake_gpu, monkeypatch):
         def fail():
             raise RuntimeError("CUDA out of memory")
         return fail
-    monkeypatch.setattr(autotuning, "_step", step)
+    monkeypatch.setattr(tuning, "_step", step)
     with pytest.raises(RuntimeError, match="out of memory"):
         _tune()
     assert tuned.STORE.table == {"_gate_logit_kernel": {"R=7": ENTRY}}

@@ -167,7 +167,7 @@ def test_tune_needs_a_gpu():
 def test_saved_file_merges_and_is_read_back(store):
     """tune()'s writer: recorded buckets merge over the file's, algorithm choices are kept, and the
     store reads back exactly what was written (no temporary or lock file left behind)."""
-    from rga_triton.autotuning import save_config
+    from rga_triton.tuning import save_config
     tuned, tmp_path = store
     path = _device_file(tuned, tmp_path)
     old = {"_gate_logit_kernel": {"R=7": {"BLOCK_R": 32, "num_warps": 4, "num_stages": 2}},
@@ -235,10 +235,10 @@ def test_tune_runs_end_to_end_and_its_file_is_launched_with(store, monkeypatch, 
     interpreter, one pinned config each."""
     import contextlib
     import triton.testing
-    from rga_triton import autotuning
+    from rga_triton import tuning
     tuned, tmp_path = store
     if DEVICE == "cpu":
-        monkeypatch.setattr(autotuning, "_check_device", lambda device: torch.device("cpu"))
+        monkeypatch.setattr(tuning, "_check_device", lambda device: torch.device("cpu"))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu")
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)

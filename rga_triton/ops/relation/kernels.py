@@ -26,8 +26,7 @@ import triton.language as tl
 from ...common.settings import MAX_HIDDEN
 from ..batchnorm.stats import store_partials, welford_merge
 from ...launch.tuned import tuned
-from ...launch import space as tuning
-from ...launch.space import STAT_SPLIT, n_splits
+from ...launch.space import STAT_SPLIT, dot_precision, n_splits
 
 
 @tuned([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
@@ -231,7 +230,7 @@ def relation_a(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     r = wg.shape[0]
     a = torch.empty((batch, r, k2), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), 2 * triton.cdiv(k2 // 2, meta["BLOCK_K"]), batch)  # noqa: E731
-    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=tuning.dot_precision(tp.device))
+    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.device))
     return a
 
 
@@ -241,7 +240,7 @@ def relation_z_tiled(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     r = wg.shape[0]
     z = torch.empty((batch, r, length), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(r, meta["BLOCK_R"]), batch)  # noqa: E731
-    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=tuning.dot_precision(tp.device))
+    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.device))
     return z
 
 
@@ -255,7 +254,7 @@ class RelationOperands:
         self.a = a if a is not None else gx_mean     # dummy pointer when unused
         self.z = z if z is not None else gx_mean
         self.batch, self.k2, self.length = tp.shape
-        self.precision = tuning.dot_precision(tp.device)
+        self.precision = dot_precision(tp.device)
 
 
 def _block_h(hidden: int) -> int:

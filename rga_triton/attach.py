@@ -203,7 +203,8 @@ def _check_names(model: nn.Module, after, names) -> tuple[list[str], list[dict],
     return stages, per_stage, names
 
 
-def attach(model: nn.Module, after, input_size, *, names: Sequence[str] | None = None, **rga_kwargs) -> nn.Module:
+def attach(model: nn.Module, after, input_size, *, names: Sequence[str] | None = None,
+           stage_shapes: Mapping[str, Sequence[int]] | None = None, **rga_kwargs) -> nn.Module:
     """Insert an :class:`~rga_triton.RGAModule` after each stage named in ``after``; returns ``model``.
 
     ``model``: any ``nn.Module`` whose stages output (B, C, H, W) maps, not an ``nn.Sequential`` /
@@ -216,7 +217,9 @@ def attach(model: nn.Module, after, input_size, *, names: Sequence[str] | None =
     output at that size (:func:`stage_outputs`). ``rga_kwargs``: ``RGAModule``'s other arguments
     (``use_spatial``, ``use_channel``, ``cha_ratio``, ``spa_ratio``, ``down_ratio``, ``backend``,
     ``algorithm``, ``order``). ``names``: the blocks' attribute names on ``model`` (default
-    ``rga_att1``, ``rga_att2``, ... in the order of ``after``).
+    ``rga_att1``, ``rga_att2``, ... in the order of ``after``). ``stage_shapes``: ``{name: (C, H', W')}``
+    of every stage's output at ``input_size`` where the caller knows them (RGA-Net's ResNet-50 does):
+    then no forward is run to measure them.
 
     The block after stage k is ``model.<names[k]>``, on the model's device and dtype and in its
     train/eval mode, and the stage's output goes through it wherever the model's forward runs the
@@ -234,7 +237,12 @@ def attach(model: nn.Module, after, input_size, *, names: Sequence[str] | None =
         raise TypeError(f"model is an nn.{type(model).__name__}: a block registered on it would become part of "
                         f"it; attach to an nn.Module that holds it (e.g. a small class whose forward calls it)")
     stages, per_stage, names = _check_names(model, after, names)
-    outputs = stage_outputs(model, stages, input_size)
+    if stage_shapes is None:
+        outputs = stage_outputs(model, stages, input_size)
+    else:
+        if set(stage_shapes) != set(stages):
+            raise ValueError(f"stage_shapes must have one (C, H, W) per stage {stages}, got {sorted(stage_shapes)}")
+        outputs = {name: torch.empty((1, *stage_shapes[name]), device="meta") for name in stages}
     height, width = _input_shape(input_size)[1:]
     reference = _reference_tensor(model)
     blocks = []

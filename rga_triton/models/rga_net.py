@@ -23,17 +23,22 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from ..attach import attach
 from ..common.checks import one_of
-from ..module import RGAModule, check_order
+from ..module import check_order
 from .resnet import EXPANSION, WIDTHS, ResNet50, resnet50_keys, stage_sizes
 
 
 class RGABackbone(ResNet50):
     """ResNet-50 (last stride 1 by default) with ``rga_att{k}`` = RGAModule after stage k.
 
-    Each block's ``in_spatial`` is the H*W of its stage's feature map for a ``height`` x
-    ``width`` input (64*32, 32*16, 16*8, 16*8 at 256 x 128 with last stride 1). ``backend``,
-    ``algorithm`` and ``order`` go to every block.
+    Built by :func:`rga_triton.attach` applied to :class:`ResNet50` after ``layer1`` .. ``layer4``: the
+    blocks are the submodules ``rga_att1`` .. ``rga_att4`` (the authors' names and state_dict keys)
+    and a forward hook on ``layer{k}`` sends its output through ``rga_att{k}``, so ``forward`` is
+    ResNet-50's. Each block's ``in_spatial`` is the H*W of its stage's feature map for a ``height`` x
+    ``width`` input (64*32, 32*16, 16*8, 16*8 at 256 x 128 with last stride 1), computed by
+    :func:`~rga_triton.models.stage_sizes` (no measuring forward). ``backend``, ``algorithm`` and
+    ``order`` go to every block.
     """
 
     def __init__(self, height: int = 256, width: int = 128, use_spatial: bool = True, use_channel: bool = True,
@@ -45,33 +50,24 @@ class RGABackbone(ResNet50):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_order(order)     # here, not per block: the per-block error blames the input size
         self.height, self.width = height, width
-        for stage, ((h, w), c) in enumerate(zip(stage_sizes(height, width, last_stride), WIDTHS), start=1):
-            try:
-                block = RGAModule(c * EXPANSION, h * w, use_spatial, use_channel, cha_ratio, spa_ratio, down_ratio,
-                                  backend=backend, algorithm=algorithm, order=order)
-            except ValueError as err:
-                raise ValueError(f"RGA block after stage {stage} ({c * EXPANSION} channels, {h} x {w} = {h * w} "
-                                 f"positions for a {height} x {width} input): {err}. Use a larger input or smaller "
-                                 f"ratios") from err
-            setattr(self, f"rga_att{stage}", block)
+        stages = [f"layer{k}" for k in range(1, 5)]
+        shapes = {stage: (c * EXPANSION, h, w)
+                  for stage, (h, w), c in zip(stages, stage_sizes(height, width, last_stride), WIDTHS)}
+        attach(self, stages, (height, width), stage_shapes=shapes, use_spatial=use_spatial, use_channel=use_channel,
+               cha_ratio=cha_ratio, spa_ratio=spa_ratio, down_ratio=down_ratio, backend=backend,
+               algorithm=algorithm, order=order)
 
     def stage_inputs(self, x: torch.Tensor, stages=(1, 2, 3, 4)) -> dict[int, torch.Tensor]:
         """{k: the feature map that enters rga_att{k}} for the requested stages (for relation maps)."""
         wanted, out = set(stages), {}
         x = self.stem(x)
         for k in range(1, max(wanted) + 1):
-            x = getattr(self, f"layer{k}")(x)
+            x = getattr(self, f"layer{k}").forward(x)       # the stage alone: .forward skips its hook
             if k in wanted:
                 out[k] = x
             if k < max(wanted):
                 x = getattr(self, f"rga_att{k}")(x)
         return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for k in range(1, 5):
-            x = getattr(self, f"rga_att{k}")(getattr(self, f"layer{k}")(x))
-        return x
 
 
 LOSSES = ("softmax", "triplet")

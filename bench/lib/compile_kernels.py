@@ -40,16 +40,40 @@ FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32,
 FIXED_BY_KERNEL = {"_apply_gates_backward_kernel": {"BLOCK_C": gating.GATE_BLOCK_C, "CHUNK_N": gating.GATE_CHUNK_N}}
 FLOAT_SCALARS = {"factor", "eps"}
 HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16
-UNTUNED = {"_bn_finalize_kernel": ("batchnorm.kernels", [{}]),
-           "_projection_dp_kernel": ("projection.backward_kernels", [dict(BLOCK_ROWS=32, BLOCK_L=128)])}
+from rga_triton.ops.batchnorm import kernels as _batchnorm  # noqa: E402
+from rga_triton.ops.projection import backward_kernels as _projection_backward  # noqa: E402
+
+# The kernels launched without autotuning: (module, [their launch's block sizes], (num_warps, num_stages)).
+UNTUNED = {"_bn_finalize_kernel": ("batchnorm.kernels", [dict(_batchnorm.FINALIZE_BLOCKS)],
+                                   (_batchnorm.FINALIZE_WARPS, 3)),
+           "_projection_dp_kernel": ("projection.backward_kernels", [dict(_projection_backward.DP_BLOCKS)],
+                                     (_projection_backward.DP_WARPS, 3))}
 
 
 def kernel(name: str):
     """(the @triton.jit object, its block-size space) of a kernel, by name."""
     if name in UNTUNED:
-        module, space = UNTUNED[name]
+        module, space, _ = UNTUNED[name]
         return getattr(importlib.import_module(f"rga_triton.ops.{module}"), name), space
     return tuned.KERNELS[name].fn, tuned.KERNELS[name].space
+
+
+def untuned_launch(name: str) -> tuple[int, int]:
+    """(num_warps, num_stages) an untuned kernel is launched with."""
+    return UNTUNED[name][2]
+
+
+def first_launch(name: str) -> tuple[int, int]:
+    """(num_warps, num_stages) of a kernel's first config: the one pinned and interpreted launches use."""
+    if name in UNTUNED:
+        return untuned_launch(name)
+    _, warps, stages = tuned.KERNELS[name].allowed[0]
+    return warps, stages
+
+
+def has_half_operands(name: str) -> bool:
+    """Whether the kernel reads operands in the compute dtype (float16/bfloat16 blocks)."""
+    return bool(HALF_POINTERS & set(inspect.signature(kernel(name)[0].fn).parameters))
 
 
 def kernel_names() -> list[str]:

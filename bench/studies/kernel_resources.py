@@ -5,12 +5,22 @@ far slower than registers. A config that spills in a kernel's inner loop is a sl
 kernel whose space spills everywhere needs smaller tiles or more warps. Triton lowers each config to
 PTX, and the ptxas Triton bundles reports per kernel "Used N registers" and "X bytes spill stores"
 (``ptxas -v``). The configs are each tuned kernel's whole autotune space (block sizes x num_warps x
-num_stages), with float32 operands and 3xTF32 dots (the heaviest case), the usual constexpr switches
-(``bench/lib/compile_kernels.py``) and, where a kernel has a hidden layer, also the widest one. The
-numbers are this Triton's and its ptxas's; a GPU machine's Triton may allocate a little differently.
+num_stages) with the usual constexpr switches (``bench/lib/compile_kernels.py``), in each precision
+case launches use (:data:`PRECISIONS`: float32 operands with 3xTF32 dots, float32 with single TF32
+dots, bfloat16 operands; a kernel without a ``DOT_PRECISION`` switch or half-precision operands has
+fewer) and, where a kernel has a hidden layer, also the widest one (3xTF32 only). Each row also says
+
+- ``occupancy_warps``: warps of this kernel resident per SM, limited by registers (allocated per warp
+  in units of 256), shared memory (plus 1 KB reserved per block) and the SM's warp and block limits
+  (:data:`SM_LIMITS`);
+- ``dot_instruction``: what the kernel's ``tl.dot`` became in the PTX: ``wgmma`` (Hopper's warpgroup
+  MMA), ``mma`` (``mma.sync``, Ampere's), ``fma`` (no tensor core), ``none`` (no dot in the kernel).
+
+The numbers are this Triton's and its ptxas's; a GPU machine's Triton may allocate a little differently.
 
     python bench/studies/kernel_resources.py                      # sm_90, every kernel, CSV + per-kernel summary
     python bench/studies/kernel_resources.py --arch 80 --kernels _gate_logit_kernel --out /tmp/r.csv
+    python bench/studies/kernel_resources.py --first --check      # first configs only; exit 1 on a spill
 """
 from __future__ import annotations
 
@@ -30,10 +40,15 @@ sys.path.insert(0, ROOT)
 from bench.lib import compile_kernels  # noqa: E402
 from rga_triton.launch import tuned  # noqa: E402
 
-COLUMNS = ["kernel", "variant", "blocks", "num_warps", "num_stages", "registers", "spill_store_bytes",
-           "spill_load_bytes", "shared_bytes", "error"]
-UNTUNED_LAUNCH = (4, 3)
-"""num_warps, num_stages of the kernels launched without autotuning (Triton's defaults)."""
+COLUMNS = ["kernel", "variant", "precision", "blocks", "num_warps", "num_stages", "registers", "spill_store_bytes",
+           "spill_load_bytes", "shared_bytes", "occupancy_warps", "dot_instruction", "error"]
+PRECISIONS = {"float32-3xtf32": ("tf32x3", False), "float32-tf32": ("tf32", False), "bfloat16": ("tf32x3", True)}
+"""Precision case -> (DOT_PRECISION, half-precision operands)."""
+SM_LIMITS = {90: dict(registers=65536, shared=233472, warps=64, blocks=32),
+             80: dict(registers=65536, shared=167936, warps=64, blocks=32),
+             86: dict(registers=65536, shared=102400, warps=48, blocks=16),
+             89: dict(registers=65536, shared=102400, warps=48, blocks=24)}
+"""Per SM: 32-bit registers, shared memory bytes, resident warps, resident blocks (CUDA occupancy tables)."""
 
 
 def ptxas(arch: int) -> str:
@@ -46,10 +61,41 @@ def ptxas(arch: int) -> str:
 
 
 def launch_settings(name: str, blocks: dict) -> list[tuple[int, int]]:
-    """(num_warps, num_stages) pairs the kernel's space holds for these block sizes."""
+    """(num_warps, num_stages) pairs the kernel's space holds for these block sizes, in the space's order."""
     if name not in tuned.KERNELS:
-        return [UNTUNED_LAUNCH]
+        return [compile_kernels.untuned_launch(name)]
     return [(w, s) for b, w, s in tuned.KERNELS[name].allowed if b == {k: blocks[k] for k in b}]
+
+
+def occupancy_warps(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    """Warps of one kernel resident per SM: whole blocks that fit the register file, the shared memory
+    and the SM's warp and block limits."""
+    limits = SM_LIMITS.get(arch, SM_LIMITS[80] if arch < 90 else SM_LIMITS[90])
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    blocks = min(limits["blocks"], limits["warps"] // num_warps, limits["registers"] // (per_warp * num_warps))
+    if shared:
+        blocks = min(blocks, limits["shared"] // (shared + 1024))
+    return blocks * num_warps
+
+
+def dot_instruction(ptx: str, ttir: str) -> str:
+    """'wgmma', 'mma', 'fma' or 'none': what the kernel's dots lowered to."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "fma" if "tt.dot" in ttir else "none"
+
+
+def precision_cases(name: str) -> list[str]:
+    """The precision cases this kernel has: TF32 needs a DOT_PRECISION switch, bfloat16 half pointers."""
+    jit = compile_kernels.kernel(name)[0]
+    out = ["float32-3xtf32"]
+    if "DOT_PRECISION" in compile_kernels.constexpr_args(jit):
+        out.append("float32-tf32")
+    if compile_kernels.has_half_operands(name):
+        out.append("bfloat16")
+    return out
 
 
 def usage(ptx: str, arch: int, tool: str) -> dict:
@@ -69,42 +115,71 @@ def usage(ptx: str, arch: int, tool: str) -> dict:
                 spill_load_bytes=int(spills.group(2)))
 
 
-def measure(names: list[str], arch: int, quiet: bool = False) -> list[dict]:
+def measure_one(name: str, variant: str, precision: str, constexprs: dict, warps: int, stages: int, arch: int,
+                tool: str) -> dict:
+    """One row: compile one (kernel, config, precision case) for ``arch`` and read what ptxas reports."""
+    dot, half = PRECISIONS[precision]
+    space_keys = set(compile_kernels.kernel(name)[1][0])
+    blocks = {k: v for k, v in constexprs.items() if k in space_keys}
+    values = dict(constexprs)
+    if "DOT_PRECISION" in values:
+        values["DOT_PRECISION"] = dot
+    if half and "HAS_GATE" in values:       # a gated half-precision operand takes its own branch (hi + lo)
+        values["HAS_GATE"] = True
+    row = dict(kernel=name, variant=variant.removeprefix(name + "-"), precision=precision,
+               blocks=" ".join(f"{k}={v}" for k, v in sorted(blocks.items())), num_warps=warps, num_stages=stages)
+    try:
+        compiled = compile_kernels.compile_case(name, values, half, arch, warps, stages)
+        shared = compiled.metadata.shared
+        row.update(usage(compiled.asm["ptx"], arch, tool), shared_bytes=shared)
+        row["occupancy_warps"] = occupancy_warps(row["registers"], shared, warps, arch)
+        row["dot_instruction"] = dot_instruction(compiled.asm["ptx"], compiled.asm.get("ttir", ""))
+    except Exception as exc:  # noqa: BLE001 - a row per config, whatever happens
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return row
+
+
+def measure(names: list[str], arch: int, quiet: bool = False, first: bool = False,
+            precisions: list[str] | None = None) -> list[dict]:
+    """Rows for every (config, precision case) of each kernel; ``first``: the first config only (the one
+    pinned and interpreted launches use), at the usual constexprs and hidden width."""
     tool = ptxas(arch)
     rows, start = [], time.perf_counter()
     for name in names:
         space_keys = set(compile_kernels.kernel(name)[1][0])
-        for variant, constexprs in compile_kernels.config_variants(name):
+        cases = [p for p in precision_cases(name) if precisions is None or p in precisions]
+        variants = compile_kernels.config_variants(name)
+        if first:
+            variants = variants[:1]
+        for variant, constexprs in variants:
             blocks = {k: v for k, v in constexprs.items() if k in space_keys}
-            for warps, stages in launch_settings(name, blocks):
-                row = dict(kernel=name, variant=variant.removeprefix(name + "-"),
-                           blocks=" ".join(f"{k}={v}" for k, v in sorted(blocks.items())),
-                           num_warps=warps, num_stages=stages)
-                try:
-                    compiled = compile_kernels.compile_case(name, constexprs, False, arch, warps, stages)
-                    row.update(usage(compiled.asm["ptx"], arch, tool), shared_bytes=compiled.metadata.shared)
-                except Exception as exc:  # noqa: BLE001 - a row per config, whatever happens
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                rows.append(row)
-                if not quiet:
-                    spill = row.get("spill_store_bytes")
-                    print(f"[{len(rows)}] {name} {row['variant']} w{warps} s{stages}: "
-                          + (f"{row['registers']} registers, {spill} B spilled, {row['shared_bytes']} B shared"
-                             if "error" not in row else row["error"])
-                          + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+            settings = launch_settings(name, blocks)
+            for precision in cases if "BLOCK_H=" not in variant else cases[:1]:
+                for warps, stages in settings[:1] if first else settings:
+                    row = measure_one(name, variant, precision, constexprs, warps, stages, arch, tool)
+                    rows.append(row)
+                    if not quiet:
+                        print(f"[{len(rows)}] {name} {row['variant']} {precision} w{warps} s{stages}: "
+                              + (f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, "
+                                 f"{row['shared_bytes']} B shared, {row['occupancy_warps']} warps/SM, "
+                                 f"{row['dot_instruction']}" if "error" not in row else row["error"])
+                              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     return rows
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Per kernel: configs that spill nothing, the worst spill, and whether the first config (the one a
-    pinned launch takes) spills."""
-    lines = ["| kernel | configs spilling nothing | most spilled (B) | first config spills (B) |", "|---|---|---|---|"]
+    """Per kernel and precision case: configs that spill nothing, the worst spill, and the first config
+    (the one a pinned launch takes): its registers, spill, occupancy and dot instruction."""
+    lines = ["| kernel | precision | configs spilling nothing | most spilled (B) | first config: registers, "
+             "spilled (B), warps/SM, dot |", "|---|---|---|---|---|"]
     for name in dict.fromkeys(r["kernel"] for r in rows):
-        mine = [r for r in rows if r["kernel"] == name and "error" not in r]
-        free = sum(r["spill_store_bytes"] == 0 for r in mine)
-        worst = max((r["spill_store_bytes"] for r in mine), default=0)
-        first = mine[0]["spill_store_bytes"] if mine else "-"
-        lines.append(f"| {name} | {free} / {len(mine)} | {worst} | {first} |")
+        for precision in dict.fromkeys(r["precision"] for r in rows if r["kernel"] == name):
+            mine = [r for r in rows if r["kernel"] == name and r["precision"] == precision and "error" not in r]
+            free = sum(r["spill_store_bytes"] == 0 for r in mine)
+            worst = max((r["spill_store_bytes"] for r in mine), default=0)
+            first = (f"{mine[0]['registers']}, {mine[0]['spill_store_bytes']}, {mine[0]['occupancy_warps']}, "
+                     f"{mine[0]['dot_instruction']}" if mine else "-")
+            lines.append(f"| {name} | {precision} | {free} / {len(mine)} | {worst} | {first} |")
     return lines
 
 
@@ -114,14 +189,20 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--out", default=None,
                         help="CSV path (default bench/results/kernel_resources_sm<arch>_triton<version>.csv)")
+    parser.add_argument("--precisions", default="", help=f"comma-separated cases (default all: {', '.join(PRECISIONS)})")
+    parser.add_argument("--first", action="store_true", help="only each kernel's first config (pinned launches)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a measured config spills")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] or None
+    if precisions and set(precisions) - set(PRECISIONS):
+        parser.error(f"--precisions: choose from {', '.join(PRECISIONS)}")
     known = compile_kernels.kernel_names()
     names = [n.strip() for n in args.kernels.split(",") if n.strip()] or known
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    rows = measure(names, args.arch, args.quiet)
+    rows = measure(names, args.arch, args.quiet, args.first, precisions)
     import triton
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    f"kernel_resources_sm{args.arch}_triton{triton.__version__}.csv")
@@ -132,7 +213,11 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     print("\n".join(summary(rows)))
     print(f"wrote {out}")
-    return 1 if any("error" in r for r in rows) else 0
+    spilled = [r for r in rows if r.get("spill_store_bytes")]
+    if args.check and spilled:
+        print("spilling: " + "; ".join(f"{r['kernel']} {r['variant']} {r['precision']} w{r['num_warps']} "
+                                       f"s{r['num_stages']}: {r['spill_store_bytes']} B" for r in spilled))
+    return 1 if any("error" in r for r in rows) or (args.check and spilled) else 0
 
 
 if __name__ == "__main__":

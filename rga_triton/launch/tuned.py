@@ -24,8 +24,10 @@ holds the measured choice of ``algorithm="auto"`` per branch shape (``rga_triton
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import threading
 import warnings
 
 import torch
@@ -33,9 +35,10 @@ import triton
 
 from ..common.algorithm import ALGORITHMS
 from ..common.settings import config_dir, pinned
-from .precompile import precompile
+from .precompile import config_kwargs, precompile
 from .space import configs as config_space
 
+LOG = logging.getLogger("rga_triton.tuning")
 KERNELS: dict[str, TunedKernel] = {}
 # Every tuned kernel's name. Some kernel modules are imported only when first used (affinity), so a
 # file's kernel names are checked against this list, not just against the kernels registered so far.
@@ -169,6 +172,42 @@ def read_config(path: str) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
 STORE = ConfigStore()
 
 
+def compiled_resources(fn, config: triton.Config, grid, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """(bytes of local memory per thread, i.e. spilled registers, and shared memory bytes) of ``fn`` compiled
+    for ``config`` with these arguments (a cache hit after :func:`precompile`), or None when it cannot tell."""
+    try:
+        compiled = fn.warmup(*args, **kwargs, **config_kwargs(config), grid=grid)
+        if getattr(compiled, "n_spills", None) is None:
+            compiled._init_handles()        # loads the binary: the driver reports registers and local memory
+        return 4 * int(compiled.n_spills), int(compiled.metadata.shared)    # n_spills counts 4-byte words
+    except Exception:  # noqa: BLE001 - unknown resources: the config stays and the autotuner meets the error
+        return None
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """Shared memory one block may use on ``device`` (opt-in maximum), or None when unknown."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def prune_unfit(configs: list[triton.Config], resources: list[tuple[int, int] | None],
+                max_shared: int | None) -> tuple[list[triton.Config], dict[str, int]]:
+    """The configs worth timing: those that spill nothing and fit the device's shared memory (``resources``:
+    (spilled bytes, shared bytes) per config, None where unknown: kept). When no config is left, the ones
+    that fit the shared memory and spill least. Returns (configs, counts of what was pruned and why)."""
+    over = [max_shared is not None and r is not None and r[1] > max_shared for r in resources]
+    spills = [r is not None and r[0] > 0 for r in resources]
+    keep = [c for c, o, s in zip(configs, over, spills) if not o and not s]
+    if not keep:
+        fitting = [(r[0] if r else 0, i) for i, (r, o) in enumerate(zip(resources, over)) if not o]
+        least = min((spill for spill, _ in fitting), default=None)
+        keep = [configs[i] for spill, i in fitting if spill == least] or list(configs)
+    counts = dict(spill=sum(s and not o for s, o in zip(spills, over)), shared=sum(over))
+    return keep, counts
+
+
 class TunedKernel:
     """A ``@triton.jit`` kernel launched with a stored config when the GPU's file has one."""
 
@@ -183,8 +222,12 @@ class TunedKernel:
         # every (blocks, num_warps, num_stages) the space holds, pinned or not: what a stored config may be
         self.allowed = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in full]
         # restore_value: buffers a launch reads and writes, reset between the autotuner's trials
+        # pruning compiles every config with the launch's arguments (self._launch, set by each launch)
+        prune = None if pinned() else {"early_config_prune": self._prune}
         self.autotuned = triton.autotune(configs=full[:1] if pinned() else full, key=key,
-                                         restore_value=list(restore_value) or None)(fn)
+                                         restore_value=list(restore_value) or None, prune_configs_by=prune)(fn)
+        self._launch = threading.local()
+        self.timed: dict[str, tuple[int, int]] = {}   # bucket -> (configs timed, configs in the space)
         self.last_source: str | None = None       # "file" or "autotune": which one chose the last launch
         self.precompiled: set[str] = set()        # buckets whose configs were compiled ahead of autotuning
         self.resolved: dict[str, tuple[int, triton.Config | None]] = {}   # bucket -> (STORE generation, lookup)
@@ -197,6 +240,20 @@ class TunedKernel:
             config = STORE.lookup(self.name, bucket, self.allowed)
             self.resolved[bucket] = (STORE.generation, config)
         return config
+
+    def _prune(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        """Triton's ``early_config_prune``: drop the configs that spill or need more shared memory than the
+        device has (:func:`prune_unfit`) before they are timed, and log how many are timed for this shape."""
+        launch = getattr(self._launch, "current", None)
+        if launch is None or len(configs) < 2:
+            return configs
+        bucket, device, grid, args, call_kwargs = launch
+        resources = [compiled_resources(self.fn, c, grid, args, call_kwargs) for c in configs]
+        keep, counts = prune_unfit(configs, resources, max_shared_memory(device))
+        self.timed[bucket] = (len(keep), len(configs))
+        LOG.info("%s [%s]: timing %d of %d configs (pruned: %d spill, %d need more shared memory than the device "
+                 "has)", self.name, bucket, len(keep), len(configs), counts["spill"], counts["shared"])
+        return keep
 
     def bucket(self, bound: dict) -> str:
         dtype = next((v.dtype for v in bound.values() if isinstance(v, torch.Tensor)), None)
@@ -220,7 +277,11 @@ class TunedKernel:
             if bucket not in self.precompiled and not pinned():
                 self.precompiled.add(bucket)
                 precompile(self.fn, self.autotuned.configs, grid, args, kwargs)
-            out = self.autotuned[grid](*args, **kwargs)
+            self._launch.current = (bucket, device, grid, args, kwargs)
+            try:
+                out = self.autotuned[grid](*args, **kwargs)
+            finally:
+                self._launch.current = None
             best = getattr(self.autotuned, "best_config", None)
             if best is not None:
                 STORE.record(self.name, bucket, best)

@@ -19,6 +19,9 @@ from ...launch.space import STAT_SPLIT, n_splits
 MAX_GROUP = 3
 """BatchNorms one launch finalises: the projection's three (theta, phi, gx), which its one
 statistics pass measures together."""
+FINALIZE_BLOCKS = dict(BLOCK_C=64, BLOCK_COLS=64)
+FINALIZE_WARPS = 4
+"""The finalize launch (untuned): block sizes and num_warps (num_stages: Triton's default, 3)."""
 
 
 @triton.jit
@@ -136,8 +139,8 @@ def bn_finalize(stats: torch.Tensor, row0: int, bns: list, length: int, factors:
                for bn in padded for i, t in enumerate((bn.weight, bn.bias, bn.running_mean, bn.running_var))]
     factors = [float(f) for f in factors] + [0.0] * (MAX_GROUP - len(bns))
     eps = [float(bn.eps) for bn in padded]
-    grid = (triton.cdiv(channels, 64), len(bns))
+    grid = (triton.cdiv(channels, FINALIZE_BLOCKS["BLOCK_C"]), len(bns))
     _bn_finalize_kernel[grid](
         stats, *tensors, scale, shift, mean, inv_std, row0, stats.shape[1], n_cols, channels, length,
         *factors, *eps, n_splits(length),
-        HAS_AFFINE=has_affine, UPDATE=update, SPLIT=STAT_SPLIT, BLOCK_C=64, BLOCK_COLS=64, num_warps=4)
+        HAS_AFFINE=has_affine, UPDATE=update, SPLIT=STAT_SPLIT, **FINALIZE_BLOCKS, num_warps=FINALIZE_WARPS)

@@ -207,6 +207,10 @@ def _weight_grad_kernel(dp_ptr, x_ptr, gate_ptr, w_ptr, dw_ptr, Cin, L, ROWS, B,
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
+DP_BLOCKS = dict(BLOCK_ROWS=32, BLOCK_L=128)
+DP_WARPS = 4
+"""The ``_projection_dp_kernel`` launch (untuned): block sizes and num_warps (num_stages: Triton's default, 3)."""
+
 def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp, dgx_mean):
     """dP float32 (B, 3K, L) and the sums float32 (2, 3K): sum dy, sum dy p_hat over images and positions.
 
@@ -232,9 +236,9 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp,
         k = rows // 3
         for i in (i for i, used in enumerate(batch_stats) if used):
             bn_rows[4:, i * k:(i + 1) * k] = sums[:, i * k:(i + 1) * k] / (batch * length)
-        block_rows, block_l = 32, 128
+        block_rows, block_l = DP_BLOCKS["BLOCK_ROWS"], DP_BLOCKS["BLOCK_L"]
         _projection_dp_kernel[(triton.cdiv(length, block_l), triton.cdiv(rows, block_rows), batch)](
-            dp, bn_rows, dtp, dgx_mean, length, rows, BLOCK_ROWS=block_rows, BLOCK_L=block_l)
+            dp, bn_rows, dtp, dgx_mean, length, rows, BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=DP_WARPS)
     return dp, sums
 
 

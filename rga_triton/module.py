@@ -8,7 +8,6 @@ from . import dispatch
 from .common import checks
 from .common.branch import Branch
 
-
 ORDERS = ("sc", "cs", "parallel")
 
 
@@ -108,7 +107,7 @@ class RGAModule(nn.Module):
                 f"order={self.order!r}" + (f", inter_spatial={self.inter_spatial}"
                                            if self.inter_spatial != self.in_spatial // self.spa_ratio else ""))
 
-    def resized(self, from_hw, to_hw, mode: str = "bilinear") -> "RGAModule":
+    def resized(self, from_hw, to_hw, mode: str = "bilinear") -> RGAModule:
         """A new block for ``to_hw`` = (H', W') feature maps, its position-indexed weights resampled
         from this block's, built for ``from_hw`` = (H, W) (scaled by N / N'; docs/resize.md gives
         the rule per weight). Everything else is kept: other weights, BatchNorm buffers, settings,

@@ -27,7 +27,8 @@ The branch has one composition in two forms, chosen by ``rga_triton.dispatch`` (
   registered ops (:data:`REGISTERED`), one per step.
 
 Why two forms and not one: the ops run the last BatchNorm and the sigmoid as PyTorch ops instead
-of in the gate kernel, and pay the custom-op dispatcher per step. With the kernels stubbed out (``bench/studies/host_overhead.py``'s
+of in the gate kernel, and pay the custom-op dispatcher per step. With the kernels stubbed out
+(``bench/studies/host_overhead.py``'s
 ``host_ms``, RGA-SC 64x16x8, B=2, 2-core CPU, median of five processes of 200 calls), an eval
 no-grad call took 0.31 ms of host time in the kernels form and 0.53 ms through the ops form.
 
@@ -43,15 +44,21 @@ import torch
 from .common.batchnorm import batch_norm, uses_batch_stats
 from .common.layout import input_views, weight_matrix
 from .common.tracing import intercepted
-from .ops.batchnorm.norm import (affine_rows, batch_normalised, batchnorm_args, check_batch, finalized, folded,
-                                 one_channel_affine)
+from .ops.batchnorm.norm import (
+    affine_rows,
+    batch_normalised,
+    batchnorm_args,
+    check_batch,
+    finalized,
+    folded,
+    one_channel_affine,
+)
 from .ops.gating.kernels import apply_gates
 from .ops.gating.op import eager_apply_gates
 from .ops.projection.kernels import projection_apply, projection_stats
 from .ops.projection.op import ThreadedProjection, eager_projection
 from .ops.registry import IMPLS
-from .ops.relation.kernels import (RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled,
-                                   z_stats)
+from .ops.relation.kernels import RelationOperands, gate_logit, hidden_stats, relation_a, relation_z_tiled, z_stats
 from .ops.relation.op import eager_gate_logit
 
 REGISTERED = torch.ops.rga_triton

@@ -20,7 +20,8 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_triton: runs the Triton kernels (a GPU, or TRITON_INTERPRET=1 on the CPU)")
+    config.addinivalue_line("markers",
+                            "needs_triton: runs the Triton kernels (a GPU, or TRITON_INTERPRET=1 on the CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,6 +47,17 @@ def store(tmp_path, monkeypatch):
     tuned.STORE.reset()
     yield tuned, tmp_path
     tuned.STORE.reset()
+
+
+@pytest.fixture(params=["dz-whole", "dz-sliced"])
+def dz_slices(request, monkeypatch):
+    """The relation backward's dZ written and consumed in one piece (test shapes are small), or a slice
+    of the batch at a time."""
+    import rga_triton.ops.relation.op
+
+    if request.param == "dz-sliced":
+        monkeypatch.setattr(rga_triton.ops.relation.op, "DZ_SLICE_MIN_BYTES", 0)
+    return request.param
 
 
 @pytest.fixture(autouse=True)

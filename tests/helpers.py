@@ -6,9 +6,9 @@ import copy
 import torch
 
 import rga_triton
-from rga_triton.testing import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401  (re-exported)
 from reference import RGA_Module
 from rga_triton.common.settings import interpreting
+from rga_triton.testing import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401  (re-exported)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the tests run: the GPU when there is one, else the CPU (kernels through Triton's interpreter)."""
@@ -150,8 +150,9 @@ def compare_steps(ref, fast, x, train, tol, dtype, device="cpu", steps=1, seed=1
             # (whole == 0: saturated gates pass no gradient at all; then absolute error, against 1)
             err = grad_error(f_grads[name], r_grads[name], whole)
             low_err = grad_error(l_grads[name], r_grads[name], whole) if l_grads is not None else 0.0
-            assert err <= allowance(tol, low_err, dtype), (f"grad {name}, step {k}: relative error {err:.3e} > "
-                                                           f"{tol:.0e} (and > 4x the {dtype} reference's {low_err:.3e})")
+            assert err <= allowance(tol, low_err, dtype), (
+                f"grad {name}, step {k}: relative error {err:.3e} > {tol:.0e} "
+                f"(and > 4x the {dtype} reference's {low_err:.3e})")
             worst = max(worst, min(err, tol))
         r_state, f_state = ref.state_dict(), fast.state_dict()
         for name, value in r_state.items():

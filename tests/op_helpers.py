@@ -1,11 +1,11 @@
 """Shared pieces of the per-step backward tests (test_op_*.py) and test_triton_backward.py: a float64
 module with non-trivial BatchNorms, per-BatchNorm modes, gradients and their comparison."""
-import pytest
 import torch
 
 import rga_triton
 import rga_triton.ops.relation.op
-from helpers import DEVICE, TOLERANCE, rel_err
+
+from helpers import TOLERANCE, rel_err
 
 TOL = TOLERANCE[torch.float32]
 
@@ -44,9 +44,3 @@ def _assert_grads_close(actual, expected, names):
 MODES = [(True,) * 5, (False,) * 5, (True, False, True, False, True), (False, True, False, True, False)]
 
 
-@pytest.fixture(params=["dz-whole", "dz-sliced"])
-def dz_slices(request, monkeypatch):
-    """dZ written and consumed in one piece (test shapes are small), or a slice of the batch at a time."""
-    if request.param == "dz-sliced":
-        monkeypatch.setattr(rga_triton.ops.relation.op, "DZ_SLICE_MIN_BYTES", 0)
-    return request.param

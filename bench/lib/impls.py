@@ -4,18 +4,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from rga_triton.common.settings import interpreting  # noqa: F401  (re-exported for bench scripts and tests)
-
 import rga_triton
-from rga_triton.testing import TOLERANCE as TESTING_TOLERANCE, tolerance
 from bench.lib import cost_model
 from bench.lib.cost_model import BRANCHES
 from reference import RGA_Module
+from rga_triton.common.settings import interpreting  # noqa: F401  (re-exported for bench scripts and tests)
+from rga_triton.testing import TOLERANCE as TESTING_TOLERANCE
+from rga_triton.testing import tolerance
 
 IMPLS = ("reference", "compile", "compile-max-autotune", "torch", "triton", "triton-tiled", "triton-graphs")
 DEFAULT_IMPLS = ("reference", "compile", "torch", "triton", "triton-tiled")

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import rga_triton  # noqa: E402
+from reference import RGA_Module  # noqa: E402
 from rga_triton.models import rga_net  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
-from reference import RGA_Module  # noqa: E402
 
 
 def models(height: int, width: int, num_classes: int = 751):

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     print("Consistency (eval, float64, smooth inputs; target: the original block's gate on x, upsampled)")
     print("\n".join(consistency_table(QUICK_STAGES if args.quick else STAGES)))
     steps = args.steps or (100 if args.quick else 300)
-    print(f"\nFine-tuning (marker task; MSE, mean of the last 20 training steps and on 512 held-out samples)")
+    print("\nFine-tuning (marker task; MSE, mean of the last 20 training steps and on 512 held-out samples)")
     print("| run | train loss (last 20) | held-out loss |\n|---|---|---|")
     for name, (tr, ev) in finetune(steps, steps).items():
         print(f"| {name} | {tr:.4f} | {ev:.4f} |")

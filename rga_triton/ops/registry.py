@@ -25,7 +25,8 @@ Eager autograd calls each op's implementation and backward formula directly
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -13,9 +13,9 @@ import shlex
 
 import pytest
 
+from bench import sweep
 from bench.studies import goals, rga_net_step
 
-from bench import sweep
 from paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -41,7 +41,8 @@ def by_tool(name: str) -> list[list[str]]:
 def test_the_script_is_found_and_read():
     # the three tools below and pytest, in the steps "all", "tests", "tune", "train", "step", "paper"
     assert len(by_tool("bench/sweep.py")) >= 6
-    assert by_tool("bench/studies/rga_net_step.py") and by_tool("bench/studies/compile_threads.py") and len(by_tool("bench/studies/goals.py")) == 4
+    assert by_tool("bench/studies/rga_net_step.py") and by_tool("bench/studies/compile_threads.py")
+    assert len(by_tool("bench/studies/goals.py")) == 4
     assert [argv for argv in by_tool("-m") if argv[0] == "pytest"]
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import DEVICE, TOLERANCE, compare_steps, make_pair
 from rga_triton import tuning
 from rga_triton.common import algorithm
-from rga_triton import dispatch
 from rga_triton.ops.relation import kernels as relation_kernels
+
+from helpers import DEVICE, TOLERANCE, compare_steps, make_pair
 
 # C=20 at 6x10, cha_ratio=3, spa_ratio=8, down_ratio=4: spatial (R, K, L) = (7, 6, 60), channel (7, 6, 20).
 SHAPE = dict(c=20, h=6, w=10, batch=3, cha_ratio=3, spa_ratio=8, down_ratio=4)

@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
-from helpers import TOLERANCE, allowance, grad_error, make_pair, rel_err
 from rga_triton import dispatch
+
+from helpers import TOLERANCE, allowance, grad_error, make_pair, rel_err
 
 BACKENDS = ["torch"] + (["triton"] if dispatch.interpreting() else [])
 
@@ -51,7 +52,7 @@ def test_autocast_matches_reference(backend, autocast_dtype, train):
         err = grad_error(params[name], expected, whole)
         amp_err = grad_error(amp_params[name], expected, whole)
         assert err <= allowance(tol, amp_err, autocast_dtype), f"grad {name}: {err:.3e}"
-    for name, value in ref.state_dict().items():     # running statistics stay float32 and move alike
+    for name in ref.state_dict():     # running statistics stay float32 and move alike
         if "running" in name:
             assert fast.state_dict()[name].dtype == torch.float32
             assert rel_err(fast.state_dict()[name], amp_ref.state_dict()[name]) <= tol, name

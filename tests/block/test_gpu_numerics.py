@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from rga_triton.ops.affinity.kernels import affinity
+
 from gpu_numerics import gpu_dot_numerics, tf32_rounded, tf32_truncated
 from helpers import DEVICE, TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import dispatch
-from rga_triton.ops.affinity.kernels import affinity
 
 pytestmark = pytest.mark.needs_triton
 interpreter_only = pytest.mark.skipif(DEVICE == "cuda", reason="the emulation stands in for a GPU; this one has one")

@@ -4,8 +4,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rga_triton
-from helpers import BATCHNORM_VARIANTS, compare_steps, make_pair, rel_err, TOLERANCE, vary_batchnorms
 from reference import RGA_Module
+
+from helpers import BATCHNORM_VARIANTS, TOLERANCE, compare_steps, make_pair, rel_err, vary_batchnorms
 
 BRANCHES = [(True, True), (True, False), (False, True)]
 

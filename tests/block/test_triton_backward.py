@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 
-from helpers import compare_steps, grad_error, make_pair, rel_err, step
-from op_helpers import DEVICE, TOL, _module, dz_slices  # noqa: F401  (dz_slices: a fixture)
-from rga_triton import dispatch
-from rga_triton import triton_path
+from rga_triton import dispatch, triton_path
+
+from helpers import DEVICE, compare_steps, grad_error, make_pair, rel_err, step
+from op_helpers import TOL, _module
 
 pytestmark = pytest.mark.needs_triton
 

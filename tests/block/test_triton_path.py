@@ -6,9 +6,19 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import (DEVICE, BATCHNORM_VARIANTS, compare_steps, float32_tolerance, make_pair, rel_err, TOLERANCE,
-                     TOLERANCE_TF32, vary_batchnorms)
 from rga_triton import dispatch
+
+from helpers import (
+    BATCHNORM_VARIANTS,
+    DEVICE,
+    TOLERANCE,
+    TOLERANCE_TF32,
+    compare_steps,
+    float32_tolerance,
+    make_pair,
+    rel_err,
+    vary_batchnorms,
+)
 
 pytestmark = pytest.mark.needs_triton
 HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # interpreter: no bf16

@@ -14,12 +14,11 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import rga_triton.ops
+from rga_triton import RGAModule, dispatch
 from rga_triton.common import settings
+from rga_triton.ops.batchnorm.norm import batchnorm_args  # import rga_triton registers the ops
+
 from helpers import DEVICE, make_pair, rel_err, train_step
-from rga_triton import RGAModule
-from rga_triton import dispatch
-from rga_triton.ops.batchnorm.norm import batchnorm_args      # import rga_triton registers the ops
 
 pytestmark = pytest.mark.needs_triton
 TOL = 1e-5

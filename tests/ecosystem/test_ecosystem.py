@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rga_triton
-from helpers import float32_tolerance, make_pair, rel_err
 from reference import RGA_Module
 from rga_triton import RGAModule
+
+from helpers import float32_tolerance, make_pair, rel_err
 from paths import REPO_ROOT
 
 ROOT = REPO_ROOT

@@ -16,9 +16,10 @@ import textwrap
 import pytest
 import torch
 
-from helpers import DEVICE, float32_tolerance, make_pair, rel_err, train_step
-from rga_triton.common import tracing
 from rga_triton import dispatch
+from rga_triton.common import tracing
+
+from helpers import DEVICE, float32_tolerance, make_pair, rel_err, train_step
 from paths import REPO_ROOT
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.needs_triton)]
@@ -141,7 +142,8 @@ def test_exported_block_matches_eager_at_other_batch_sizes(backend, train):
     eager = copy.deepcopy(fast)
     program = _export(fast, x.float().to(DEVICE))
     if backend == "triton":
-        per_branch = {"projection", "relation", "gate_logit"} | ({"projection_norm", "relation_norm"} if train else set())
+        per_branch = {"projection", "relation", "gate_logit"}
+        per_branch |= {"projection_norm", "relation_norm"} if train else set()
         assert _rga_ops(program) == per_branch | {"apply_gates"}
     exported = program.module()
     gen = torch.Generator().manual_seed(1)

@@ -7,7 +7,6 @@ blocks say ``backend="triton"`` exports the torch path's graph: standard ONNX op
 graph as ``backend="torch"``. Eval mode (what deployment runs), float32: within the numerical
 contract (rel err < 1e-4) of the eager module, at batch 1 and 5 through one file.
 """
-import os
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ import rga_triton  # noqa: E402
 from rga_triton.integrations.onnx import exporting_to_onnx  # noqa: E402
 from rga_triton.models import rga_net  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
-from helpers import DEVICE
+
+from helpers import DEVICE  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.needs_triton)]
 FLOAT32 = 1e-4

@@ -11,10 +11,10 @@ import pytest
 import torch
 import triton
 
-from helpers import make_pair
-from rga_triton import dispatch
 from rga_triton.launch import precompile as pc
 from rga_triton.launch import tuned
+
+from helpers import make_pair
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b in (32, 64) for w in (4, 8)]
 

@@ -1,19 +1,25 @@
 """Issue 22: resampling an RGA block's position-indexed weights to another input size (rga_triton.resize)."""
 import copy
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rga_triton
-from rga_triton.common.settings import interpreting
 from bench.studies import resize_consistency as rc
-from helpers import TOLERANCE, compare_steps, randomize_batchnorm
+from rga_triton.common.settings import interpreting
 from rga_triton.models import rga_net
-from rga_triton.resize import (POSITION_INPUTS, block_like, resample_position_weight, resized_block,
-                               resized_model, spatial_ratio)
+from rga_triton.resize import (
+    POSITION_INPUTS,
+    block_like,
+    resample_position_weight,
+    resized_block,
+    resized_model,
+    spatial_ratio,
+)
+
+from helpers import TOLERANCE, compare_steps, randomize_batchnorm
 
 INTERPRETING = interpreting()
 BACKENDS = ["torch"] + (["triton"] if INTERPRETING or torch.cuda.is_available() else [])

@@ -7,6 +7,7 @@ import ast
 import os
 
 import pytest
+
 from paths import REPO_ROOT
 
 ROOT = REPO_ROOT

@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from helpers import DEVICE, TOLERANCE, TRITON_RUNS, float32_tolerance, make_pair, rel_err
-from rga_triton import dispatch
-
 
 # (backend, algorithm); the triton ones skip where neither a GPU nor the interpreter runs them
 PATHS = [("torch", "auto"), ("triton", "reassociated"), ("triton", "tiled")]

@@ -27,8 +27,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import DEVICE, TOLERANCE, assert_close, compare_steps, make_pair, rel_err, step
-from rga_triton import dispatch
-
 
 BRANCHES = [(True, True), (True, False), (False, True)]
 ORDERS = ["sc", "cs", "parallel"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import rga_triton
+
 from helpers import DEVICE, TOLERANCE, compare_steps, make_pair, rel_err
-from rga_triton import dispatch
 
 pytestmark = pytest.mark.needs_triton
 
@@ -234,7 +234,9 @@ def test_tune_runs_end_to_end_and_its_file_is_launched_with(store, monkeypatch, 
     a fake clock on which the algorithm timed first wins) and the kernels run in Triton's
     interpreter, one pinned config each."""
     import contextlib
+
     import triton.testing
+
     from rga_triton import tuning
     tuned, tmp_path = store
     if DEVICE == "cpu":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import rga_triton
 import rga_triton.ops.projection.pytorch as projection_pytorch
 import rga_triton.ops.relation.pytorch as relation_pytorch
+
 from helpers import TOLERANCE, randomize_batchnorm, rel_err
 
 SHAPE = (2048, 2, 4, 2)           # C, H, W, B

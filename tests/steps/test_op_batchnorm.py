@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rga_triton import dispatch
+from rga_triton.launch.space import STAT_SPLIT
 from rga_triton.ops.batchnorm import norm as bn_norm
 from rga_triton.ops.batchnorm.kernels import MAX_GROUP, finalize_groups
-from rga_triton.launch.space import STAT_SPLIT
+
 from helpers import DEVICE
 
 pytestmark = pytest.mark.needs_triton

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from op_helpers import DEVICE, _assert_grads_close
-from rga_triton import dispatch
+from helpers import DEVICE
+from op_helpers import _assert_grads_close
 
 pytestmark = pytest.mark.needs_triton
 

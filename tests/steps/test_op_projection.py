@@ -5,12 +5,12 @@ import torch
 
 import rga_triton.ops.projection.backward_kernels
 import rga_triton.ops.projection.op
-from helpers import rel_err
-from op_helpers import DEVICE, MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
-from rga_triton import dispatch
 from rga_triton.common import settings
 from rga_triton.torch_path import relation_inputs
 from rga_triton.triton_path import project
+
+from helpers import DEVICE, rel_err
+from op_helpers import MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
 
 pytestmark = pytest.mark.needs_triton
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
-from op_helpers import DEVICE, MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
-from op_helpers import dz_slices  # noqa: F401  (a fixture)
 from rga_triton import dispatch
 from rga_triton.common.batchnorm import batch_norm
 from rga_triton.torch_path import relation_inputs, relation_preactivation
 from rga_triton.triton_path import relation_gate
+
+from helpers import DEVICE, rel_err
+from op_helpers import MODES, TOL, _assert_grads_close, _grads, _module, _set_modes
 
 pytestmark = pytest.mark.needs_triton
 

@@ -18,8 +18,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ...common.batchnorm import (check_batch_size, scale_shift, step_momentum, tracks_running_stats,
-                                 update_running_stats, uses_batch_stats)
+from ...common.batchnorm import (
+    check_batch_size,
+    scale_shift,
+    step_momentum,
+    tracks_running_stats,
+    update_running_stats,
+    uses_batch_stats,
+)
 from .kernels import bn_finalize, finalize_groups
 
 

@@ -8,6 +8,11 @@ the custom ops with fakes and autograd formulas, and the PyTorch formula where o
 - ``affinity/``: G = theta^T phi itself, for relation maps.
 - ``registry.py``: how a step becomes a ``torch.ops.rga_triton`` op and its eager twin.
 
+Every step folder uses the same file for the same role: ``kernels.py`` (forward kernels and their
+launchers), ``backward_kernels.py`` (backward kernels and launchers), ``op.py`` (custom ops, fakes,
+autograd), ``pytorch.py`` (the PyTorch formula the kernels are tested against). A folder without
+one of them says why in its README.md.
+
 Importing this package imports no Triton; :func:`register` imports the op modules, which
 registers ``torch.ops.rga_triton.*`` (``rga_triton.dispatch.register_ops`` calls it).
 """

@@ -8,7 +8,7 @@ tensors and scalars, with a fake (shapes-only) implementation for tracing.
 Why ``custom_op`` and not ``torch.library.triton_op`` + ``wrap_triton``: triton_op needs dynamo
 to trace each launcher down to ``kernel[grid](...)``, and ours pass through ``TunedKernel``
 (configuration-file lookup, autotuning, recording the winner) and through
-``ops/batchnorm/norm.normalizers`` (momentum=None reads num_batches_tracked on the host). Opaque
+``ops/batchnorm/norm.finalized`` (momentum=None reads num_batches_tracked on the host). Opaque
 ops keep that code as it is; inductor cannot fuse into them, and has nothing to fuse there.
 
 Two rules shape the ops. An op that moves BatchNorm running statistics mutates its buffer

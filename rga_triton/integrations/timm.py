@@ -1,4 +1,17 @@
-"""timm: importing this module registers ``rga_resnet50`` with ``timm.create_model``.
+"""timm: :func:`create_model` puts RGA on any timm CNN; importing this module registers ``rga_resnet50``.
+
+**Any timm CNN.** ``rga_triton.integrations.timm.create_model("convnext_tiny", input_size=(256, 128),
+rga=dict(spa_ratio=8), num_classes=751)`` builds the model with ``timm.create_model`` (every timm
+keyword passes through, ``pretrained=True`` included: timm loads its weights before the blocks
+exist) and attaches an RGA block after each stage its ``feature_info`` lists at a reduction of 4 or
+more (:func:`stages_of`: ``layer1`` .. ``layer4`` for ResNets and ResNeSts, ``s1`` .. ``s4`` for
+RegNets, ``stages.0`` .. ``stages.3`` for ConvNeXts; the stride-2 stem is left out: at 256 x 128
+its 128 x 64 map would be a 8192-position block). The model keeps timm's API
+(``forward_features`` returns the last stage's map through its block) and its keys, plus
+``rga_att1`` ...; ``input_size`` is fixed by the blocks, and ``pretrained_cfg["input_size"]`` says
+it. timm models without ``feature_info`` raise.
+
+**RGA-Net as a timm model.**
 
 ``timm.create_model("rga_resnet50", num_classes=751, height=256, width=128)`` builds RGA-Net
 (ResNet-50, last stride 1, an RGA-SC block after each stage, BNNeck) with timm's model API:
@@ -24,11 +37,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import timm
 from timm.models import register_model
 
+from ..attach import attach
 from ..models import RGANet, load_backbone_weights, stage_sizes
 
-__all__ = ["RGAResNet50", "rga_resnet50"]
+__all__ = ["RGAResNet50", "rga_resnet50", "create_model", "stages_of"]
 
 # Old-style default cfgs: timm's register_model reads the module's ``default_cfgs`` for the entry point's name.
 default_cfgs = {
@@ -114,4 +129,36 @@ def rga_resnet50(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_o
         load_imagenet_resnet50(model.backbone)
     elif pretrained_backbone is not None:
         load_backbone_weights(model.backbone, pretrained_backbone)
+    return model
+
+
+MIN_REDUCTION = 4       # feature_info entries from here on are stages; the stride-2 stem is not
+
+
+def stages_of(model: nn.Module) -> list[str]:
+    """The modules ``model.feature_info`` lists at a reduction of 4 or more: its stages, in order."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        raise ValueError(f"{type(model).__name__} has no feature_info: name its stages with "
+                         f"rga_triton.attach(model, after=[...], input_size=...)")
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    stages = [entry["module"] for entry in entries if entry.get("reduction", 0) >= MIN_REDUCTION]
+    if not stages:
+        raise ValueError(f"{type(model).__name__}'s feature_info lists no stage at a reduction >= {MIN_REDUCTION}")
+    return stages
+
+
+def create_model(model_name: str, input_size=(256, 128), rga: dict | None = None, **timm_kwargs) -> nn.Module:
+    """``timm.create_model(model_name, **timm_kwargs)`` with an RGA block after each stage (module docstring).
+
+    ``input_size``: ``(H, W)`` the model will run at (it fixes the blocks' ``in_spatial``); ``rga``:
+    :func:`rga_triton.attach`'s block arguments (``spa_ratio``, ``backend``, ... and per-stage dicts
+    are not taken here: call ``attach`` for those).
+    """
+    model = timm.create_model(model_name, **timm_kwargs)
+    height, width = tuple(input_size)[-2:]
+    attach(model, stages_of(model), (height, width), **(rga or {}))
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        model.pretrained_cfg = dict(cfg, input_size=(3, height, width))
     return model

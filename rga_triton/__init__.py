@@ -19,11 +19,11 @@ def tune(*args, **kwargs):
 # Models and ecosystem (issue 7): RGA-Net, convert() for the authors' blocks, their checkpoints; the
 # toolbox adapters' package (it imports no adapter, and so no toolbox).
 from . import integrations, models  # noqa: E402
+from .attach import attach  # noqa: E402  (issue 30: RGA after the stages of any CNN)
 from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
-from .attach import attach; __all__ += ["attach"]  # noqa: E402,E702  (issue 30: RGA after the stages of any CNN)
 
-__all__ += ["integrations", "models", "convert", "load_checkpoint", "CheckpointReport"]
+__all__ += ["integrations", "models", "attach", "convert", "load_checkpoint", "CheckpointReport"]
 
 # The Triton path's custom operators (torch.ops.rga_triton.*): registered at import, so that exported and
 # AOTInductor-compiled programs load wherever rga_triton is imported.

@@ -79,7 +79,7 @@ class CheckpointReport:
         return "\n".join(lines + (self.problems() or ["every key of the model matched"]))
 
 
-def _resize_line(report: "CheckpointReport") -> str:
+def _resize_line(report: CheckpointReport) -> str:
     (h, w), (h2, w2) = report.source_size, report.target_size
     if not report.resampled_keys:
         return (f"source_size {h} x {w}: no position-indexed weight needed resampling for the model's "

@@ -1,8 +1,10 @@
 """Argument checks with errors that name the argument, the expected and the actual value."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,8 +23,13 @@ def is_positive_int(value) -> bool:
 
 
 def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int: ints of any kind (Python, NumPy, 0-d integer tensors), never bools or floats."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
@@ -37,9 +44,10 @@ def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa
     that works. ``inter_spatial``, where given, overrides in_spatial // spa_ratio (a block
     resampled from another size keeps its relation rows: ``RGAModule.resized``).
     """
-    for name, value in (("in_channel", in_channel), ("in_spatial", in_spatial), ("cha_ratio", cha_ratio),
-                        ("spa_ratio", spa_ratio), ("down_ratio", down_ratio)):
-        positive_int(name, value)
+    in_channel, in_spatial, cha_ratio, spa_ratio, down_ratio = (
+        positive_int(name, value) for name, value in (("in_channel", in_channel), ("in_spatial", in_spatial),
+                                                      ("cha_ratio", cha_ratio), ("spa_ratio", spa_ratio),
+                                                      ("down_ratio", down_ratio)))
     for name, value in (("use_spatial", use_spatial), ("use_channel", use_channel)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
@@ -47,7 +55,7 @@ def block_sizes(in_channel, in_spatial, use_spatial, use_channel, cha_ratio, spa
         raise ValueError("use_spatial and use_channel are both False: the block would compute nothing "
                          "(the authors' module returns None); enable at least one branch")
     if inter_spatial is not None:
-        positive_int("inter_spatial", inter_spatial)
+        inter_spatial = positive_int("inter_spatial", inter_spatial)
     inter_channel, inter_spatial = in_channel // cha_ratio, inter_spatial or in_spatial // spa_ratio
     if inter_channel < 1:
         raise ValueError(f"in_channel // cha_ratio must be >= 1 (in_channel >= cha_ratio = {cha_ratio}), "

@@ -1,4 +1,17 @@
-"""torchreid (deep-person-reid): ``register()`` adds RGA-Net to its model factory.
+"""torchreid (deep-person-reid): ``register()`` adds RGA-Net and RGA versions of torchreid's own models.
+
+**torchreid's models with RGA.** ``register()`` also adds ``rga_<name>`` for every model of
+torchreid's ResNet family and OSNet that its factory has (:data:`FAMILY`: ``rga_resnet50``,
+``rga_resnet50_fc512``, ``rga_resnet101``, ``rga_resnext50_32x4d``, ``rga_se_resnet50``,
+``rga_resnet50_ibn_a``, ``rga_resnet50_ibn_b``, ``rga_osnet_x1_0``, ``rga_osnet_ain_x1_0``, ...): the
+model torchreid builds itself (its ``pretrained=True`` ImageNet weights included, loaded before the
+blocks exist) with an RGA block after each stage by :func:`rga_triton.attach` (``layer1`` ..
+``layer4`` for the ResNets, ``conv2`` .. ``conv4`` for OSNet: :func:`stages_of`). Every torchreid
+convention is the model's own, as its forward is: eval features, softmax logits, ``(logits,
+features)`` for triplet, ``featuremaps(x)`` and OSNet's ``return_featuremaps`` (the maps then include
+the blocks).
+
+**RGA-Net.**
 
 After ``register()``, ``torchreid.models.build_model("rga_net", num_classes, loss="softmax")``
 builds :func:`rga_triton.models.rga_net` with torchreid's conventions: eval mode returns the
@@ -24,9 +37,10 @@ from __future__ import annotations
 import functools
 import importlib
 
+from ..attach import attach
 from ..models import rga_net
 
-__all__ = ["register", "VARIANTS", "models_module"]
+__all__ = ["register", "VARIANTS", "FAMILY", "models_module", "stages_of"]
 
 VARIANTS = {
     "rga_net": dict(use_spatial=True, use_channel=True),
@@ -34,6 +48,8 @@ VARIANTS = {
     "rga_net_c": dict(use_spatial=False, use_channel=True),
 }
 _FACTORY = "__model_factory"        # torchreid's module-level dict (build_model reads it)
+FAMILY = ("resnet", "resnext", "se_resnet", "se_resnext", "osnet")
+"""Prefixes of the torchreid model names that get an ``rga_`` version: its ResNet family and OSNet."""
 
 
 def models_module():
@@ -64,13 +80,35 @@ def _build(variant: str, height: int, width: int, rga: dict, num_classes, loss="
     return model
 
 
+def stages_of(model) -> list[str]:
+    """The stages a torchreid model gets RGA after: ``layer1`` .. ``layer4`` (ResNets, ResNeXts, SE-ResNets,
+    IBN), ``conv2`` .. ``conv4`` (OSNet's three OS stages)."""
+    for names in ([f"layer{k}" for k in range(1, 5)], [f"conv{k}" for k in range(2, 5)]):
+        if all(hasattr(model, name) for name in names):
+            return names
+    raise ValueError(f"{type(model).__name__} has neither layer1..layer4 nor conv2..conv4: not a torchreid "
+                     f"ResNet or OSNet; use rga_triton.attach(model, after=[...], input_size=...) with its stages")
+
+
+def _build_attached(name: str, height: int, width: int, rga: dict, num_classes, loss="softmax", pretrained=True,
+                    use_gpu=True, **kwargs):
+    model = _TORCHREID_BUILDERS[name](num_classes=num_classes, loss=loss, pretrained=pretrained, use_gpu=use_gpu,
+                                      **kwargs)
+    return attach(model, stages_of(model), (height, width), **rga)
+
+
+_TORCHREID_BUILDERS: dict = {}       # torchreid's own builders, by name, as register() found them
+
+
 def register(height: int = 256, width: int = 128, overwrite: bool = True, **rga) -> list[str]:
-    """Add ``rga_net``, ``rga_net_s`` and ``rga_net_c`` to torchreid's ``build_model``; returns the names.
+    """Add ``rga_net``, ``rga_net_s``, ``rga_net_c`` and ``rga_<name>`` for torchreid's ResNet family and OSNet
+    (:data:`FAMILY`) to torchreid's ``build_model``; returns the names.
 
     ``height`` x ``width``: the input size (the data manager's; torchreid's default is 256 x 128).
     ``rga``: further :func:`rga_triton.models.rga_net` arguments (``cha_ratio``, ``spa_ratio``,
     ``down_ratio``, ``backend``, ``algorithm``, ``order``, ``last_stride``, ``neck_feat``), checked
-    here by building nothing but validated on the first build. ``overwrite=False`` refuses to replace
+    here by building nothing but validated on the first build; the ``rga_<name>`` models take the
+    RGAModule ones (all but ``last_stride`` and ``neck_feat``: torchreid's model has its own). ``overwrite=False`` refuses to replace
     a model of the same name already in the factory.
     """
     for name in ("use_spatial", "use_channel", "loss", "num_classes", "pretrained_backbone"):
@@ -81,10 +119,16 @@ def register(height: int = 256, width: int = 128, overwrite: bool = True, **rga)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     factory = vars(models_module())[_FACTORY]
+    family = sorted(name for name in factory if name.startswith(FAMILY))
+    names = list(VARIANTS) + [f"rga_{name}" for name in family]
     if not overwrite:
-        taken = [name for name in VARIANTS if name in factory]
+        taken = [name for name in names if name in factory]
         if taken:
             raise ValueError(f"torchreid's model factory already has {taken} (pass overwrite=True to replace)")
     for variant in VARIANTS:
         factory[variant] = functools.partial(_build, variant, height, width, dict(rga))
-    return list(VARIANTS)
+    attach_rga = {k: v for k, v in rga.items() if k not in ("last_stride", "neck_feat")}   # rga_net's only
+    for name in family:
+        _TORCHREID_BUILDERS[name] = factory[name]
+        factory[f"rga_{name}"] = functools.partial(_build_attached, name, height, width, attach_rga)
+    return names

@@ -17,12 +17,15 @@ pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402  (torchvision's dependency)
 
 import rga_triton.integrations.torchreid as rga_torchreid  # noqa: E402
+from rga_triton.attach import attached  # noqa: E402
 from rga_triton.models import RGANet  # noqa: E402
 
 # A 64 x 32 input: every stage keeps a non-empty W network at ratio 2.
 SIZE = dict(height=64, width=32)
 RGA = dict(spa_ratio=2, down_ratio=2, backend="torch")
 IDS, PER_ID = 4, 4
+# torchreid's own models that get RGA (register() adds rga_<name> for its whole ResNet family and OSNet)
+FAMILY = ("resnet50_fc512", "resnet101", "resnext50_32x4d", "resnet50_ibn_a", "osnet_x1_0")
 DATASET = "rga_synthetic"
 
 
@@ -66,7 +69,9 @@ def datamanagers(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def registered():
-    assert rga_torchreid.register(**SIZE, **RGA) == ["rga_net", "rga_net_s", "rga_net_c"]
+    names = rga_torchreid.register(**SIZE, **RGA)
+    assert names[:3] == ["rga_net", "rga_net_s", "rga_net_c"]
+    assert {f"rga_{name}" for name in FAMILY} <= set(names)
 
 
 def test_build_model_follows_torchreids_conventions():
@@ -202,3 +207,41 @@ def test_triplet_engine_takes_logits_and_pre_neck_features(datamanagers, tmp_pat
         assert torch.isfinite(loss)
     (rank1, mAP), = evaluations
     assert 0.0 <= rank1 <= 1.0 and 0.0 < mAP <= 1.0
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_torchreids_own_models_with_rga_keep_its_conventions(name):
+    """rga_<name> is torchreid's model with a block after each stage: its keys, its train/eval returns, and
+    a backward that reaches every block."""
+    torch.manual_seed(0)
+    model = torchreid.models.build_model(f"rga_{name}", 3, loss="triplet", pretrained=False)
+    plain = torchreid.models.build_model(name, 3, loss="triplet", pretrained=False)
+    stages = rga_torchreid.stages_of(plain)
+    assert list(attached(model)) == stages and len(stages) == (3 if name.startswith("osnet") else 4)
+    assert set(plain.state_dict()) == {k for k in model.state_dict() if not k.startswith("rga_att")}
+    x = torch.randn(2, 3, SIZE["height"], SIZE["width"])
+    logits, features = model.train()(x)
+    assert logits.shape == (2, 3) and features.shape == (2, plain.feature_dim)
+    (logits.logsumexp(1).sum() + features.norm()).backward()
+    assert all(getattr(model, block).gx_spatial[0].weight.grad.abs().sum() > 0 for block in attached(model).values())
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, plain.feature_dim)                       # eval: features
+        maps = model.featuremaps(x)                                           # the maps include the blocks
+        assert maps.shape[0] == 2 and maps.dim() == 4
+
+
+def test_softmax_engine_trains_an_osnet_with_rga(datamanagers, tmp_path):
+    dm = datamanagers["softmax"]
+    torch.manual_seed(0)
+    model = torchreid.models.build_model("rga_osnet_x1_0", dm.num_train_pids, loss="softmax", pretrained=False)
+    optimizer = torchreid.optim.build_optimizer(model, optim="adam", lr=3e-4)
+    scheduler = torchreid.optim.build_lr_scheduler(optimizer, lr_scheduler="single_step", stepsize=20)
+    engine = torchreid.engine.ImageSoftmaxEngine(dm, model, optimizer, scheduler=scheduler, use_gpu=False)
+    losses, evaluations = _spy_losses(engine), _spy_evaluation(engine)
+    _run(engine, tmp_path)
+    assert len(losses) == IDS * PER_ID // 8 and all(torch.isfinite(loss) for *_, loss in losses)
+    (rank1, mAP), = evaluations
+    assert 0.0 <= rank1 <= 1.0 and 0.0 < mAP <= 1.0
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, SIZE["height"], SIZE["width"]), return_featuremaps=True).shape[1] == 512

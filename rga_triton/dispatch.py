@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -178,12 +180,29 @@ def resolve(backend: str, x: torch.Tensor, module=None) -> str:
     return "torch"
 
 
+_LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(path)), "")
+                      for path in (__file__, torch.__file__))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` issued by the function calling this one name the
+    user's line: the first frame outside rga_triton and torch (``Module.__call__`` and the module
+    hierarchy, ``torch.no_grad`` decorators), however deep the call came through them."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 @assume_constant_result     # torch.compile warns while tracing (dynamo cannot trace warnings.warn)
 def warn_once(reason: str) -> None:
-    """One ``warnings.warn`` per reason and process for a fallback to the torch backend."""
+    """One ``warnings.warn`` per reason and process for a fallback to the torch backend, naming the
+    caller's line (:func:`caller_stacklevel`)."""
     if reason not in _warned_reasons:
         _warned_reasons.add(reason)
-        warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=4)
+        warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=caller_stacklevel())
 
 
 def backend_for(module, x: torch.Tensor) -> str:

@@ -1,6 +1,7 @@
 """Draw RGA's relation maps (the paper's Fig. 4) for a few query positions over an image.
 
     python examples/relation_maps.py                          # synthetic pedestrian, random weights
+                                                              # -> examples/output/relation_maps.png
     python examples/relation_maps.py --image person.png --checkpoint model_best.pth.tar --out maps.png
 
 For each query position p (a marked point on the image) the figure shows, over the image,
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import rga_triton  # noqa: E402
 
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output", "relation_maps.png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet normalisation, as the authors train
 
 
@@ -32,16 +34,19 @@ def parse_args(argv=None):
     p.add_argument("--image", help="an image file (PNG; JPEG with Pillow); default: a synthetic pedestrian")
     p.add_argument("--checkpoint", help="a trained RGA-Net checkpoint (e.g. the authors' .pth.tar)")
     p.add_argument("--pretrained-backbone", help="torchvision resnet50 ImageNet weights for the backbone")
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--spa-ratio", type=int, default=8)
-    p.add_argument("--down-ratio", type=int, default=8)
+    p.add_argument("--height", type=int, default=256, help="input image height (default 256, the paper's)")
+    p.add_argument("--width", type=int, default=128, help="input image width (default 128)")
+    p.add_argument("--spa-ratio", type=int, default=8, help="RGA spatial reduction ratio (default 8)")
+    p.add_argument("--down-ratio", type=int, default=8, help="RGA embedding reduction ratio (default 8)")
     p.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="which RGA block (1 = after layer1)")
     p.add_argument("--points", default="0.15,0.5;0.4,0.35;0.75,0.6",
                    help="query positions as 'y,x;y,x' fractions of the image height and width")
-    p.add_argument("--backend", default="auto", choices=["torch", "triton", "auto"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="relation_maps.png")
+    p.add_argument("--backend", default="auto", choices=["torch", "triton", "auto"],
+                   help="rga_triton backend of the RGA blocks (default auto: Triton on CUDA, else PyTorch)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="PNG file to write (default examples/output/relation_maps.png; its folder is created)")
     return p.parse_args(argv)
 
 
@@ -115,25 +120,29 @@ def main(argv=None) -> str:
                        align_corners=False)[0].numpy()
 
     n = len(points)
-    fig, axes = plt.subplots(2, n + 1, figsize=(2.0 * (n + 1), 2.0 * 2 * args.height / args.width + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(2, n + 1, figsize=(2.0 * (n + 1) + 0.8, 2.0 * 2 * args.height / args.width + 0.6),
+                             squeeze=False, layout="constrained")
     colors = plt.cm.tab10.colors
     for r in range(2):
         axes[r, 0].imshow(image)
         for i, (py, px) in enumerate(points):
             axes[r, 0].plot(px * args.width, py * args.height, "o", ms=7, mec="white", color=colors[i % 10])
         axes[r, 0].set_title("image" if r == 0 else f"stage {args.stage}: {h}x{w}", fontsize=8)
-    for i, (py, px) in enumerate(points):
-        for r, (name, maps) in enumerate((("row: p -> all", up[:n]), ("col: all -> p", up[n:]))):
+    for r, (name, maps) in enumerate((("row: p -> all", up[:n]), ("col: all -> p", up[n:]))):
+        low, high = float(maps.min()), float(maps.max())      # one colour scale per row of maps
+        for i, (py, px) in enumerate(points):
             ax = axes[r, i + 1]
             ax.imshow(image)
-            ax.imshow(maps[i], cmap="jet", alpha=0.55)
+            shown = ax.imshow(maps[i], cmap="jet", alpha=0.55, vmin=low, vmax=high)
             ax.plot(px * args.width, py * args.height, "o", ms=7, mec="white", color=colors[i % 10])
             ax.set_title(f"{name}\np={cells[i]}", fontsize=8)
+        bar = fig.colorbar(shown, ax=list(axes[r, 1:]), shrink=0.8, pad=0.02)
+        bar.set_label("relation G (theta^T phi)", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     for ax in axes.flat:
         ax.set_axis_off()
     fig.suptitle(f"RGA relation maps (rga_triton.relation_maps, block rga_att{args.stage})", fontsize=9)
-    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
     plt.close(fig)
     print(f"wrote {args.out}")

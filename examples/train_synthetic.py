@@ -15,6 +15,9 @@ steps drift apart even between two exact implementations: train-mode BatchNorm o
 images and Adam's sign-like first update amplify rounding differences (the literal reference
 and the "torch" path separate the same way). It skips ``"triton"`` where Triton cannot run
 (no CUDA device and TRITON_INTERPRET unset; the interpreter takes minutes per step here).
+The backends train interleaved, step 1 of each, then step 2 of each, ..., so each sees the
+same load on a busy machine; on a CPU, "auto" runs the same PyTorch code as "torch", so any
+difference between their speeds is noise, and the script says so.
 """
 from __future__ import annotations
 
@@ -41,21 +44,26 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="auto", choices=["torch", "triton", "auto", "all"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=["torch", "triton", "auto", "all"],
+                   help="rga_triton backend of the RGA blocks: torch (PyTorch ops), triton (the kernels; CUDA, or "
+                        "the CPU under TRITON_INTERPRET=1), auto (Triton where it runs, else torch; default), or "
+                        "all: each in turn from the same weights and batches, interleaved step by step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda if available)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' (256 x 128, batch 64, ratios 8; default on CUDA) or 'small' (64 x 32, batch 8, "
                         "spa/down ratios 2 so the 4 x 2 maps keep non-empty W networks; default on CPU)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--spa-ratio", type=int)
-    p.add_argument("--down-ratio", type=int)
-    p.add_argument("--identities", type=int, help="identities per batch (P)")
-    p.add_argument("--instances", type=int, help="images per identity (K); batch = P * K")
-    p.add_argument("--num-classes", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lr", type=float, default=8e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, help="input image height (default: the preset's, 256 or 64)")
+    p.add_argument("--width", type=int, help="input image width (default: the preset's, 128 or 32)")
+    p.add_argument("--spa-ratio", type=int, help="RGA spatial reduction ratio (default: the preset's, 8 or 2)")
+    p.add_argument("--down-ratio", type=int, help="RGA embedding reduction ratio (default: the preset's, 8 or 2)")
+    p.add_argument("--identities", type=int, help="identities per batch, P (default: the preset's, 16 or 2)")
+    p.add_argument("--instances", type=int, help="images per identity, K (default 4); batch = P * K")
+    p.add_argument("--num-classes", type=int, default=32,
+                   help="identities in the synthetic data set and the classifier's outputs (default 32)")
+    p.add_argument("--steps", type=int, default=5, help="training steps per backend (default 5)")
+    p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate (default 8e-4, the authors')")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset or ("paper" if args.device.startswith("cuda") else "small")]
     for key, value in preset.items():
@@ -95,30 +103,58 @@ def runnable(backend: str, device: str) -> str | None:
     return triton_unsupported_reason(torch.empty(0, device=device))
 
 
-def train(backend: str, args, batches) -> dict:
-    torch.manual_seed(args.seed)
-    model = rga_triton.models.rga_net(args.num_classes, height=args.height, width=args.width,
-                                      spa_ratio=args.spa_ratio, down_ratio=args.down_ratio,
-                                      backend=backend).to(args.device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=5e-4)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    losses, speeds = [], []
-    for step, (images, labels) in enumerate(batches, start=1):
+class Trainer:
+    """One backend's model and optimizer; ``step`` runs one training step and prints it."""
+
+    def __init__(self, backend: str, args):
+        torch.manual_seed(args.seed)
+        self.backend, self.args = backend, args
+        self.model = rga_triton.models.rga_net(args.num_classes, height=args.height, width=args.width,
+                                               spa_ratio=args.spa_ratio, down_ratio=args.down_ratio,
+                                               backend=backend).to(args.device).train()
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
+                                          weight_decay=5e-4)
+        self.cuda = args.device.startswith("cuda")
+        # Triton compiles (and may autotune) its kernels on their first call: only on CUDA.
+        self.compiles = self.cuda and runs_triton(backend, args.device)
+        self.interpreted = not self.cuda and runs_triton(backend, args.device)   # TRITON_INTERPRET=1
+        self.losses, self.seconds = [], []
+
+    def step(self, images, labels, total: int) -> None:
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
         sync()
         start = time.perf_counter()
-        logits, features = model(images)
+        logits, features = self.model(images)
         loss = F.cross_entropy(logits, labels) + batch_hard_triplet(features, labels)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         sync()
-        seconds = time.perf_counter() - start
-        losses.append(float(loss.detach()))
-        speeds.append(len(images) / seconds)
-        print(f"[{backend}] step {step}/{len(batches)}  loss {losses[-1]:.4f}  {speeds[-1]:.1f} images/s"
-              + ("  (includes first-call compilation/autotuning)" if step == 1 and backend != "torch" else ""),
-              flush=True)
-    return {"losses": losses, "images_per_s": speeds}
+        self.seconds.append(time.perf_counter() - start)
+        self.losses.append(float(loss.detach()))
+        n = len(self.losses)
+        if self.interpreted:      # the interpreter runs each kernel through NumPy: seconds, not a speed
+            rate = f"{self.seconds[-1]:.3g} s/step (Triton's interpreter: a check, not a speed)"
+        else:
+            rate = f"{len(images) / self.seconds[-1]:.3g} images/s"
+        note = "  (includes first-call compilation/autotuning)" if n == 1 and self.compiles else ""
+        print(f"[{self.backend}] step {n}/{total}  loss {self.losses[-1]:.4f}  {rate}{note}", flush=True)
+
+    def result(self, batch: int) -> dict:
+        return {"losses": self.losses, "images_per_s": [batch / s for s in self.seconds], "seconds": self.seconds}
+
+
+def runs_triton(backend: str, device: str) -> bool:
+    """Whether ``backend`` runs the Triton kernels on ``device`` ("auto" where Triton takes the tensors)."""
+    return backend != "torch" and triton_unsupported_reason(torch.empty(0, device=device)) is None
+
+
+def train(backend: str, args, batches) -> dict:
+    """One backend alone: every step in turn."""
+    trainer = Trainer(backend, args)
+    for images, labels in batches:
+        trainer.step(images, labels, len(batches))
+    return trainer.result(len(batches[0][0]))
 
 
 def main(argv=None) -> dict:
@@ -128,7 +164,7 @@ def main(argv=None) -> dict:
           f"({args.identities} identities x {args.instances}), spa_ratio {args.spa_ratio}, down_ratio "
           f"{args.down_ratio}, {args.steps} steps on {args.device}, torch {torch.__version__}")
     batches = synthetic_batches(args, args.device)
-    results = {}
+    trainers = {}
     for backend in backends:
         reason = runnable(backend, args.device)
         if reason is not None:
@@ -136,12 +172,26 @@ def main(argv=None) -> dict:
                 print(f"[{backend}] skipped: {reason}")
                 continue
             raise SystemExit(f"backend {backend!r} cannot run here: {reason}")
-        results[backend] = train(backend, args, batches)
+        trainers[backend] = Trainer(backend, args)
+    for images, labels in batches:        # interleaved: step k of every backend, then step k + 1
+        for trainer in trainers.values():
+            trainer.step(images, labels, len(batches))
+    batch = args.identities * args.instances
+    results = {backend: t.result(batch) for backend, t in trainers.items()}
     if results:
-        print("\nbackend   median images/s (steps 2+)   final loss")
-        for backend, r in results.items():
-            steady = r["images_per_s"][1:] or r["images_per_s"]
-            print(f"{backend:8s}  {statistics.median(steady):24.1f}   {r['losses'][-1]:.4f}")
+        print("\nbackend   median of steps 2+          final loss")
+        for backend, t in trainers.items():
+            steady = t.seconds[1:] or t.seconds
+            rate = (f"{statistics.median(steady):.3g} s/step (interpreted)" if t.interpreted
+                    else f"{batch / statistics.median(steady):.3g} images/s")
+            print(f"{backend:8s}  {rate:26s}  {t.losses[-1]:.4f}")
+        if not args.device.startswith("cuda"):
+            print("On a CPU the first steps also warm up the allocator and caches, and other jobs on the machine "
+                  "move every step's time: compare medians over several steps, on an idle machine.")
+            same = [b for b, t in trainers.items() if not t.interpreted and not runs_triton(b, args.device)]
+            if len(same) > 1:
+                print(f"{' and '.join(same)} run the same PyTorch code here: the difference between their speeds "
+                      f"is noise, not a property of the backends.")
         first = next(iter(results))
         for backend, r in results.items():
             if backend != first:

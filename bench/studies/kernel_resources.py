@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from bench.lib import compile_kernels  # noqa: E402
+from rga_triton.common.settings import MAX_HIDDEN  # noqa: E402
 from rga_triton.launch import tuned  # noqa: E402
 
 COLUMNS = ["kernel", "variant", "precision", "blocks", "num_warps", "num_stages", "registers", "spill_store_bytes",
@@ -140,7 +141,7 @@ def measure_one(name: str, variant: str, precision: str, constexprs: dict, warps
 
 
 def measure(names: list[str], arch: int, quiet: bool = False, first: bool = False,
-            precisions: list[str] | None = None) -> list[dict]:
+            precisions: list[str] | None = None, widest: bool = True) -> list[dict]:
     """Rows for every (config, precision case) of each kernel; ``first``: the first config only (the one
     pinned and interpreted launches use), at the usual constexprs and hidden width."""
     tool = ptxas(arch)
@@ -151,6 +152,8 @@ def measure(names: list[str], arch: int, quiet: bool = False, first: bool = Fals
         variants = compile_kernels.config_variants(name)
         if first:
             variants = variants[:1]
+        if not widest:
+            variants = [(v, c) for v, c in variants if "BLOCK_H=" not in v]
         for variant, constexprs in variants:
             blocks = {k: v for k, v in constexprs.items() if k in space_keys}
             settings = launch_settings(name, blocks)
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
                         help="CSV path (default bench/results/kernel_resources_sm<arch>_triton<version>.csv)")
     parser.add_argument("--precisions", default="", help=f"comma-separated cases (default all: {', '.join(PRECISIONS)})")
     parser.add_argument("--first", action="store_true", help="only each kernel's first config (pinned launches)")
+    parser.add_argument("--no-widest", action="store_true", help=f"skip the BLOCK_H={MAX_HIDDEN} (widest hidden layer) variants")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured config spills")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    rows = measure(names, args.arch, args.quiet, args.first, precisions)
+    rows = measure(names, args.arch, args.quiet, args.first, precisions, widest=not args.no_widest)
     import triton
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    f"kernel_resources_sm{args.arch}_triton{triton.__version__}.csv")

@@ -72,7 +72,32 @@ def test_kernel_resources_tool_reports_every_config(tmp_path):
     expected = {(" ".join(f"{k}={v}" for k, v in sorted(b.items())), str(w), str(s))
                 for b, w, s in tuned.KERNELS["_apply_gates_backward_kernel"].allowed}
     assert {(r["blocks"], r["num_warps"], r["num_stages"]) for r in rows} == expected
+    assert {r["precision"] for r in rows} == {"float32-3xtf32", "bfloat16"}     # no dot: no TF32 case
     for row in rows:
         assert not row["error"] and 0 < int(row["registers"]) <= 255, row
         assert int(row["spill_store_bytes"]) == 0, row
-    assert f"| _apply_gates_backward_kernel | {len(expected)} / {len(expected)} | 0 | 0 |" in done.stdout
+        assert row["dot_instruction"] == "none" and int(row["occupancy_warps"]) >= int(row["num_warps"]), row
+    for precision in ("float32-3xtf32", "bfloat16"):
+        assert f"| _apply_gates_backward_kernel | {precision} | {len(expected)} / {len(expected)} | 0 |" in done.stdout
+
+
+def test_first_configs_spill_nothing_on_hopper(tmp_path):
+    """Every kernel's first config (the one pinned and interpreted launches use, and the untuned kernels'
+    launch) compiles for sm_90 without spilling registers, with float32 operands and 3xTF32 dots and with
+    bfloat16 operands (the precision cases launches use), read from ptxas by
+    bench/studies/kernel_resources.py. One compile per kernel and case: about a minute on 2 cores."""
+    import csv
+    out = tmp_path / "first.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench/studies/kernel_resources.py"), "--first",
+                           "--check", "--quiet", "--arch", "90", "--precisions", "float32-3xtf32,bfloat16",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kernel"] for r in rows} == set(compile_kernels.kernel_names())
+    for row in rows:
+        assert (int(row["num_warps"]), int(row["num_stages"])) == compile_kernels.first_launch(row["kernel"]), row
+        assert not row["error"] and 0 < int(row["registers"]) <= 255, row
+        assert int(row["spill_store_bytes"]) == 0, (f"{row['kernel']} ({row['precision']}) spills "
+                                                   f"{row['spill_store_bytes']} B in its first config: {row}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

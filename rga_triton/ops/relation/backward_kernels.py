@@ -45,11 +45,14 @@ GROUPS = 128
 whatever the batch and resolution, and GROUPS times the R blocks keeps a GPU busy."""
 
 
-_HIDDEN_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-                 dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
+# First (pinned) config: 16 x 32 x 32 at 8 warps, the one that spills nothing on sm_90 and sm_80 with room to
+# spare (225 / 230 registers); 32 x 32 x 64 at 4 warps spilled 476 B (docs/tuning.md).
+_HIDDEN_SPACE = [dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
+                 dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128),
+                 dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
 
 
-@tuned(_HIDDEN_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"])
+@tuned(_HIDDEN_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _hidden_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr, h_bn_ptr, w2_ptr,
                             dlogit_ptr, sums_ptr, dh_ptr, dgx_ptr, pool_ptr, R, K2, L, HIDDEN, n_cols,
@@ -107,10 +110,11 @@ def _hidden_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_p
 # The last, small config fits the 99 KiB of shared memory per block of sm_86/sm_89 (RTX 30xx/40xx,
 # A10, L4, L40) at BLOCK_H=128 with Z in memory (51 KiB under Triton 3.6), where the others all need
 # 104 KiB or more.
-@tuned([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-        dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32),
-        dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32)],
-       key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"])
+# First (pinned) config: 16 x 32 x 32 at 8 warps, the only tile that spills nothing on sm_90 (docs/tuning.md).
+@tuned([dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
+        dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128),
+        dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32)],
+       key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_bn_ptr, dh_ptr, dz_ptr, sums_ptr, dw1_ptr,
                               R, K2, L, HIDDEN, B,

@@ -29,9 +29,11 @@ from ...launch.tuned import tuned
 from ...launch.space import STAT_SPLIT, dot_precision, n_splits
 
 
-@tuned([dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-        dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128)],
-       key=["R", "K", "L", "DOT_PRECISION"])
+# First config (pinned launches): 64 x 64 at 8 warps, which spills nothing on sm_90 and sm_80 and lowers to
+# wgmma on sm_90; 32 x 32 tiles at 4 warps spilled 128 B of their 3xTF32 products (docs/tuning.md).
+@tuned([dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
+        dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128)],
+       key=["R", "K", "L", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -59,9 +61,15 @@ def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constex
              mask=r_mask[:, None] & k_mask[None, :])
 
 
-@tuned([dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=32, BLOCK_K=32), dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=64, BLOCK_K=32),
+# It holds three accumulators (two G tiles and Z), each a 3xTF32 product: every config spilled at 4 warps.
+# First (pinned) config: 64 x 64 outputs, G taken 16 columns and 16 channels at a time, at 8 warps: no spill on
+# sm_90 or sm_80, and its products lower to wgmma on sm_90 (docs/tuning.md). 32 x 32 x 32 x 16 is the
+# fallback with an M tile under 64 (mma.sync), also spill-free at 8 warps.
+@tuned([dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=16, BLOCK_K=16), dict(BLOCK_R=32, BLOCK_L=32, BLOCK_C=32, BLOCK_K=16),
+        dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=16, BLOCK_K=32),
+        dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=32, BLOCK_K=32), dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=64, BLOCK_K=32),
         dict(BLOCK_R=32, BLOCK_L=128, BLOCK_C=32, BLOCK_K=32)],
-       key=["R", "K", "L", "DOT_PRECISION"])
+       key=["R", "K", "L", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_z_tiled_kernel(tp_ptr, wg_ptr, z_ptr, R, K, L, DOT_PRECISION: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -151,7 +159,8 @@ _GATE_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_
                dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
 
 
-@tuned(_GATE_SPACE, key=["R", "K2", "L", "Z_IN_MEMORY", "DOT_PRECISION"])
+# warps=(8, 4): the first config at 8 warps, under the register file's limit (docs/tuning.md)
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "Z_IN_MEMORY", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
                     Z_IN_MEMORY: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -174,7 +183,7 @@ def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
     store_partials(stats_ptr, offs_r, r_mask, R, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "DOT_PRECISION"])
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr, stats_ptr,
                          R, K2, L, HIDDEN, n_cols, Z_IN_MEMORY: tl.constexpr, SPLIT: tl.constexpr,
@@ -197,7 +206,7 @@ def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr,
     store_partials(stats_ptr, offs_h, offs_h < HIDDEN, HIDDEN, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE", "DOT_PRECISION"])
+@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "APPLY_GATE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _gate_logit_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr,
                        h_scale_ptr, h_shift_ptr, w2_ptr, out_scale_ptr, out_shift_ptr, logit_ptr, R, K2, L, HIDDEN,

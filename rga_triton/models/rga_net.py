@@ -168,6 +168,14 @@ def load_backbone_weights(backbone: nn.Module, weights, map_location="cpu") -> N
     from ..checkpoint import find_state_dict, match_state_dict
 
     if isinstance(weights, (str, os.PathLike)):
+        if not os.path.isfile(weights):
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise FileNotFoundError(
+                f"pretrained_backbone: no file {os.fspath(weights)!r}. It takes torchvision's ImageNet resnet50 "
+                f"weights: resnet50-19c8e357.pth, the file the authors used, is at "
+                f"https://download.pytorch.org/models/resnet50-19c8e357.pth; torchvision.models.resnet50("
+                f"weights='IMAGENET1K_V1') downloads its own copy into the torch.hub cache, {hub}. Pass that file's "
+                f"path (or pretrained_backbone=torchvision.models.resnet50(weights=...).state_dict())")
         weights = torch.load(weights, map_location=map_location, weights_only=True)
     if not isinstance(weights, Mapping):
         raise TypeError(f"pretrained_backbone must be a path or a state_dict, got {type(weights).__name__}")

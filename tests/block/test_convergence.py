@@ -6,16 +6,19 @@ cross-entropy + batch-hard triplet, BNNeck; ``bench/lib/reid_train.py``) on the 
 to the torch path, and converted to the Triton path (under the interpreter on a CPU, fewer steps).
 
 Training this model is chaotic: float32 rounding in the first step grows by about 10-100x per step
-(train-mode BatchNorm over a small batch, hard-example mining, Adam's sign-like steps), so after a
-few steps two exact float32 implementations differ by as much as the loss changes. An elementwise
-tolerance is the wrong test. The criterion is noise-aware (:func:`violations`): the authors' model in
-float64 is the truth; the authors' model in float32 shows how far float32 rounding alone moves
-training from it at every step. Each float32 implementation must stay within ``FACTOR`` x of that
-deviation, taken as its running maximum (the noise level reached by then), in the loss at every
-step, in the parameters and in every BatchNorm buffer at the snapshot steps, and in the eval
-features, rank-1 and mAP after training. In float64 the noise is the authors' float64 model
-trained on the same batches with the images in reverse order: the same function, another
-rounding. The measured figures and the tolerances are in docs/numerics.md ("Training side by side").
+(train-mode BatchNorm over a small batch, hard-example mining, and Adam, which turns a gradient element
+whose sign rounding flips into a full 2 x lr step), so after a few steps two exact float32 runs differ
+by as much as the loss changes. An elementwise tolerance is the wrong test. The criterion is
+noise-aware (:func:`checks`, :func:`violations`): the authors' model in float64 is the truth; the
+authors' model in float32, on the stream and on the stream with each batch's images reordered (the
+same loss and gradients, another rounding), shows how far float32 rounding alone moves training from
+it. Each float32 implementation must stay within ``FACTOR`` x that deviation: step 1's loss and
+BatchNorm buffers (forward rounding only) against the noise runs there; later steps against the
+noise level the noise runs reach ``LAG`` steps later (a flipped Adam step lets one run lead the
+chaotic growth); after training, the parameters and eval features, and rank-1/mAP within the noise
+runs' difference plus one query's worth. In float64 the noise runs are the authors' float64 model on
+the reordered streams, and the torch path must also stay under 1e-9 for the first ``TIGHT_STEPS``
+steps. The measured figures and the tolerances are in docs/numerics.md ("Training side by side").
 
 ``test_planted_errors_are_rejected`` proves the criterion is sharp: a BatchNorm momentum off by 1%
 in one block, or one BatchNorm's epsilon dropped, fails it.
@@ -243,7 +246,8 @@ def test_torch_path_trains_as_the_authors_model(runs, stream, dtype):
     name, noise_name = ("torch32", "noise32") if dtype == torch.float32 else ("torch64", "noise64")
     candidate = deviations(runs[name], truth, split, STEPS)
     noise = noise_deviations(runs[noise_name], truth, split, STEPS)
-    print("\n" + report(noise_name, noise) + "\n" + report(name, candidate)
+    print(f"\ntruth rank-1/mAP {truth_metrics[0]:.3f}/{truth_metrics[1]:.3f}\n" + report(noise_name, noise)
+          + "\n" + report(name, candidate)
           + f"\n{name} needs factor {needed_factor(candidate, noise, dtype):.2f}")
     assert not violations(candidate, noise, truth_metrics, dtype, split)
     if dtype == torch.float32:    # the float32 reference itself passes its own criterion (a sanity check)

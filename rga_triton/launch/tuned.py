@@ -177,11 +177,15 @@ def compiled_resources(fn, config: triton.Config, grid, args: tuple, kwargs: dic
     for ``config`` with these arguments (a cache hit after :func:`precompile`), or None when it cannot tell."""
     try:
         compiled = fn.warmup(*args, **kwargs, **config_kwargs(config), grid=grid)
-        if getattr(compiled, "n_spills", None) is None:
-            compiled._init_handles()        # loads the binary: the driver reports registers and local memory
-        return 4 * int(compiled.n_spills), int(compiled.metadata.shared)    # n_spills counts 4-byte words
+        shared = int(compiled.metadata.shared)
     except Exception:  # noqa: BLE001 - unknown resources: the config stays and the autotuner meets the error
         return None
+    try:
+        if getattr(compiled, "n_spills", None) is None:
+            compiled._init_handles()        # loads the binary: the driver reports registers and local memory
+        return 4 * int(compiled.n_spills), shared       # n_spills counts 4-byte words of local memory
+    except Exception:  # noqa: BLE001 - e.g. Triton's OutOfResources for shared memory: judged by `shared`
+        return 0, shared
 
 
 def max_shared_memory(device: torch.device) -> int | None:

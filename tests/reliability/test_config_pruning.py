@@ -76,3 +76,38 @@ def test_pinned_kernels_are_not_pruned():
         pytest.skip("runs under TRITON_INTERPRET=1 or RGA_TRITON_PIN_CONFIG=1")
     kernel = tuned.KERNELS["_apply_gates_backward_kernel"]
     assert len(kernel.autotuned.configs) == 1 and kernel.autotuned.early_config_prune is None
+
+
+def test_compiled_resources_reads_the_driver_report_from_a_stubbed_compile():
+    """Spilled bytes come from the driver's local-memory count (4-byte words), shared memory from the
+    compile metadata; a binary the driver refuses (Triton's OutOfResources) is judged by its shared memory,
+    and a config that does not compile at all is kept for the autotuner to report."""
+    from types import SimpleNamespace
+
+    class Compiled:
+        def __init__(self, spills, shared, refuse=False):
+            self.metadata = SimpleNamespace(shared=shared)
+            self._spills, self._refuse = spills, refuse
+
+        def _init_handles(self):
+            if self._refuse:
+                raise RuntimeError("out of resources: shared memory")
+            self.n_spills = self._spills
+
+    class Fn:
+        def __init__(self, result):
+            self.result, self.calls = result, []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.calls.append((args, grid, kwargs))
+            if isinstance(self.result, Exception):
+                raise self.result
+            return self.result
+
+    config = triton.Config({"BLOCK": 32}, num_warps=8, num_stages=3)
+    fn = Fn(Compiled(spills=37, shared=4096))
+    assert tuned.compiled_resources(fn, config, (4,), ("a",), {"N": 2}) == (148, 4096)
+    args, grid, kwargs = fn.calls[0]
+    assert args == ("a",) and grid == (4,) and kwargs["BLOCK"] == 32 and kwargs["num_warps"] == 8 and kwargs["N"] == 2
+    assert tuned.compiled_resources(Fn(Compiled(0, 300_000, refuse=True)), config, (1,), (), {}) == (0, 300_000)
+    assert tuned.compiled_resources(Fn(ValueError("bad block")), config, (1,), (), {}) is None

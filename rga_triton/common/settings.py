@@ -50,8 +50,14 @@ _INTERPRETER_LOCK = threading.RLock()
 
 def interpreter_serialised():
     """A context that lets one thread at a time launch kernels under Triton's interpreter, which is not
-    thread-safe (kernels called from several threads at once raise ``InterpreterError``); on a GPU, none."""
-    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
+    thread-safe (kernels called from several threads at once raise ``InterpreterError``); on a GPU, and
+    while torch.compile traces (dynamo cannot trace a lock; a compiled graph is run, not traced, by threads),
+    none."""
+    import torch
+
+    if interpreting() and not torch.compiler.is_compiling():
+        return _INTERPRETER_LOCK
+    return contextlib.nullcontext()
 
 
 def pinned() -> bool:

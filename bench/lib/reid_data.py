@@ -168,18 +168,32 @@ class SyntheticReID:
     def num_classes(self) -> int:
         return self.num_train_ids
 
-    def batches(self, steps: int, identities: int = 4, instances: int = 4, seed: int | None = None):
+    def batches(self, steps: int, identities: int = 4, instances: int = 4, seed: int | None = None,
+                views_per_id: int | None = None):
         """``steps`` training batches ``(images (P*K, 3, H, W) float32, labels (P*K,) int64)``: P distinct
-        training identities per batch, K augmented views of each, identity-major as the authors' sampler."""
+        training identities per batch, K augmented views of each, identity-major as the authors' sampler.
+
+        A generator: each batch is made when asked for. Each image is a fresh view of its identity, or, with
+        ``views_per_id``, one of that many views rendered once per identity (then only the augmentation is
+        per image: rendering dominates at large sizes, 256 x 128 say)."""
         if identities > self.num_train_ids:
             raise ValueError(f"identities={identities} per batch > num_train_ids={self.num_train_ids}")
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 1 if seed is None else seed)
+        pool = None
+        if views_per_id is not None:
+            pool_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 3)
+            pool = [[render(self.identities[i], self.height, self.width, pool_generator) for _ in range(views_per_id)]
+                    for i in range(self.num_train_ids)]
         for _ in range(steps):
             ids = torch.randperm(self.num_train_ids, generator=generator)[:identities]
             labels = ids.repeat_interleave(instances)
-            images = torch.stack([augment(render(self.identities[int(i)], self.height, self.width, generator),
-                                          generator) for i in labels])
-            yield images, labels
+            if pool is None:     # render, augment, image by image (the order of the generator's draws)
+                images = [augment(render(self.identities[int(i)], self.height, self.width, generator), generator)
+                          for i in labels]
+            else:
+                picks = torch.randint(0, views_per_id, (len(labels),), generator=generator).tolist()
+                images = [augment(pool[int(i)][k], generator) for i, k in zip(labels, picks)]
+            yield torch.stack(images), labels
 
     def query_gallery(self) -> QueryGallery:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 2)

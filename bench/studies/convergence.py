@@ -40,7 +40,7 @@ PRESETS = {
     "cpu": dict(arch="small", height=64, width=32, train_ids=32, test_ids=48, gallery=4, identities=4, instances=4,
                 steps=1000, eval_every=50, device="cpu"),
     "gpu": dict(arch="resnet50", height=256, width=128, train_ids=128, test_ids=64, gallery=8, identities=16,
-                instances=4, steps=1000, eval_every=100, device="cuda"),
+                instances=4, steps=1000, eval_every=100, device="cuda", views_per_id=16),
 }
 OUT_DIR = os.path.join(ROOT, "bench", "results", "convergence")
 
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: the preset's (cpu or cuda); '--preset gpu --device cpu --steps 2' "
+                                    "is a smoke test of the ResNet-50 model")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the small model's ops are tiny; on a shared machine two contending "
                         "threads were ~50x slower than one)")
@@ -76,11 +78,18 @@ def main(argv=None) -> dict:
     data = SyntheticReID(args.height, args.width, num_train_ids=args.train_ids, num_test_ids=args.test_ids,
                          gallery_per_id=args.gallery, seed=args.seed)
     started = time.perf_counter()
-    batches = list(data.batches(args.steps, args.identities, args.instances))
+
+    def batches(reordered: bool = False):
+        """The stream, made again for each model (all of it would not fit in memory at the paper's size)."""
+        for images, labels in data.batches(args.steps, args.identities, args.instances,
+                                           views_per_id=getattr(args, "views_per_id", None)):
+            yield (images.flip(0), labels.flip(0)) if reordered else (images, labels)
+
     split = data.query_gallery()
     print(f"{args.preset}: {args.arch} RGA-Net at {args.height} x {args.width}, batch {args.identities} x "
           f"{args.instances}, {args.steps} steps, {args.test_ids} query identities x {args.gallery} gallery images, "
-          f"{args.device}, torch {torch.__version__}; data in {time.perf_counter() - started:.0f} s", flush=True)
+          f"{args.device}, torch {torch.__version__}; evaluation split in {time.perf_counter() - started:.0f} s",
+          flush=True)
     authors = reid_train.authors_model(data.num_classes, args.height, args.width, arch=args.arch, seed=args.seed,
                                        dtype=torch.float32).to(args.device)
     models = {"authors": reid_train.in_dtype(authors, torch.float32),
@@ -98,9 +107,8 @@ def main(argv=None) -> dict:
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "step", "loss", "seconds", "rank1", "mAP"])
-        reordered = [(images.flip(0), labels.flip(0)) for images, labels in batches]
         for name, model in models.items():
-            results[name] = train_one(name, model, reordered if name == "authors, reordered" else batches, split, args)
+            results[name] = train_one(name, model, batches(reordered=name == "authors, reordered"), split, args)
             evals = dict((s, (r, m)) for s, r, m in results[name]["evals"])
             for step in range(0, args.steps + 1):
                 loss = f"{results[name]['losses'][step - 1]:.6f}" if step else ""
@@ -120,7 +128,7 @@ def train_one(name, model, batches, split, args) -> dict:
     evals = [(0, *evaluate(model, split))]
     print(f"[{name}] step 0: rank-1 {evals[0][1]:.3f}  mAP {evals[0][2]:.3f}", flush=True)
     def on_step(step, loss, m):
-        if step % args.eval_every == 0 or step == len(batches):
+        if step % args.eval_every == 0 or step == args.steps:
             evals.append((step, *evaluate(m, split)))
             print(f"[{name}] step {step}: loss {loss:.4f}  rank-1 {evals[-1][1]:.3f}  mAP {evals[-1][2]:.3f}",
                   flush=True)

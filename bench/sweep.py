@@ -18,7 +18,10 @@ Implementations (same inputs, same parameters: one state_dict loaded into each):
                         dominates (opt-in, like compile-max-autotune)
 
 Every timed row is preceded by a correctness check against the reference run in float64
-on the same inputs (output, and grad of x in train mode). Results go to
+on the same inputs (output, and grad of x in train mode). On a CPU the implementations of a case
+are timed interleaved and each speed-up is the median of paired ratios; a row whose median stays
+uncertain (its 95 % confidence interval spans more than 1.3x) is marked noisy and left out of the
+headline means. Results go to
 bench/results/<device>/ (sweep.csv, PNG plots, summary.md, errors.log if anything failed).
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ import rga_triton  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
 from bench.lib import cost_model, hardware, impls, timing  # noqa: E402
 from bench.lib.impls import Case  # noqa: E402
+from bench.lib.rows import megabytes  # noqa: E402
 
 # Input resolution H x W -> feature maps of ResNet-50 stages in RGA-Net (last stride 1):
 # stage: (channels, downsampling factor).
@@ -59,6 +63,7 @@ COLUMNS = [
     "status", "correct", "rel_err", "rel_err_grad_x", "tolerance", "tolerance_grad_x", "checked_against",
     "time_ms_median", "time_ms_p20", "time_ms_p80", "runs", "host_ms", "graphs_skipped", "first_call_s",
     "peak_mem_mb", "flops", "min_bytes", "intensity", "tflops", "gbps", "speedup_vs_reference",
+    "speedup_p20", "speedup_p80", "ci_low", "ci_high", "noisy", "load_avg", "cpu_cores", "threads",
     "ceiling_tflops", "ceiling_gbps", "spec_tflops", "spec_gbps", "spec_label", "note",
     "device", "driver", "cuda", "torch", "triton", "python", "tf32", "git_commit", "timestamp",
 ]
@@ -95,9 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", help="comma list from float32,bfloat16,float16 (CPU: float32 only)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--out", help="output directory (default bench/results/<device name>)")
-    p.add_argument("--repeat", type=int, help="timed runs per row (default 5 on a CPU, 50 on a GPU; fewer for "
-                                              f"steps slower than {timing.BUDGET_S:g} s / repeat, at least "
-                                              f"{timing.MIN_RUNS})")
+    p.add_argument("--repeat", type=int, help="GPU: timed runs per row (default 50; fewer for steps slower than "
+                                              f"{timing.BUDGET_S:g} s / repeat, at least {timing.MIN_RUNS}). CPU: "
+                                              "the least number of interleaved rounds (default 5); more follow "
+                                              "until the ratios settle, up to --case-budget")
+    p.add_argument("--case-budget", type=float, default=timing.CASE_BUDGET_S, metavar="SECONDS",
+                   help="CPU: seconds of interleaved rounds per implementation and case before an unsettled row "
+                        f"is left noisy (default {timing.CASE_BUDGET_S:g}; at least {timing.MIN_RUNS} rounds)")
+    p.add_argument("--threads", default="auto", metavar="N|auto",
+                   help="CPU: torch.set_num_threads(N) for every implementation. auto (default): PyTorch's own "
+                        "(one per core, or OMP_NUM_THREADS), except 1 when the machine is busy at the start (load "
+                        "average above the cores), where a single thread keeps the times and ratios steady: it "
+                        "never waits for a descheduled sibling")
     p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune')")
     p.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                    help="float32 TF32 for cuBLAS and cuDNN: leave PyTorch's defaults, or force on/off")
@@ -185,6 +199,23 @@ def set_tf32(choice: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = choice == "on"
 
 
+def set_threads(choice: str, parser: argparse.ArgumentParser, on_cpu: bool = True) -> str | None:
+    """``--threads``: a number, or auto (for a CPU sweep, 1 on a busy machine unless OMP_NUM_THREADS says
+    otherwise). Returns what to tell the user, or None."""
+    if choice != "auto":
+        if not choice.isdigit() or int(choice) < 1:
+            parser.error(f"--threads must be a positive integer or auto, got {choice!r}")
+        torch.set_num_threads(int(choice))
+        return None
+    load, cores = timing.machine_load()
+    if not on_cpu or load is None or load <= cores or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    torch.set_num_threads(1)
+    return (f"note: load average {load:.1f} on {cores} cores: timing the CPU rows with 1 thread (--threads auto); "
+            f"PyTorch's threads wait for one another, and on a busy machine for descheduled siblings. "
+            f"--threads {cores} times them with every core anyway (column `threads`)")
+
+
 def run_tune(device, cases, args) -> int:
     """``--tune``: rga_triton.tune over the selected cases' shapes, batches, branches, dtypes and modes."""
     try:
@@ -237,6 +268,8 @@ class Sweep:
         self.previous_reference_ms: dict[tuple, float] = {}   # --resume: reference times already in the CSV
         self.reference_grad_err: dict[tuple, float] = {}      # the reference's own grad x error per case
         self.failures = 0
+        self.pending: dict[str, tuple] = {}   # CPU: impl -> (step, resets), timed interleaved after the case's checks
+        self.skip_reasons_shown: set[str] = set()
         self.rows_run = 0       # rows measured by this process (the ETA's rate; --resume skips the rest)
 
     def log(self, text: str) -> None:
@@ -248,8 +281,14 @@ class Sweep:
         dtypes = sorted({c.dtype for c in self.cases})
         self.ceilings = hardware.measure_ceilings(self.device, dtypes)
         self.spec = hardware.spec_sheet(self.env["device"]) if self.device.type == "cuda" else None
-        rates = ", ".join(f"{d} {t:.1f}" for d, t in self.ceilings["matmul_tflops"].items())
+        rates = ", ".join(f"{d} {t:.3g}" for d, t in self.ceilings["matmul_tflops"].items())
         tf32 = f" (TF32: {hardware.tf32_state()})" if self.device.type == "cuda" else ""
+        load, cores = timing.machine_load()
+        if load is not None and load > cores:
+            self.log(f"note: the machine is busy: load average {load:.1f} on {cores} cores. CPU times then measure "
+                     f"the load as much as the code; the interleaved, paired ratios hold up better, and rows whose "
+                     f"median ratio stays uncertain are marked noisy. For clean CPU numbers use an idle machine; "
+                     f"see bench/README.md")
         self.log(f"device: {self.env['device']}; torch {self.env['torch']}, triton {self.env['triton']}, "
                  f"driver {self.env['driver'] or '-'}")
         self.log(f"measured ceilings: copy {self.ceilings['copy_gbps']:.0f} GB/s (read + write), "
@@ -266,12 +305,15 @@ class Sweep:
         nbytes = cost_model.min_bytes(case.c, case.h, case.w, case.batch, case.branch, case.mode, algo,
                                       case.dtype, **case.ratios)
         label = algorithm or algo
+        load, cores = timing.machine_load()
         row = {k: None for k in COLUMNS}
         row.update(impl=impl, algorithm=label, branch=case.branch, mode=case.mode, dtype=case.dtype,
                    batch=case.batch, C=case.c, H=case.h, W=case.w, N=case.n, input_hw=case.input_hw,
                    stage=case.stage, tolerance=impls.TOLERANCE[case.dtype], flops=flops, min_bytes=nbytes,
                    intensity=flops / nbytes, ceiling_tflops=self.ceilings["matmul_tflops"].get(case.dtype),
-                   ceiling_gbps=self.ceilings["copy_gbps"], timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   ceiling_gbps=self.ceilings["copy_gbps"], load_avg=load, cpu_cores=cores,
+                   threads=torch.get_num_threads() if self.device.type == "cpu" else None,
+                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
                    **self.env)
         if self.spec:
             row.update(spec_tflops=self.spec["tflops"].get(case.dtype), spec_gbps=self.spec["gbps"],
@@ -332,9 +374,20 @@ class Sweep:
             row.update(status="interpreted", note="; ".join(filter(None, [
                 row["note"], "Triton's interpreter on the CPU: checked, not timed"])))
             return
+        if self.device.type != "cuda":      # timed with the case's other implementations, interleaved
+            self.pending[impl] = (fn, resets)
+            return
         t = timing.time_fn(fn, self.device, self.repeat, resets, estimate_ms)
+        t.noisy = timing.is_noisy(t)
+        self.record_timing(row, t)
+        row["host_ms"] = timing.host_ms(fn, self.device, resets)
+
+    @staticmethod
+    def record_timing(row: dict, t: timing.Timing) -> None:
         row.update(time_ms_median=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, runs=t.runs,
-                   host_ms=timing.host_ms(fn, self.device, resets), status="ok")
+                   ci_low=t.ci_low, ci_high=t.ci_high, noisy=t.noisy, status="ok")
+        if t.ratio_median is not None:
+            row.update(speedup_vs_reference=t.ratio_median, speedup_p20=t.ratio_p20, speedup_p80=t.ratio_p80)
         seconds = t.median_ms * 1e-3
         row["tflops"] = row["flops"] / seconds / 1e12
         row["gbps"] = row["min_bytes"] / seconds / 1e9
@@ -361,7 +414,7 @@ class Sweep:
                 with open(self.errors_path, "a") as f:
                     f.write(f"=== {impl} {case}\n{traceback.format_exc()}\n")
         finally:
-            if impls.compiled(impl):
+            if impls.compiled(impl) and impl not in self.pending:
                 torch._dynamo.reset()    # drop compiled graphs (and CUDA-graph pools) before the next row
             impls.free_memory(self.device)
         return row
@@ -440,11 +493,17 @@ class Sweep:
             _key({"impl": "", "branch": case.branch, "mode": case.mode, "dtype": case.dtype, "batch": case.batch,
                   "C": case.c, "H": case.h, "W": case.w}))
         done = len(self.names) - len(todo)
-        for impl in todo:
-            row = self.run_row(impl, case, state, x, grad_out, get_oracle)
+        self.pending = {}
+        rows = [self.run_row(impl, case, state, x, grad_out, get_oracle) for impl in todo]
+        if self.pending:
+            self.time_interleaved(case, rows)
+        for row in rows:
+            impl = row["impl"]
             if impl == "reference" and row["status"] == "ok":
                 reference_ms = row["time_ms_median"]
-            if reference_ms and row["status"] == "ok" and row["correct"] is not False:     # a wrong answer is no win
+            if row["correct"] is False:      # a wrong answer is no win
+                row.update(speedup_vs_reference=None, speedup_p20=None, speedup_p80=None)
+            elif reference_ms and row["status"] == "ok" and row["speedup_vs_reference"] is None:
                 row["speedup_vs_reference"] = reference_ms / row["time_ms_median"]
             if row["correct"] is False or row["status"] == "error":
                 self.failures += 1
@@ -457,6 +516,25 @@ class Sweep:
         cache.clear()
         impls.free_memory(self.device)
         return len(self.names)
+
+    def time_interleaved(self, case: Case, rows: list[dict]) -> None:
+        """CPU: time the case's checked steps together, one call of each per round; speed-ups from the pairs."""
+        by_impl = {r["impl"]: r for r in rows}
+        baseline = "reference" if "reference" in self.pending else None
+        try:
+            results, errors = timing.interleaved(self.pending, baseline, self.repeat,
+                                                 self.args.case_budget * len(self.pending))
+        finally:
+            if any(impls.compiled(i) for i in self.pending):
+                torch._dynamo.reset()
+            self.pending = {}
+            impls.free_memory(self.device)
+        for impl, t in results.items():
+            self.record_timing(by_impl[impl], t)
+        for impl, exc in errors.items():
+            by_impl[impl].update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+            with open(self.errors_path, "a") as f:
+                f.write(f"=== {impl} {case} (timing)\n{''.join(traceback.format_exception(exc))}\n")
 
     def state_for(self, case: Case) -> dict:
         key = (case.c, case.h, case.w, case.branch)
@@ -473,9 +551,16 @@ class Sweep:
         if row["status"] == "ok":
             text = f"{row['time_ms_median']:.3g} ms"
             if row["speedup_vs_reference"] and row["impl"] != "reference":
-                text += f" (x{row['speedup_vs_reference']:.3g} vs reference)"
+                text += f" (x{row['speedup_vs_reference']:.3g} vs reference"
+                if row["speedup_p20"] is not None:
+                    text += f", paired p20-p80 x{row['speedup_p20']:.3g}-x{row['speedup_p80']:.3g}"
+                text += ")"
             if row["peak_mem_mb"] is not None:
-                text += f", {row['peak_mem_mb']:.0f} MB"
+                text += f", {megabytes(row['peak_mem_mb'])}"
+            if row["noisy"]:
+                interval = f"median's 95 % interval {row['ci_low']:.3g}-{row['ci_high']:.3g}; " \
+                    if row["ci_low"] is not None else ""
+                text += f" NOISY ({interval}left out of the headline)"
             if row["correct"] is False:
                 text += f" WRONG (rel err {row['rel_err']:.2e}"
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"
@@ -485,7 +570,11 @@ class Sweep:
             verdict = {True: "correct", False: "WRONG", None: "not checked"}[row["correct"]]
             text = f"{verdict} under Triton's interpreter (rel err {_fmt(row['rel_err'])}; not timed)"
         elif row["status"] == "skipped":
-            text = f"skipped ({row['note']})"
+            if row["note"] in self.skip_reasons_shown:
+                text = "skipped (as above)"
+            else:
+                self.skip_reasons_shown.add(row["note"])
+                text = f"skipped: {row['note']}"
         else:
             text = f"{row['status'].upper()} {row['note'] or ''}".rstrip()
         # The rate of rows run by this process: rows an earlier run left in the CSV took no time here.
@@ -498,6 +587,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_tf32(args.tf32)
+    threads = torch.get_num_threads()
+    try:
+        on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+        threads_note = set_threads(args.threads, parser, on_cpu)
+        if threads_note and not args.quiet:
+            print(threads_note)
+        return _run(args, parser)
+    finally:
+        torch.set_num_threads(threads)     # a caller's (a test's) process keeps its own
+
+
+def _run(args, parser) -> int:
     device, names, cases = resolve_args(args, parser)
     if args.tune:
         return run_tune(device, cases, args)

@@ -6,7 +6,9 @@ One figure per (mode, dtype) for each kind, drawn for one branch (RGA-SC when pr
 the largest batch size of that mode and dtype (roofline: every branch and batch). A row
 whose correctness check failed gets no bar, only a "WRONG" mark in its colour: a wrong
 answer is never drawn as a win. Rows that were not checked (the float64 oracle ran out of
-memory) are hatched in their colour. Rows run by Triton's interpreter on a CPU are checked
+memory) are hatched in their colour; noisy rows (timing that never settled, column ``noisy``) are
+drawn pale with a "noisy" label. On a CPU the speed-up bars are the median paired ratios, with their
+20th-80th percentile as error bars. Rows run by Triton's interpreter on a CPU are checked
 but not timings, so they are left out and named in the note under the plot.
 Also rewrites summary.md next to the PNGs.
 """
@@ -28,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from bench.lib.rows import ORDER, impls_in, load_rows  # noqa: E402,F401  (load_rows: part of this module's API)
+from bench.lib.rows import ORDER, impls_in, load_rows, megabytes  # noqa: E402,F401  (load_rows: part of this module's API)
 
 COLORS = {"reference": "#7f7f7f", "compile": "#ff7f0e", "compile-max-autotune": "#8c564b", "torch": "#1f77b4",
           "triton": "#2ca02c", "triton-tiled": "#9467bd", "triton-graphs": "#17becf"}
@@ -100,10 +102,13 @@ def _ran(rows, names, measured=("ok",)) -> list[str]:
 
 
 def _skip_note(fig, rows) -> None:
-    skipped = sorted({(r["impl"], r.get("note") or "") for r in rows if r["status"] == "skipped"})
+    reasons: dict[str, list[str]] = {}      # one line per reason, naming every implementation it skipped
+    for r in rows:
+        if r["status"] == "skipped" and r["impl"] not in reasons.setdefault(r.get("note") or "", []):
+            reasons[r.get("note") or ""].append(r["impl"])
     interpreted = sorted({r["impl"] for r in rows if r["status"] == "interpreted"})
     errors = sorted({r["impl"] for r in rows if r["status"] == "error"})
-    parts = [f"skipped {impl}: {note}" for impl, note in skipped[:3]]
+    parts = [f"skipped {', '.join(names)}: {note}" for note, names in list(reasons.items())[:3]]
     if interpreted:
         parts.append(f"not timed: {', '.join(interpreted)} (Triton's interpreter on the CPU; checked only)")
     if errors:
@@ -115,14 +120,15 @@ def _skip_note(fig, rows) -> None:
 
 
 def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_oom=True, base=0.0,
-                  measured=("ok",)):
+                  measured=("ok",), fmt=lambda h: f"{h:.3g}", spread=None):
     """Grouped bars (groups: shapes, bars: implementations). ``value(row)`` -> height or None.
 
     Bars start at ``base`` (1 for speed-ups: slower-than-reference bars point down). Rows
-    whose status is in ``measured`` get a bar.
+    whose status is in ``measured`` get a bar, labelled ``fmt(height)``; ``spread(row)`` -> (low,
+    high) or None draws an error bar. A noisy row's bar is pale and labelled "noisy".
     """
     width = 0.8 / max(1, len(names))
-    flagged = {"failed": False, "unchecked": False}
+    flagged = {"failed": False, "unchecked": False, "noisy": False}
     heights, drawn = [], set()
     label_bars = len(names) * len(shapes) <= 24
     for i, impl in enumerate(names):
@@ -147,12 +153,19 @@ def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_
                 continue
             face, hatch, edge = _bar_style(row, impl)
             flagged["unchecked"] |= row["correct"] is None
+            noisy = bool(row.get("noisy"))
+            flagged["noisy"] |= noisy
             ax.bar(xpos, h - base, width, bottom=base if base else None, color=face, hatch=hatch, edgecolor=edge,
-                   linewidth=0.5)
+                   linewidth=0.5, alpha=0.35 if noisy else 1.0)
+            band = spread(row) if spread else None
+            if band and band[0] and band[1]:
+                ax.errorbar(xpos, h, yerr=[[max(0.0, h - band[0])], [max(0.0, band[1] - h)]], color="black",
+                            linewidth=0.8, capsize=2)
             if label_bars:
                 up = h >= base
-                ax.annotate(f"{h:.3g}", (xpos, h), ha="center", va="bottom" if up else "top", fontsize=7,
-                            xytext=(0, 2 if up else -2), textcoords="offset points")
+                ax.annotate(fmt(h) + ("\nnoisy" if noisy else ""), (xpos, h), ha="center",
+                            va="bottom" if up else "top", fontsize=7, xytext=(0, 2 if up else -2),
+                            textcoords="offset points")
             heights.append(h)
             drawn.add(impl)
     ax.set_xticks(range(len(shapes)))
@@ -172,6 +185,8 @@ def _grouped_bars(ax, rows, shapes, names, value, ylabel, title, log=True, mark_
         handles.append(Patch(facecolor="white", edgecolor="white", label="WRONG: failed its correctness check"))
     if flagged["unchecked"]:
         handles.append(Patch(facecolor="white", hatch="//", edgecolor="#555555", label="not checked (oracle OOM)"))
+    if flagged["noisy"]:
+        handles.append(Patch(facecolor="#bbbbbb", alpha=0.35, label="noisy: timing never settled (busy machine?)"))
     ax.legend(handles=handles, fontsize=8, loc="best")
     return heights
 
@@ -198,12 +213,17 @@ def plot_speedup(mode, dtype, branch, batch, rows, out_dir) -> str:
         ref = _by(rows, "reference", (row["C"], row["H"], row["W"]))
         if ref is None or ref["status"] != "ok" or not row["time_ms_median"]:
             return None
+        if row.get("speedup_p20") is not None:        # paired (interleaved) ratios: their median
+            return row["speedup_vs_reference"]
         return ref["time_ms_median"] / row["time_ms_median"]
+
+    def paired_band(row):
+        return (row["speedup_p20"], row["speedup_p80"]) if row.get("speedup_p20") is not None else None
 
     _grouped_bars(ax, rows, shapes, names, speedup, "speed-up over the eager reference (x, log scale)",
                   f"RGA speed-up over the reference: {branch}, {mode}"
                   f"{' (forward + backward)' if mode == 'train' else ' (forward)'}, {dtype}, batch {batch}",
-                  base=1.0)
+                  base=1.0, spread=paired_band)
     ax.axhline(1.0, color="black", linewidth=0.8)
     for j, shape in enumerate(shapes):
         ref = _by(rows, "reference", shape)
@@ -230,7 +250,8 @@ def plot_memory(mode, dtype, branch, batch, rows, out_dir) -> str:
     on_cpu = str(rows[0].get("device", "")).lower().startswith("cpu")
     label = ("peak live tensors of the step (MB, log scale;\nATen outputs on the CPU, compiled steps not measured)"
              if on_cpu else "peak memory allocated by the step (MB, log scale)")
-    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"], label, title, measured=measured)
+    _grouped_bars(ax, rows, shapes, names, lambda r: r["peak_mem_mb"], label, title, measured=measured,
+                  fmt=megabytes)
     return _save(fig, out_dir, f"memory_{mode}_{dtype}.png")
 
 
@@ -250,6 +271,17 @@ def plot_roofline(mode, dtype, rows, out_dir) -> str | None:
         if bad:
             ax.scatter([r["intensity"] for r in bad], [r["tflops"] for r in bad], marker=MARKERS.get(impl, "o"),
                        facecolors="none", edgecolors="#555555", s=40, label=f"{impl} (failed correctness)")
+    # Each marker's shape (and batch, branch where the plot mixes several), once per point position.
+    mixed_batch = len({r["batch"] for r in ok}) > 1
+    mixed_branch = len({r["branch"] for r in ok}) > 1
+    labelled: dict[tuple, list[str]] = {}
+    for r in ok:
+        text = f"{r['C']}x{r['H']}x{r['W']}" + (f" B={r['batch']}" if mixed_batch else "") + \
+            (f" {r['branch']}" if mixed_branch else "") + (" noisy" if r.get("noisy") else "")
+        labelled.setdefault((round(math.log10(r["intensity"]), 2), round(math.log10(r["tflops"]), 2)), []).append(text)
+    for (lx, ly), texts in labelled.items():
+        ax.annotate(" / ".join(dict.fromkeys(texts)), (10 ** lx, 10 ** ly), fontsize=6, color="#333333",
+                    xytext=(4, 3), textcoords="offset points")
     lo = min(r["intensity"] for r in ok) / 3
     hi = max(r["intensity"] for r in ok) * 3
     first = ok[0]
@@ -259,7 +291,7 @@ def plot_roofline(mode, dtype, rows, out_dir) -> str | None:
                                     first.get("spec_label") or "spec sheet")):
         if peak and bw:
             ax.plot(xs, [min(peak, x * bw / 1e3) for x in xs], style, color="black", linewidth=1.2,
-                    label=f"{label}: {bw:.0f} GB/s, {peak:.1f} TFLOP/s")
+                    label=f"{label}: {bw:.3g} GB/s, {peak:.3g} TFLOP/s")
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_labels(ax.xaxis, lo, hi)

@@ -18,6 +18,11 @@ def _good(row) -> bool:
     return row is not None and row["status"] == "ok" and row["correct"] is not False
 
 
+def _steady(row) -> bool:
+    """Good and not noisy: a row the headline means may use."""
+    return _good(row) and not row.get("noisy")
+
+
 def _geomean(values) -> float | None:
     values = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
@@ -47,7 +52,7 @@ def _cell(row) -> str:
     if row["status"] == "ok":
         text = f"{row['time_ms_median']:.3g}" + (" (host)" if host_bound(row) else "") + \
             (" (no graphs)" if graphs_skipped(row) else "")
-        return text + (" (wrong)" if row["correct"] is False else "")
+        return text + (" (wrong)" if row["correct"] is False else "") + (" (noisy)" if row.get("noisy") else "")
     return {"oom": "OOM", "skipped": "skip", "error": "ERR", "interpreted": "interp."}.get(row["status"], row["status"])
 
 
@@ -57,8 +62,15 @@ def best_fast(by_impl: dict) -> dict | None:
     return min(rows, key=lambda r: r["time_ms_median"]) if rows else None
 
 
-def _time_ratio(a, b) -> float | None:
-    return a["time_ms_median"] / b["time_ms_median"] if _good(a) and _good(b) else None
+def _time_ratio(a, b, good=_good) -> float | None:
+    """Time of ``a`` over time of ``b``: for ``a`` the reference and ``b`` timed with it interleaved, the
+    median of their paired ratios (``speedup_vs_reference``), else the ratio of the medians."""
+    if a is not None and a["impl"] == "reference" and b is not None and b.get("speedup_p20") is not None:
+        # Paired: the pairs cancel the load the reference's own times saw; b's ratio spread decides.
+        return b["speedup_vs_reference"] if _good(a) and good(b) else None
+    if not (good(a) and good(b)):
+        return None
+    return a["time_ms_median"] / b["time_ms_median"]
 
 
 def _vs_baseline(baseline, best) -> str:
@@ -66,7 +78,13 @@ def _vs_baseline(baseline, best) -> str:
     oracle still took its time, so the ratio is shown, marked (a wrong row of ours is never a win)."""
     if _good(best) and baseline is not None and baseline["status"] == "ok" and baseline["correct"] is False:
         return _ratio(baseline["time_ms_median"] / best["time_ms_median"]) + " (vs wrong)"
-    return _ratio(_time_ratio(baseline, best))
+    text = _ratio(_time_ratio(baseline, best))
+    if text == "-":
+        return text
+    paired = baseline["impl"] == "reference" and best.get("speedup_p20") is not None
+    if paired:
+        text += f" ({best['speedup_p20']:.3g}-{best['speedup_p80']:.3g})"
+    return text + (" (noisy)" if best.get("noisy") or (baseline.get("noisy") and not paired) else "")
 
 
 def _mem_ratio(a, b) -> float | None:
@@ -95,12 +113,29 @@ def write_summary(csv_path: str, md_path: str) -> str:
         unchecked = [r for r in rows if r["status"] == "ok" and r["correct"] is None]
         lines.append("Status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                      + f"; correctness failures {len(failed)}; unchecked {len(unchecked)}.\n")
+        loads = [(r["load_avg"], r["cpu_cores"]) for r in rows if r.get("load_avg") is not None and r.get("cpu_cores")]
+        busy = [(load, cores) for load, cores in loads if load > cores]
+        if busy:
+            load, cores = max(busy)
+            lines.append(f"**The machine was busy**: load average up to {load:.1f} on {int(cores)} cores while "
+                         f"these rows ran ({len(busy)} of {len(rows)} rows). CPU times then measure the load as "
+                         "much as the code; the speed-ups come from interleaved, paired runs, which hold up "
+                         "better, and rows whose median ratio stayed uncertain are marked `(noisy)` and left out "
+                         "of the "
+                         "headline. For clean numbers: an idle machine, or `--threads 1` / `OMP_NUM_THREADS=1` against "
+                         f"other jobs (bench/README.md). Threads per step here: "
+                         f"{', '.join(sorted({str(int(r['threads'])) for r in rows if r.get('threads')})) or '-'}.\n")
+        noisy = [r for r in rows if r.get("noisy")]
+        if noisy:
+            lines.append(f"Noisy rows: {len(noisy)} (`(noisy)`: the 95 % confidence interval of the row's median "
+                         "paired ratio, or of its median time where it has none (`ci_low`, `ci_high`), still spanned "
+                         "more than 1.3x when its time budget ran out; left out of the headline means).\n")
         if counts["interpreted"]:
             lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, it is not "
                          "timed and is left out of every ratio.\n")
         ceil = [f"copy {first['ceiling_gbps']:.0f} GB/s"] if first["ceiling_gbps"] else []
         by_dtype = {r["dtype"]: r["ceiling_tflops"] for r in rows if r["ceiling_tflops"]}
-        ceil += [f"{d} matmul {t:.1f} TFLOP/s" for d, t in by_dtype.items()]
+        ceil += [f"{d} matmul {t:.3g} TFLOP/s" for d, t in by_dtype.items()]
         lines.append("Measured ceilings: " + ", ".join(ceil) + ".")
         if first.get("spec_label"):
             spec = {r["dtype"]: r["spec_tflops"] for r in rows if r["spec_tflops"]}
@@ -110,8 +145,9 @@ def write_summary(csv_path: str, md_path: str) -> str:
 
     # Headline: geometric means over cases where both sides ran and passed.
     lines.append("## Headline\n")
-    lines.append("Geometric mean over every case (shape x batch x branch x mode x dtype) where both rows ran and "
-                 "passed the correctness check. `xK vs Y` = time of Y / time of the implementation (higher is "
+    lines.append("Geometric mean over every case (shape x batch x branch x mode x dtype) where both rows ran, "
+                 "passed the correctness check and are not noisy. `xK vs Y` = time of Y / time of the "
+                 "implementation (higher is "
                  "better); memory = peak of the reference / peak of the implementation. `rga_triton best` is the "
                  "fastest correct of " + ", ".join(FAST) + " per case.\n")
     lines.append("| implementation | vs reference | vs compile | vs torch | memory vs reference | cases |")
@@ -120,11 +156,11 @@ def write_summary(csv_path: str, md_path: str) -> str:
         pairs = []
         for by_impl in cases.values():
             row = best_fast(by_impl) if name == "rga_triton best" else by_impl.get(name)
-            if _good(row):
+            if _steady(row):
                 pairs.append((row, by_impl))
         if not pairs:
             continue
-        vs = [None if other == name else _geomean([_time_ratio(b.get(other), r) for r, b in pairs])
+        vs = [None if other == name else _geomean([_time_ratio(b.get(other), r, _steady) for r, b in pairs])
               for other in ("reference", "compile", "torch")]
         mem = _geomean([_mem_ratio(b.get("reference"), r) for r, b in pairs])
         lines.append(f"| {name} | {_ratio(vs[0])} | {_ratio(vs[1])} | {_ratio(vs[2])} | {_ratio(mem)} | {len(pairs)} |")
@@ -141,7 +177,10 @@ def write_summary(csv_path: str, md_path: str) -> str:
                      "(column `host_ms`), so the GPU idled between kernels; in a model, earlier work queued on "
                      "the GPU hides that. `(no graphs)`: torch.compile skipped CUDA graphs in this graphed row "
                      "(its `note` says why), so it timed the compiled step without them. `(vs wrong)`: a ratio "
-                     "against a baseline that failed its correctness check.\n")
+                     "against a baseline that failed its correctness check. On a CPU, `vs reference` is the median of "
+                     "ratios paired round by round (interleaved timing), with the 20th-80th percentile of the "
+                     "single-round ratios in brackets; `(noisy)`: the median's 95 % confidence interval still spanned "
+                     "more than 1.3x, the ratio is not to be trusted.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")

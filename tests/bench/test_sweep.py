@@ -20,7 +20,8 @@ REQUIRED_COLUMNS = {
     "time_ms_median", "time_ms_p20", "time_ms_p80", "host_ms", "peak_mem_mb", "flops", "min_bytes", "tflops",
     "gbps", "device", "driver", "torch", "triton", "python",
 }
-TINY = ["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--dtypes", "float32", "--repeat", "2", "--quiet"]
+TINY = ["--device", "cpu", "--shapes", "64x8x8", "--batch", "2", "--dtypes", "float32", "--repeat", "2", "--quiet",
+        "--case-budget", "0.2"]
 
 
 def read_csv(path):
@@ -68,8 +69,16 @@ def test_sweep_rows_columns_and_correctness(tiny_sweep):
         assert float(r["peak_mem_mb"]) > 0     # CPU: live tensor bytes (bench/lib/live_memory.py)
         assert int(r["flops"]) > 0 and int(r["min_bytes"]) > 0
         assert float(r["tflops"]) == pytest.approx(int(r["flops"]) / (t50 * 1e-3) / 1e12, rel=1e-3)
+        assert r["noisy"] in ("True", "False") and int(r["threads"]) == torch.get_num_threads()
+        assert int(r["cpu_cores"]) >= 1 and r["load_avg"] != ""
+        lo, hi = float(r["ci_low"]), float(r["ci_high"])
         if r["impl"] != "reference":
-            assert float(r["speedup_vs_reference"]) > 0
+            # timed interleaved with the reference: the speed-up is the median of the paired ratios
+            ratio = float(r["speedup_vs_reference"])
+            assert 0 < float(r["speedup_p20"]) <= ratio <= float(r["speedup_p80"])
+            assert lo <= ratio <= hi
+        else:
+            assert r["speedup_p20"] == "" and lo <= t50 <= hi
     algorithms = {r["impl"]: r["algorithm"] for r in rows}
     assert algorithms["reference"] == "materialised" and algorithms["torch"] == "reassociated-unfused"
 
@@ -578,3 +587,45 @@ def test_rga_net_goal_is_judged_per_precision_and_compile_mode():
     assert found["RGA-Net step, float32, compiled: >= 2x images/s"].holds is False       # x1.67
     mismatch = found["RGA-Net step, bf16-autocast: >= 2x images/s"]
     assert mismatch.holds is None and "loss missed" in mismatch.measured
+
+
+def test_noisy_rows_are_marked_and_left_out_of_the_headline(tiny_sweep, tmp_path):
+    """A noisy row: `(noisy)` in summary.md, no place in the headline means, a mark on the plots; a busy
+    machine (load average over the cores) is said once at the top."""
+    _, out = tiny_sweep
+    rows = read_csv(out / "sweep.csv")
+    torch_rows = [r for r in rows if r["impl"] == "torch" and r["status"] == "ok"]
+    for r in rows:
+        r["noisy"] = str(r["impl"] == "torch" and r is not torch_rows[0])
+        r["load_avg"], r["cpu_cores"] = "9.5", "2"
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = open(report.write_summary(str(path), str(tmp_path / "summary.md"))).read()
+    assert summary.count("The machine was busy") == 1 and "load average up to 9.5 on 2 cores" in summary
+    assert f"Noisy rows: {len(torch_rows) - 1}" in summary and "(noisy)" in summary
+    headline = next(line for line in summary.splitlines() if line.startswith("| torch |"))
+    assert headline.rstrip(" |").endswith("| 1")          # one steady case left in the means
+    assert len(plots.plot_all(str(path), str(tmp_path))) == 8
+
+
+def test_memory_under_a_megabyte_is_printed_in_kilobytes():
+    from bench.lib.rows import megabytes
+    assert megabytes(0.42) == "430 KB" and megabytes(0.0004) == "0.41 KB"
+    assert megabytes(3.25) == "3.2 MB" and megabytes(123.4) == "123 MB"
+
+
+def test_a_skip_reason_is_printed_once(capsys):
+    import time
+    from types import SimpleNamespace
+
+    reason = "x is on cpu; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 ...)"
+    stub = SimpleNamespace(args=SimpleNamespace(quiet=False), skip_reasons_shown=set(), rows_run=1)
+    case = Case(64, 8, 8, 2, "RGA-SC", "eval", "float32")
+    for impl in ("triton", "triton-tiled", "triton"):
+        row = {"impl": impl, "status": "skipped", "note": reason}
+        sweep.Sweep.progress(stub, row, case, 1, 3, time.perf_counter())
+    out = capsys.readouterr().out
+    assert out.count(reason) == 1 and out.count("skipped (as above)") == 2 and "((" not in out

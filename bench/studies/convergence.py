@@ -1,7 +1,7 @@
 """Same training, same accuracy: the authors' RGA-Net and the converted one trained side by side (issue 31).
 
     python bench/studies/convergence.py                  # --preset cpu: small four-stage RGA-Net, 64 x 32, 1000 steps
-    python bench/studies/convergence.py --preset gpu     # RGA-Net (ResNet-50) at the paper's 256 x 128, P=16 x K=4
+    python bench/studies/convergence.py --preset gpu     # RGA-Net (ResNet-50), 256 x 128, 16 x 4, 500 steps (unrun)
 
 One seed, one batch stream (``bench/lib/reid_data.py``: P identities x K augmented images), the
 authors' recipe (``bench/lib/reid_train.py``: Adam 8e-4, label-smoothed cross-entropy + batch-hard
@@ -40,7 +40,7 @@ PRESETS = {
     "cpu": dict(arch="small", height=64, width=32, train_ids=32, test_ids=48, gallery=4, identities=4, instances=4,
                 steps=1000, eval_every=50, device="cpu"),
     "gpu": dict(arch="resnet50", height=256, width=128, train_ids=128, test_ids=64, gallery=8, identities=16,
-                instances=4, steps=1000, eval_every=100, device="cuda", views_per_id=16),
+                instances=4, steps=500, eval_every=50, device="cuda", views_per_id=16),
 }
 OUT_DIR = os.path.join(ROOT, "bench", "results", "convergence")
 

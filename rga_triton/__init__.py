@@ -21,9 +21,10 @@ def tune(*args, **kwargs):
 from . import integrations, models  # noqa: E402
 from .attach import attach  # noqa: E402  (issue 30: RGA after the stages of any CNN)
 from .checkpoint import CheckpointReport, load_checkpoint  # noqa: E402
+from .common.frozen import frozen  # noqa: E402  (derive once, serve many: docs/design.md)
 from .convert import convert  # noqa: E402
 
-__all__ += ["integrations", "models", "attach", "convert", "load_checkpoint", "CheckpointReport"]
+__all__ += ["integrations", "models", "attach", "convert", "load_checkpoint", "CheckpointReport", "frozen"]
 
 # The Triton path's custom operators (torch.ops.rga_triton.*): registered at import, so that exported and
 # AOTInductor-compiled programs load wherever rga_triton is imported.

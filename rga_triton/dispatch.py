@@ -50,6 +50,7 @@ import torch
 from .common import algorithm
 from .common.batchnorm import distributed, synchronised
 from .common.checks import one_of
+from .common.frozen import table_of
 from .common.layout import compute_dtype, mergeable
 from .common.settings import MAX_HIDDEN, interpreter_serialised, interpreting
 from .common.tracing import assume_constant_result, exporting_to_onnx, intercepted
@@ -71,7 +72,7 @@ def triton_importable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_capability(index) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -233,6 +234,7 @@ class Plan(NamedTuple):
     threaded: bool          # x threaded through the projections (one grad-x buffer; eager backward only)
     algorithms: dict        # branch name -> "reassociated" or "tiled"
     keep_z: dict            # branch name -> whether Z (B, R, L) stays in memory for backward
+    frozen: dict | None     # the block's derived constants under rga_triton.frozen() (route "kernels"), else None
 
 
 def route(x: torch.Tensor, wants_grad: bool) -> str:
@@ -284,7 +286,10 @@ def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bo
     algorithms = {name: branch_algorithm(module.algorithm, branch, dtype, x.device, grad_pass)
                   for name, branch in branches.items()}
     keep_z = {name: wants_grad and keeps_z(2 * branch.dims[1]) for name, branch in branches.items()}
-    return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z)
+    held = table_of(module) if taken == "kernels" else None
+    if held and module.training:
+        held.clear()            # a train-mode call moves running statistics: folded ones are stale
+    return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z, held)
 
 
 # ---- running it -------------------------------------------------------------------------------------------

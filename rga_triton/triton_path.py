@@ -38,6 +38,7 @@ each hands the next reader of x a view of it, so x's gradient lives in one buffe
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,7 @@ from .common.batchnorm import batch_norm, uses_batch_stats
 from .common.layout import input_views, weight_matrix
 from .common.tracing import intercepted
 from .ops.batchnorm.norm import (
+    Norm,
     affine_rows,
     batch_normalised,
     batchnorm_args,
@@ -98,8 +100,9 @@ def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
         views = input_views(x)
 
         def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
+            held = plan.frozen.setdefault((name, plan.dtype), {}) if plan.frozen is not None else None
             return branch_gate_kernels(plan.branches[name], x, *views[name], in_gate, plan.algorithms[name],
-                                       plan.dtype)
+                                       plan.dtype, held)
 
         return apply_gates(x, *compose_gates(module, gate))
 
@@ -122,51 +125,78 @@ def _weight(dtype, weights):
     return weight_matrix(torch.cat([w.detach() for w in weights]), dtype)
 
 
-def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algorithm: str, dtype) -> torch.Tensor:
+class Derived(NamedTuple):
+    """What a branch's no-grad call derives from its modules: the stacked weights, and in eval the
+    folded BatchNorms (None where a BatchNorm normalises with the batch)."""
+
+    w3: torch.Tensor
+    wg: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    embed: Norm | None
+    z: Norm | None
+    hidden: Norm | None
+    out: Norm | None
+
+
+def derive(branch, dtype) -> Derived:
+    """The :class:`Derived` constants of ``branch`` with products in ``dtype``, as the modules are now."""
+    embed_bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
+    _, bn1, _, _, bn2 = branch.W
+
+    def fold(bns):
+        return None if batch_normalised(bns) else folded(bns)
+
+    return Derived(_weight(dtype, [seq[0].weight for seq in (branch.theta, branch.phi, branch.gx)]),
+                   _weight(dtype, [branch.gg[0].weight]), _weight(torch.float32, [branch.W[0].weight]),
+                   _weight(torch.float32, [branch.W[3].weight]),
+                   fold(embed_bns), fold([branch.gg[1]]), fold([bn1]), fold([bn2]))
+
+
+def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algorithm: str, dtype,
+                        held: dict | None = None) -> torch.Tensor:
     """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x),
     products in ``dtype``. Each BatchNorm in straight lines: check the batch, measure, finalize
-    (train), or fold the running statistics (eval); then the pass that applies it."""
+    (train), or the folded running statistics (eval); then the pass that applies it. ``held``: the
+    branch's table under ``rga_triton.frozen()``, where an eval call's :class:`Derived` is kept."""
     batch, _, length = shape
     count = batch * length
-    embed_bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
-    w3 = _weight(dtype, [seq[0].weight for seq in (branch.theta, branch.phi, branch.gx)])
-    k = w3.shape[0] // 3
-    p = None            # P = W3 X, kept by the statistics pass for the apply pass
-    if batch_normalised(embed_bns):
-        check_batch(embed_bns, count, (batch, k, length))
-        stats, p = projection_stats(x, shape, strides, w3, in_gate, keep_p=True)
-        embed = finalized(embed_bns, stats, length)
+    if held is not None and "derived" in held:
+        d = held["derived"]
     else:
-        embed = folded(embed_bns)
-    tp, gx_mean = projection_apply(x, shape, strides, w3, embed.scale, embed.shift, in_gate, p)
+        d = derive(branch, dtype)
+        if held is not None and None not in (d.embed, d.z, d.hidden, d.out):   # eval: every BatchNorm folds
+            held["derived"] = d
+    embed_bns = [seq[1] for seq in (branch.theta, branch.phi, branch.gx)]
+    k = d.w3.shape[0] // 3
+    p = None            # P = W3 X, kept by the statistics pass for the apply pass
+    embed = d.embed
+    if embed is None:
+        check_batch(embed_bns, count, (batch, k, length))
+        stats, p = projection_stats(x, shape, strides, d.w3, in_gate, keep_p=True)
+        embed = finalized(embed_bns, stats, length)
+    tp, gx_mean = projection_apply(x, shape, strides, d.w3, embed.scale, embed.shift, in_gate, p)
     del p
 
-    wg = _weight(dtype, [branch.gg[0].weight])
-    r = wg.shape[0]
+    r = d.wg.shape[0]
     if algorithm == "tiled":
-        operands = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, wg), r)
+        operands = RelationOperands(tp, gx_mean, None, relation_z_tiled(tp, d.wg), r)
     else:
-        operands = RelationOperands(tp, gx_mean, relation_a(tp, wg), None, r)
-    bn_z = [branch.gg[1]]
-    if batch_normalised(bn_z):
-        check_batch(bn_z, count, (batch, r, length))
-        z_norm = finalized(bn_z, z_stats(operands), length)
-    else:
-        z_norm = folded(bn_z)
+        operands = RelationOperands(tp, gx_mean, relation_a(tp, d.wg), None, r)
+    z_norm = d.z
+    if z_norm is None:
+        check_batch([branch.gg[1]], count, (batch, r, length))
+        z_norm = finalized([branch.gg[1]], z_stats(operands), length)
 
-    conv1, bn1, _, conv2, bn2 = branch.W
-    w1 = _weight(torch.float32, [conv1.weight])
-    if batch_normalised([bn1]):
-        check_batch([bn1], count, (batch, w1.shape[0], length))
-        h_norm = finalized([bn1], hidden_stats(operands, w1, z_norm.scale, z_norm.shift), length)
-    else:
-        h_norm = folded([bn1])
-    w2 = _weight(torch.float32, [conv2.weight])
-    if not uses_batch_stats(bn2):    # eval: the kernel applies the last BN and the sigmoid itself
-        out = folded([bn2])
-        return gate_logit(operands, w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, w2,
-                          out.scale, out.shift)
-    logit = gate_logit(operands, w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, w2)
+    _, bn1, _, _, bn2 = branch.W
+    h_norm = d.hidden
+    if h_norm is None:
+        check_batch([bn1], count, (batch, d.w1.shape[0], length))
+        h_norm = finalized([bn1], hidden_stats(operands, d.w1, z_norm.scale, z_norm.shift), length)
+    if d.out is not None:    # eval: the kernel applies the last BN and the sigmoid itself
+        return gate_logit(operands, d.w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, d.w2,
+                          d.out.scale, d.out.shift)
+    logit = gate_logit(operands, d.w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, d.w2)
     out = one_channel_affine(bn2, logit, count)
     return torch.sigmoid(logit * out.scale + out.shift)
 

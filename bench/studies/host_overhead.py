@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -38,9 +39,11 @@ def stub_kernels() -> None:
     InterpretedFunction.__getitem__ = lambda self, grid: (lambda *a, **k: _stub(self, *a, **k))
 
 
-def host_ms(backend: str, train: bool, shape: tuple[int, int, int], batch: int, steps: int) -> tuple[float, float]:
+def host_ms(backend: str, train: bool, shape: tuple[int, int, int], batch: int, steps: int,
+            frozen: bool = False) -> tuple[float, float]:
     """(median host ms per call, kernel launches per call): eval = a no-grad forward, train = forward + backward
-    with the gradients cleared before each step, as ``optimizer.zero_grad()`` clears them."""
+    with the gradients cleared before each step, as ``optimizer.zero_grad()`` clears them. ``frozen``: the
+    calls run inside ``rga_triton.frozen(module)`` (derived constants kept between eval calls)."""
     c, h, w = shape
     module = rga_triton.RGAModule(c, h * w, backend=backend).train(train)
     x = torch.randn(batch, c, h, w, requires_grad=train)
@@ -57,16 +60,17 @@ def host_ms(backend: str, train: bool, shape: tuple[int, int, int], batch: int, 
         for t in (x, *module.parameters()):
             t.grad = None
 
-    for _ in range(5):
-        zero_grad()
-        call()
-    LAUNCHES.clear()
-    times = []
-    for _ in range(steps):
-        zero_grad()
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
+    with rga_triton.frozen(module) if frozen else contextlib.nullcontext():
+        for _ in range(5):
+            zero_grad()
+            call()
+        LAUNCHES.clear()
+        times = []
+        for _ in range(steps):
+            zero_grad()
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2], sum(LAUNCHES.values()) / steps
 
 
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
         for backend in ("torch", "triton"):
             ms, launches = host_ms(backend, mode == "train", shape, args.batch, args.steps)
             print(f"  {mode:5s} {backend:6s} {ms:7.2f} ms   {launches:4.0f} kernel launches")
+    ms, launches = host_ms("triton", False, shape, args.batch, args.steps, frozen=True)
+    print(f"  eval  triton  {ms:7.2f} ms   {launches:4.0f} kernel launches   inside rga_triton.frozen()")
     return 0
 
 

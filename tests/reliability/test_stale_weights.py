@@ -12,6 +12,8 @@ import copy
 import pytest
 import torch
 
+import rga_triton
+
 from helpers import assert_close, float32_tolerance, make_pair
 
 BACKENDS = ["torch", "triton"]
@@ -148,3 +150,32 @@ def test_threads_calling_one_block_under_the_interpreter(pairs, train):
         assert all(torch.equal(r, results[0]) for r in results)
     now = [int(bn.num_batches_tracked) for bn in fast.modules() if isinstance(bn, torch.nn.BatchNorm2d)]
     assert now == [t + (4 if train else 0) for t in tracked]
+
+
+@pytest.mark.needs_triton
+def test_frozen_derives_once_and_forgets_on_exit(pairs):
+    """rga_triton.frozen(model): eval no-grad calls reuse what the first derived (a .data update inside is
+    not seen, as documented); a train-mode call inside drops it; leaving the context forgets it."""
+    ref, fast, x = _fresh(pairs, "triton")
+    expected = _eval_call(fast, x)
+    with rga_triton.frozen(fast):
+        assert torch.equal(_eval_call(fast, x), expected)
+        with torch.no_grad():
+            fast.gg_spatial[0].weight.data.mul_(-1.5)       # broken promise: not seen inside
+        assert torch.equal(_eval_call(fast, x), expected)
+        fast.train()
+        with torch.no_grad():
+            fast(x.float())                                 # a train call drops the held constants
+        fast.eval()
+        with torch.no_grad():
+            ref.gg_spatial[0].weight.mul_(-1.5)
+            for (_, t), (_, s) in zip(fast.named_buffers(), ref.named_buffers()):
+                s.copy_(t)
+        _check(ref, fast, x, "inside frozen, after a train call")
+    with torch.no_grad():
+        fast.gg_spatial[0].weight.data.mul_(-1.0)
+        ref.gg_spatial[0].weight.mul_(-1.0)
+    _check(ref, fast, x, "after frozen")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        with rga_triton.frozen("not a model"):
+            pass

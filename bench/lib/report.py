@@ -129,7 +129,8 @@ def write_summary(csv_path: str, md_path: str) -> str:
         if noisy:
             lines.append(f"Noisy rows: {len(noisy)} (`(noisy)`: the 95 % confidence interval of the row's median "
                          "paired ratio, or of its median time where it has none (`ci_low`, `ci_high`), still spanned "
-                         "more than 1.3x when its time budget ran out; left out of the headline means).\n")
+                         "more than 1.3x when its time budget ran out, or its single-round ratios spread over 2x; "
+                         "left out of the headline means).\n")
         if counts["interpreted"]:
             lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, it is not "
                          "timed and is left out of every ratio.\n")

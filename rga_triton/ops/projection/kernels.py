@@ -83,7 +83,7 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, ro
 @tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
         dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
         dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_ROWS=128, BLOCK_C=16, BLOCK_L=64)],
-       key=["Cin", "L", "ROWS", "STORE_P", "DOT_PRECISION"])
+       key=["Cin", "L", "ROWS", "STORE_P", "DOT_PRECISION"], warps=(8, 4))     # first config: 8 warps, no spill
 @triton.jit
 def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, ROWS, n_cols,
                              stride_xb, stride_xc, stride_xl, stride_gb,
@@ -120,7 +120,7 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, R
         dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
         dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128),
         dict(BLOCK_K=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_K=128, BLOCK_C=16, BLOCK_L=64)],     # see above
-       key=["Cin", "L", "K", "P_IN", "DOT_PRECISION"])
+       key=["Cin", "L", "K", "P_IN", "DOT_PRECISION"], warps=(8, 4))     # first config: 8 warps, no spill
 @triton.jit
 def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,
                              stride_xb, stride_xc, stride_xl, stride_gb,

@@ -155,8 +155,13 @@ def _hidden_tile(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean
     return h + w_pool[:, None] * gx[None, :]
 
 
+# Warpgroup MMA (sm_90): the BLOCK_R=64 tiles' Z = A tp product lowers to wgmma (an M tile of 64 per warpgroup);
+# 64 x 16 x 64 does so without spilling at 8 warps in the hidden-layer kernels too (K taken 16 at a time), where
+# 64 x 32 x 64 spills. The BLOCK_R=32 and 16 tiles stay mma.sync. The hidden layer's product h = W1 rel cannot:
+# its M tile is the hidden width (BLOCK_H, 32 for most blocks), under wgmma's 64 (docs/tuning.md).
 _GATE_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-               dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
+               dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
+               dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64)]
 
 
 # warps=(8, 4): the first config at 8 warps, under the register file's limit (docs/tuning.md)

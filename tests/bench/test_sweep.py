@@ -520,7 +520,7 @@ def test_host_overhead_tool_runs():
     """bench/studies/host_overhead.py (host time per block call, kernels stubbed out) runs and reports every row."""
     import subprocess
     import sys
-    script = os.path.join(REPO_ROOT, "bench", "host_overhead.py")
+    script = os.path.join(REPO_ROOT, "bench", "studies", "host_overhead.py")
     done = subprocess.run([sys.executable, script, "--shape", "64x8x8", "--batch", "2", "--steps", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

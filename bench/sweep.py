@@ -108,11 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-budget", type=float, default=timing.CASE_BUDGET_S, metavar="SECONDS",
                    help="CPU: seconds of interleaved rounds per implementation and case before an unsettled row "
                         f"is left noisy (default {timing.CASE_BUDGET_S:g}; at least {timing.MIN_RUNS} rounds)")
-    p.add_argument("--threads", default="auto", metavar="N|auto",
-                   help="CPU: torch.set_num_threads(N) for every implementation. auto (default): PyTorch's own "
-                        "(one per core, or OMP_NUM_THREADS), except 1 when the machine is busy at the start (load "
-                        "average above the cores), where a single thread keeps the times and ratios steady: it "
-                        "never waits for a descheduled sibling")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU: torch.set_num_threads(N) for every implementation (default: PyTorch's own, one per "
+                        "core or OMP_NUM_THREADS). On a busy machine 1 steadies the times and ratios (a single "
+                        "thread never waits for a descheduled sibling), but measures one core, not the machine")
     p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune')")
     p.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                    help="float32 TF32 for cuBLAS and cuDNN: leave PyTorch's defaults, or force on/off")
@@ -200,23 +199,6 @@ def set_tf32(choice: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = choice == "on"
 
 
-def set_threads(choice: str, parser: argparse.ArgumentParser, on_cpu: bool = True) -> str | None:
-    """``--threads``: a number, or auto (for a CPU sweep, 1 on a busy machine unless OMP_NUM_THREADS says
-    otherwise). Returns what to tell the user, or None."""
-    if choice != "auto":
-        if not choice.isdigit() or int(choice) < 1:
-            parser.error(f"--threads must be a positive integer or auto, got {choice!r}")
-        torch.set_num_threads(int(choice))
-        return None
-    load, cores = timing.machine_load()
-    if not on_cpu or load is None or load <= cores or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    torch.set_num_threads(1)
-    return (f"note: load average {load:.1f} on {cores} cores: timing the CPU rows with 1 thread (--threads auto); "
-            f"PyTorch's threads wait for one another, and on a busy machine for descheduled siblings. "
-            f"--threads {cores} times them with every core anyway (column `threads`)")
-
-
 def run_tune(device, cases, args) -> int:
     """``--tune``: rga_triton.tune over the selected cases' shapes, batches, branches, dtypes and modes."""
     try:
@@ -289,7 +271,7 @@ class Sweep:
             self.log(f"note: the machine is busy: load average {load:.1f} on {cores} cores. CPU times then measure "
                      f"the load as much as the code; the interleaved, paired ratios hold up better, and rows whose "
                      f"median ratio stays uncertain are marked noisy. For clean CPU numbers use an idle machine; "
-                     f"see bench/README.md")
+                     f"--threads 1 (or OMP_NUM_THREADS=1) steadies them at one core's speed; see bench/README.md")
         self.log(f"device: {self.env['device']}; torch {self.env['torch']}, triton {self.env['triton']}, "
                  f"driver {self.env['driver'] or '-'}")
         self.log(f"measured ceilings: copy {self.ceilings['copy_gbps']:.0f} GB/s (read + write), "
@@ -590,10 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     set_tf32(args.tf32)
     threads = torch.get_num_threads()
     try:
-        on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-        threads_note = set_threads(args.threads, parser, on_cpu)
-        if threads_note and not args.quiet:
-            print(threads_note)
+        if args.threads is not None:
+            if args.threads < 1:
+                parser.error(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         return _run(args, parser)
     finally:
         torch.set_num_threads(threads)     # a caller's (a test's) process keeps its own

@@ -20,8 +20,7 @@ Implementations (same inputs, same parameters: one state_dict loaded into each):
 Every timed row is preceded by a correctness check against the reference run in float64
 on the same inputs (output, and grad of x in train mode). On a CPU the implementations of a case
 are timed interleaved and each speed-up is the median of paired ratios; a row whose median stays
-uncertain (its 95 % confidence interval spans more than 1.3x, or its single-round ratios more than
-2x) is marked noisy and left out of the
+uncertain (its 95 % confidence interval spans more than 1.5x) is marked noisy and left out of the
 headline means. Results go to
 bench/results/<device>/ (sweep.csv, PNG plots, summary.md, errors.log if anything failed).
 """

@@ -35,11 +35,7 @@ DO_BENCH_MAX_MS = 100.0
 # NOISY_SPREAD when the case's budget runs out marks its row noisy. Without samples (do_bench on
 # a GPU) the row's p80 / p20 stands in for the interval.
 SETTLED_SPREAD = 1.1
-NOISY_SPREAD = 1.3
-# A paired row is noisy too when its single-round ratios' p80 / p20 exceeds this: the pairing failed (on
-# an overloaded machine both steps of a round can end on the same scheduler tick, ratios near 1 that
-# only look steady).
-PAIRS_SPREAD = 2.0
+NOISY_SPREAD = 1.5
 CASE_BUDGET_S = BUDGET_S
 """Seconds of interleaved rounds per timed implementation of a case (3 implementations: 9 s)."""
 
@@ -77,11 +73,10 @@ def median_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def is_noisy(t: Timing) -> bool:
     """A row whose median stayed uncertain: the confidence interval of its paired ratio's (or time's) median
-    spans more than NOISY_SPREAD (without samples, its p80 / p20 does), or its single-round ratios' p80 / p20
-    exceeds PAIRS_SPREAD."""
+    spans more than NOISY_SPREAD (the ratio is known to no better than about +-20 %); without samples, its
+    p80 / p20 does."""
     s = spread(t.ci_low, t.ci_high) if t.ci_low is not None else spread(t.p20_ms, t.p80_ms)
-    pairs = spread(t.ratio_p20, t.ratio_p80) if t.ratio_median is not None else None
-    return (s is not None and s > NOISY_SPREAD) or (pairs is not None and pairs > PAIRS_SPREAD)
+    return s is not None and s > NOISY_SPREAD
 
 
 def machine_load() -> tuple[float | None, int]:

@@ -40,10 +40,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import rga_triton  # noqa: E402
-from rga_triton.testing import rel_err  # noqa: E402
 from bench.lib import cost_model, hardware, impls, timing  # noqa: E402
 from bench.lib.impls import Case  # noqa: E402
 from bench.lib.rows import megabytes  # noqa: E402
+from rga_triton.testing import rel_err  # noqa: E402
 
 # Input resolution H x W -> feature maps of ResNet-50 stages in RGA-Net (last stride 1):
 # stage: (channels, downsampling factor).
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in <out>/sweep.csv and run only the missing ones")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
-                   help="start no new case after this many seconds (then write plots; --resume continues; with --tune, the tuned shapes are kept)")
+                   help="start no new case after this many seconds (then write plots; --resume continues; "
+                        "with --tune, the tuned shapes are kept)")
     p.add_argument("--no-plots", action="store_true", help="write the CSV and summary only")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--tune", action="store_true",

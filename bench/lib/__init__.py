@@ -1,1 +1,2 @@
-"""What bench/sweep.py, the studies and the tests import: implementations, timing, hardware, cost model, plots, reports."""
+"""What bench/sweep.py, the studies and the tests import: implementations, timing, hardware, cost model,
+plots, reports."""

@@ -17,11 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import triton  # noqa: E402
 
+import rga_triton.ops  # noqa: E402
 from rga_triton.common.settings import MAX_HIDDEN  # noqa: E402
 from rga_triton.launch import tuned  # noqa: E402
 from rga_triton.ops.gating import kernels as gating  # noqa: E402
-
-import rga_triton.ops  # noqa: E402
 
 # Every step's kernel files (ops/<step>/*kernels.py), found rather than listed: a new one is compiled too.
 KERNEL_MODULES = tuple(sorted(f"{step.name}.{module.name}" for step in pkgutil.iter_modules(rga_triton.ops.__path__)
@@ -39,7 +38,8 @@ SWITCHES = {"HAS_GATE": (False, True), "Z_IN_MEMORY": (False, True), "APPLY_GATE
 FIXED = {"SPLIT": 256, "CHUNK_N": 256, "DOT_PRECISION": "tf32x3", "BLOCK_H": 32, "BLOCK_C": 64, "BLOCK_COLS": 64}
 FIXED_BY_KERNEL = {"_apply_gates_backward_kernel": {"BLOCK_C": gating.GATE_BLOCK_C, "CHUNK_N": gating.GATE_CHUNK_N}}
 FLOAT_SCALARS = {"factor", "eps"}
-HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}     # in the compute dtype under float16/bfloat16
+# in the compute dtype under float16/bfloat16
+HALF_POINTERS = {"x_ptr", "w_ptr", "wg_ptr", "out_ptr", "grad_ptr", "dx_ptr"}
 from rga_triton.ops.batchnorm import kernels as _batchnorm  # noqa: E402
 from rga_triton.ops.projection import backward_kernels as _projection_backward  # noqa: E402
 
@@ -147,7 +147,8 @@ def compile_case(name: str, constexprs: dict, half: bool, arch: int, num_warps: 
         else:
             signature[arg] = "fp32" if arg.rstrip("0123456789") in FLOAT_SCALARS else "i32"    # eps0, factor1, ...
     return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=values),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def main() -> int:

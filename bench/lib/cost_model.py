@@ -128,7 +128,8 @@ def flops(c: int, h: int, w: int, batch: int, branch: str, mode: str, algorithm,
     matmuls of the same size (gradient of the input and of the weight). Recomputation an
     implementation may do in its backward is not counted: this is the algorithm's minimum.
     """
-    forward = 2 * batch * sum(branch_macs(d, _per_branch(algorithm, d.name)) for d in branch_dims(c, h, w, branch, **ratios))
+    forward = 2 * batch * sum(branch_macs(d, _per_branch(algorithm, d.name))
+                              for d in branch_dims(c, h, w, branch, **ratios))
     return forward * (3 if mode == "train" else 1)
 
 

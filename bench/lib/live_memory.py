@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -15,7 +15,6 @@ Also rewrites summary.md next to the PNGs.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys

@@ -193,7 +193,8 @@ def write_summary(csv_path: str, md_path: str) -> str:
                      f"{any_row['input_hw']} s{any_row['stage']}" if any_row.get("input_hw") else "", str(key[3])]
             cells += [_cell(by_impl.get(n)) for n in names]
             if best:
-                cells += [best["impl"]] + [_vs_baseline(by_impl.get(o), best) for o in ("reference", "compile", "torch")]
+                cells += [best["impl"]]
+                cells += [_vs_baseline(by_impl.get(o), best) for o in ("reference", "compile", "torch")]
                 cells.append(_ratio(_mem_ratio(by_impl.get("reference"), best)))
             else:
                 cells += ["-"] * 5

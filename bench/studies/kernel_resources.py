@@ -192,9 +192,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--out", default=None,
                         help="CSV path (default bench/results/kernel_resources_sm<arch>_triton<version>.csv)")
-    parser.add_argument("--precisions", default="", help=f"comma-separated cases (default all: {', '.join(PRECISIONS)})")
+    parser.add_argument("--precisions", default="",
+                        help=f"comma-separated cases (default all: {', '.join(PRECISIONS)})")
     parser.add_argument("--first", action="store_true", help="only each kernel's first config (pinned launches)")
-    parser.add_argument("--no-widest", action="store_true", help=f"skip the BLOCK_H={MAX_HIDDEN} (widest hidden layer) variants")
+    parser.add_argument("--no-widest", action="store_true",
+                        help=f"skip the BLOCK_H={MAX_HIDDEN} (widest hidden layer) variants")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured config spills")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

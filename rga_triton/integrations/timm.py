@@ -35,9 +35,9 @@ The RGA keyword arguments of ``rga_triton.models.rga_net`` (``use_spatial``, ``c
 """
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 from timm.models import register_model
 
 from ..attach import attach

@@ -108,8 +108,8 @@ def register(height: int = 256, width: int = 128, overwrite: bool = True, **rga)
     ``rga``: further :func:`rga_triton.models.rga_net` arguments (``cha_ratio``, ``spa_ratio``,
     ``down_ratio``, ``backend``, ``algorithm``, ``order``, ``last_stride``, ``neck_feat``), checked
     here by building nothing but validated on the first build; the ``rga_<name>`` models take the
-    RGAModule ones (all but ``last_stride`` and ``neck_feat``: torchreid's model has its own). ``overwrite=False`` refuses to replace
-    a model of the same name already in the factory.
+    RGAModule ones (all but ``last_stride`` and ``neck_feat``: torchreid's model has its own).
+    ``overwrite=False`` refuses to replace a model of the same name already in the factory.
     """
     for name in ("use_spatial", "use_channel", "loss", "num_classes", "pretrained_backbone"):
         if name in rga:

@@ -130,7 +130,7 @@ class RGANet(nn.Module):
     def width(self) -> int:
         return self.backbone.width
 
-    def resized(self, height: int, width: int, mode: str = "bilinear") -> "RGANet":
+    def resized(self, height: int, width: int, mode: str = "bilinear") -> RGANet:
         """A copy of this model for ``height`` x ``width`` images: each RGA block's position-indexed
         weights resampled from its stage's map size to the new one (``RGAModule.resized``), all
         else copied. An approximation of the model trained at that size, to run and fine-tune there."""

@@ -18,6 +18,7 @@ import pytest
 import triton
 
 from bench.lib import compile_kernels
+
 from paths import REPO_ROOT
 
 try:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import rga_triton
-from bench.lib import cost_model, impls, plots, report
 from bench import sweep
+from bench.lib import cost_model, impls, plots, report
 from bench.lib.impls import Case
 from reference import RGA_Module
+
 from paths import REPO_ROOT
 
 REQUIRED_COLUMNS = {
@@ -505,6 +506,7 @@ def test_step_memory_breakdown_lists_what_the_peak_holds(capsys):
     """--breakdown N: after each implementation's peak, its N largest live tensors, largest first,
     which together fit in that peak (and an x-sized one, the output or grad x, is among them)."""
     import re
+
     from bench.studies import step_memory
     assert step_memory.main(["--shape", "128x16x16", "--batch", "8", "--impls", "torch", "--breakdown", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -556,7 +558,8 @@ def test_goals_are_judged_from_the_stage_rows(tmp_path):
     assert found["stage 1 float32: >= 25x the reference"].holds is True                     # x33.3
     compiled = found["stage 1 float32: >= 10x torch.compile of the reference"]
     assert compiled.holds is True and "(compile failed its check)" in compiled.measured   # x13.3, compile wrong
-    assert [found[f"stage {s} float32: >= 1.5x the torch path"].holds for s in (1, 2, 3, 4)] == [True, True, False, None]
+    holds = [found[f"stage {s} float32: >= 1.5x the torch path"].holds for s in (1, 2, 3, 4)]
+    assert holds == [True, True, False, None]
     assert found["stage 4 float32: >= 1.5x the torch path"].measured == "no triton row"
     assert found["stage 1 float32: peak memory <= 5 % of the reference's"].holds is True   # 4.0 %
     path = tmp_path / "sweep.csv"

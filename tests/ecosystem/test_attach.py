@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 import rga_triton
-from helpers import TOLERANCE, compare_steps, randomize_batchnorm, rel_err
 from reference import RGA_Module
 from rga_triton.attach import attached, block_keys, stage_outputs
+
+from helpers import TOLERANCE, compare_steps, randomize_batchnorm, rel_err
 
 SIZE = (32, 16)                     # stem 16 x 8, body.0 8 x 4, body.1 4 x 2
 RGA = dict(cha_ratio=2, spa_ratio=2, down_ratio=2)

@@ -5,14 +5,13 @@ import torch.nn as nn
 
 pytest.importorskip("fastreid")
 
-import rga_triton.integrations.fastreid as rga_fastreid  # noqa: E402  (registers the backbone)
 from fastreid.config import get_cfg  # noqa: E402
 from fastreid.modeling.backbones import build_backbone  # noqa: E402
+from fastreid.modeling.backbones.resnet import ResNet, build_resnet_backbone  # noqa: E402
 from fastreid.modeling.meta_arch import build_model  # noqa: E402
 from fastreid.utils.events import EventStorage  # noqa: E402
 
-from fastreid.modeling.backbones.resnet import ResNet, build_resnet_backbone  # noqa: E402
-
+import rga_triton.integrations.fastreid as rga_fastreid  # noqa: E402  (registers the backbone)
 from rga_triton.attach import attached  # noqa: E402
 
 

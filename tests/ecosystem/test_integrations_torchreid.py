@@ -180,7 +180,7 @@ def test_softmax_engine_trains_the_cross_entropy_of_the_logits_alone(datamanager
 
     assert len(losses) == IDS * PER_ID // 8     # one epoch, drop_last
     reference = torchreid.losses.CrossEntropyLoss(num_classes=dm.num_train_pids, use_gpu=False, label_smooth=True)
-    for criterion, outputs, pids, loss in losses:
+    for _criterion, outputs, pids, loss in losses:
         assert isinstance(outputs, torch.Tensor) and outputs.shape == (8, dm.num_train_pids), type(outputs)
         assert torch.equal(loss, reference(outputs, pids))
     (rank1, mAP), = evaluations                  # its own test: features, ranking, CMC and mAP
@@ -201,7 +201,7 @@ def test_triplet_engine_takes_logits_and_pre_neck_features(datamanagers, tmp_pat
 
     kinds = [type(criterion).__name__ for criterion, *_ in losses]
     assert kinds == ["TripletLoss", "CrossEntropyLoss"] * (IDS * PER_ID // 8)
-    for criterion, outputs, pids, loss in losses:
+    for criterion, outputs, _pids, loss in losses:
         width = 2048 if type(criterion).__name__ == "TripletLoss" else dm.num_train_pids
         assert isinstance(outputs, torch.Tensor) and outputs.shape == (8, width)
         assert torch.isfinite(loss)

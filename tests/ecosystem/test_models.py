@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import rga_triton
-from helpers import rel_err
 from reference import RGA_Module
-from rga_triton.models import RGANet, ResNet50, rga_net, stage_sizes
+from rga_triton.models import ResNet50, RGANet, rga_net, stage_sizes
 from rga_triton.module import ORDERS
+
+from helpers import rel_err
 
 # A tiny RGA-Net that runs in well under a second on a CPU: 64 x 32 input gives 16x8, 8x4, 4x2
 # and 4x2 feature maps; ratios of 2 keep every W network non-empty at 8 positions.
@@ -35,7 +36,8 @@ def expected_resnet50() -> dict[str, tuple]:
             keys.update(conv(f"{p}.conv2", width, width, 3)); keys.update(bn(f"{p}.bn2", width))
             keys.update(conv(f"{p}.conv3", 4 * width, width, 1)); keys.update(bn(f"{p}.bn3", 4 * width))
             if i == 0:
-                keys.update(conv(f"{p}.downsample.0", 4 * width, inp, 1)); keys.update(bn(f"{p}.downsample.1", 4 * width))
+                keys.update(conv(f"{p}.downsample.0", 4 * width, inp, 1))
+                keys.update(bn(f"{p}.downsample.1", 4 * width))
             inp = 4 * width
     return keys
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import triton
 
-from rga_triton.launch import tuned
 import rga_triton.ops.gating.kernels  # noqa: F401  (registers _apply_gates_backward_kernel)
+from rga_triton.launch import tuned
 
 
 def _configs(n):

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch.tuned import tuned
 from ...launch.space import dot_precision
+from ...launch.tuned import tuned
 
 
 @tuned([dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),

@@ -15,7 +15,6 @@ import triton.language as tl
 from ...common.batchnorm import tracks_running_stats
 from ...launch.space import STAT_SPLIT, n_splits
 
-
 MAX_GROUP = 3
 """BatchNorms one launch finalises: the projection's three (theta, phi, gx), which its one
 statistics pass measures together."""

@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _gate_args, _project_tile
-from ..batchnorm.stats import load_bn_rows
-from ...launch.tuned import tuned
 from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch.tuned import tuned
+from ..batchnorm.stats import load_bn_rows
+from .kernels import _gate_args, _project_tile
 
 DGATE_COLS_BLOCK = 64
 """The smallest BLOCK_L of ``_input_grad_kernel``'s space: in_gate's gradient has one partial

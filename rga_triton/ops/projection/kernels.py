@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..batchnorm.stats import store_partials, welford_merge
-from ...launch.tuned import tuned
 from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch.tuned import tuned
+from ..batchnorm.stats import store_partials, welford_merge
 
 
 @triton.jit

@@ -35,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import RelationOperands, _block_h, _hidden_tile, _z_tile
-from ..batchnorm.stats import load_bn_rows
-from ...launch.tuned import tuned
 from ...launch.space import STAT_SPLIT, n_splits
+from ...launch.tuned import tuned
+from ..batchnorm.stats import load_bn_rows
+from .kernels import RelationOperands, _block_h, _hidden_tile, _z_tile
 
 GROUPS = 128
 """(image, position tile) groups of the relation backward: its partials are at most (GROUPS, Hd, R)

@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from ...common.settings import MAX_HIDDEN
-from ..batchnorm.stats import store_partials, welford_merge
-from ...launch.tuned import tuned
 from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch.tuned import tuned
+from ..batchnorm.stats import store_partials, welford_merge
 
 
 # First config (pinned launches): 64 x 64 at 8 warps, which spills nothing on sm_90 and sm_80 and lowers to

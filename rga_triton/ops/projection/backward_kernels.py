@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch import space
 from ...launch.tuned import tuned
 from ..batchnorm.stats import load_bn_rows
 from .kernels import _gate_args, _project_tile
@@ -224,15 +224,15 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp,
     """
     batch, cin, length = shape
     rows = weight.shape[0]
-    cols = batch * n_splits(length)
+    cols = batch * space.n_splits(length)
     dp = torch.empty((batch, rows, length), device=x.device, dtype=torch.float32)
     partials = torch.empty((2, rows, cols), device=x.device, dtype=torch.float32)
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     direct = not any(batch_stats)               # no batch-statistics terms: dP in one pass
-    grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
+    grid = lambda meta: (space.n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_grad_kernel[grid](x, gate, weight, bn_rows, dtp, dgx_mean, dp, partials, cin, length, rows, cols,
-                                  *strides, stride_gb, HAS_GATE=has_gate, STORE_DP=direct, SPLIT=STAT_SPLIT,
-                                  DOT_PRECISION=dot_precision(x.device))
+                                  *strides, stride_gb, HAS_GATE=has_gate, STORE_DP=direct, SPLIT=space.STAT_SPLIT,
+                                  DOT_PRECISION=space.dot_precision(x.device))
     sums = partials.sum(dim=2)
     if not direct:
         k = rows // 3
@@ -258,7 +258,7 @@ def input_grad(x, shape, strides, weight, dp, in_gate, dx, dx_strides, accumulat
     _input_grad_kernel[grid](weight, dp, x, gate, dx if dx is not None else x, dgate, cin, length, weight.shape[0],
                              n_cols, *strides, stride_gb, *(dx_strides if dx is not None else strides),
                              HAS_GATE=has_gate, WRITE_DX=dx is not None, ACCUMULATE=accumulate,
-                             DOT_PRECISION=dot_precision(x.device))
+                             DOT_PRECISION=space.dot_precision(x.device))
     return dgate.sum(dim=2) if has_gate else None
 
 
@@ -278,5 +278,5 @@ def weight_grad(x, shape, strides, weight, dp, in_gate):
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"]), groups)  # noqa: E731
     _weight_grad_kernel[grid](dp, x, gate, weight, dw, cin, length, rows, batch, *strides, stride_gb,
-                              HAS_GATE=has_gate, DOT_PRECISION=dot_precision(x.device))
+                              HAS_GATE=has_gate, DOT_PRECISION=space.dot_precision(x.device))
     return dw[0] if groups == 1 else dw.sum(dim=0)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch import space
 from ...launch.tuned import tuned
 from ..batchnorm.stats import store_partials, welford_merge
 
@@ -176,14 +176,14 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     """
     batch, cin, length = shape
     rows = weight.shape[0]
-    cols = batch * n_splits(length)
+    cols = batch * space.n_splits(length)
     stats = torch.empty((2, rows, cols), device=x.device, dtype=torch.float32)
     p = torch.empty((batch, rows, length), device=x.device, dtype=torch.float32) if keep_p else None
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
-    grid = lambda meta: (n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
+    grid = lambda meta: (space.n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_stats_kernel[grid](x, gate, weight, stats, p if keep_p else stats, cin, length, rows, cols, *strides,
-                                   stride_gb, HAS_GATE=has_gate, STORE_P=keep_p, SPLIT=STAT_SPLIT,
-                                   DOT_PRECISION=dot_precision(x.device))
+                                   stride_gb, HAS_GATE=has_gate, STORE_P=keep_p, SPLIT=space.STAT_SPLIT,
+                                   DOT_PRECISION=space.dot_precision(x.device))
     return stats, p
 
 
@@ -204,5 +204,5 @@ def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scal
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
     _projection_apply_kernel[grid](x, gate, weight, p if p is not None else tp, scale, shift, tp, gx_mean, cin,
                                    length, k, *strides, stride_gb, HAS_GATE=has_gate, P_IN=p is not None,
-                                   DOT_PRECISION=dot_precision(x.device))
+                                   DOT_PRECISION=space.dot_precision(x.device))
     return tp, gx_mean

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ...common.settings import MAX_HIDDEN
-from ...launch.space import STAT_SPLIT, dot_precision, n_splits
+from ...launch import space
 from ...launch.tuned import tuned
 from ..batchnorm.stats import store_partials, welford_merge
 
@@ -244,7 +244,7 @@ def relation_a(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     r = wg.shape[0]
     a = torch.empty((batch, r, k2), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), 2 * triton.cdiv(k2 // 2, meta["BLOCK_K"]), batch)  # noqa: E731
-    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.device))
+    _relation_a_kernel[grid](tp, wg, a, r, k2 // 2, length, DOT_PRECISION=space.dot_precision(tp.device))
     return a
 
 
@@ -254,7 +254,7 @@ def relation_z_tiled(tp: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
     r = wg.shape[0]
     z = torch.empty((batch, r, length), device=tp.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(r, meta["BLOCK_R"]), batch)  # noqa: E731
-    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=dot_precision(tp.device))
+    _relation_z_tiled_kernel[grid](tp, wg, z, r, k2 // 2, length, DOT_PRECISION=space.dot_precision(tp.device))
     return z
 
 
@@ -268,7 +268,7 @@ class RelationOperands:
         self.a = a if a is not None else gx_mean     # dummy pointer when unused
         self.z = z if z is not None else gx_mean
         self.batch, self.k2, self.length = tp.shape
-        self.precision = dot_precision(tp.device)
+        self.precision = space.dot_precision(tp.device)
 
 
 def _block_h(hidden: int) -> int:
@@ -279,23 +279,23 @@ def _block_h(hidden: int) -> int:
 
 def z_stats(ops: RelationOperands) -> torch.Tensor:
     """Per-split (mean, M2) of Z's rows: float32 (2, R, B * splits)."""
-    cols = ops.batch * n_splits(ops.length)
+    cols = ops.batch * space.n_splits(ops.length)
     stats = torch.empty((2, ops.r, cols), device=ops.tp.device, dtype=torch.float32)
-    grid = lambda meta: (n_splits(ops.length), triton.cdiv(ops.r, meta["BLOCK_R"]), ops.batch)  # noqa: E731
+    grid = lambda meta: (space.n_splits(ops.length), triton.cdiv(ops.r, meta["BLOCK_R"]), ops.batch)  # noqa: E731
     _z_stats_kernel[grid](ops.a, ops.tp, ops.z, stats, ops.r, ops.k2, ops.length, cols,
-                          Z_IN_MEMORY=ops.z_in_memory, SPLIT=STAT_SPLIT, DOT_PRECISION=ops.precision)
+                          Z_IN_MEMORY=ops.z_in_memory, SPLIT=space.STAT_SPLIT, DOT_PRECISION=ops.precision)
     return stats
 
 
 def hidden_stats(ops: RelationOperands, w1: torch.Tensor, z_scale: torch.Tensor, z_shift: torch.Tensor):
     """Per-split (mean, M2) of h's rows: float32 (2, Hd, B * splits). w1: float32 (Hd, 1 + R)."""
     hidden = w1.shape[0]
-    cols = ops.batch * n_splits(ops.length)
+    cols = ops.batch * space.n_splits(ops.length)
     stats = torch.empty((2, hidden, cols), device=ops.tp.device, dtype=torch.float32)
-    grid = (n_splits(ops.length), ops.batch)
+    grid = (space.n_splits(ops.length), ops.batch)
     _hidden_stats_kernel[grid](ops.a, ops.tp, ops.z, w1, z_scale, z_shift, ops.gx_mean, stats,
                                ops.r, ops.k2, ops.length, hidden, cols, Z_IN_MEMORY=ops.z_in_memory,
-                               SPLIT=STAT_SPLIT, DOT_PRECISION=ops.precision, BLOCK_H=_block_h(hidden))
+                               SPLIT=space.STAT_SPLIT, DOT_PRECISION=ops.precision, BLOCK_H=_block_h(hidden))
     return stats
 
 

@@ -286,10 +286,11 @@ def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bo
     algorithms = {name: branch_algorithm(module.algorithm, branch, dtype, x.device, grad_pass)
                   for name, branch in branches.items()}
     keep_z = {name: wants_grad and keeps_z(2 * branch.dims[1]) for name, branch in branches.items()}
-    held = table_of(module) if taken == "kernels" else None
+    held = table_of(module)
     if held and module.training:
-        held.clear()            # a train-mode call moves running statistics: folded ones are stale
-    return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z, held)
+        held.clear()            # a train-mode call on any route moves running statistics: folded ones are stale
+    return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z,
+                held if taken == "kernels" else None)
 
 
 # ---- running it -------------------------------------------------------------------------------------------

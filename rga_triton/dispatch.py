@@ -50,7 +50,7 @@ import torch
 from .common import algorithm
 from .common.batchnorm import distributed, synchronised
 from .common.checks import one_of
-from .common.frozen import table_of
+from .common.frozen import TABLES as FROZEN_TABLES
 from .common.layout import compute_dtype, mergeable
 from .common.settings import MAX_HIDDEN, interpreter_serialised, interpreting
 from .common.tracing import assume_constant_result, exporting_to_onnx, intercepted
@@ -286,7 +286,7 @@ def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bo
     algorithms = {name: branch_algorithm(module.algorithm, branch, dtype, x.device, grad_pass)
                   for name, branch in branches.items()}
     keep_z = {name: wants_grad and keeps_z(2 * branch.dims[1]) for name, branch in branches.items()}
-    held = table_of(module)
+    held = FROZEN_TABLES.get(id(module))
     if held and module.training:
         held.clear()            # a train-mode call on any route moves running statistics: folded ones are stale
     return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z,

@@ -12,7 +12,8 @@ import threading
 
 import torch.nn as nn
 
-_TABLES: dict[int, dict] = {}       # id(module) -> its derived tensors, while a frozen() holds it
+TABLES: dict[int, dict] = {}
+"""id(module) -> that module's derived tensors, while a :func:`frozen` context holds it (read with ``.get``)."""
 _LOCK = threading.Lock()
 
 
@@ -30,17 +31,12 @@ def frozen(model: nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ids = [id(m) for m in model.modules()]
     with _LOCK:
-        added = [i for i in ids if i not in _TABLES]
+        added = [i for i in ids if i not in TABLES]
         for i in added:
-            _TABLES[i] = {}
+            TABLES[i] = {}
     try:
         yield model
     finally:
         with _LOCK:
             for i in added:
-                _TABLES.pop(i, None)
-
-
-def table_of(module: nn.Module) -> dict | None:
-    """The derived-tensor table of ``module`` while a :func:`frozen` context holds it, else None."""
-    return _TABLES.get(id(module))
+                TABLES.pop(i, None)

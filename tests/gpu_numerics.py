@@ -57,12 +57,39 @@ def _emulated_dot(original):
 @contextlib.contextmanager
 def gpu_dot_numerics(precision=None):
     """Inside: the interpreter's float32 dots round as a GPU's tensor cores do, and the kernels
-    ask for the precision they would ask for on CUDA (or ``precision``, to force one)."""
+    ask for the precision they would ask for on CUDA (or ``precision``, to force one), which
+    follows ``torch.backends.cuda.matmul.allow_tf32`` as it would there."""
     builder = interpreter.InterpreterBuilder
     original_dot, original_precision = builder.create_dot, tuning.dot_precision
     builder.create_dot = _emulated_dot(original_dot)
-    tuning.dot_precision = lambda device: precision or original_precision(torch.device("cuda"))
+    tuning.dot_precision = lambda device, tf32_ok=False: precision or original_precision(torch.device("cuda"), tf32_ok)
     try:
         yield
     finally:
         builder.create_dot, tuning.dot_precision = original_dot, original_precision
+
+
+_TF32_OPS = ("convolution.default", "convolution_backward.default", "mm.default", "bmm.default", "addmm.default",
+             "baddbmm.default", "addbmm.default")
+
+
+class _PytorchTF32(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).removeprefix("aten.") in _TF32_OPS:
+            args = torch.utils._pytree.tree_map(_tf32_tensor, args)
+        return func(*args, **(kwargs or {}))
+
+
+def _tf32_tensor(value):
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return torch.from_numpy(tf32_truncated(value.detach().cpu().numpy())).view(value.shape)
+    return value
+
+
+@contextlib.contextmanager
+def pytorch_tf32():
+    """Inside: PyTorch's float32 matmuls and convolutions (forward and backward) read their operands as
+    TF32 (truncated, as :func:`tf32_truncated`), as cuBLAS and cuDNN do with TF32 allowed: what PyTorch's
+    own TF32 gives, on the CPU. Operands only; products still accumulate in float32."""
+    with _PytorchTF32():
+        yield

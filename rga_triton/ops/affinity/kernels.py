@@ -47,5 +47,5 @@ def affinity(theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     g = torch.empty((batch, m, n), device=theta.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), batch)  # noqa: E731
     _affinity_kernel[grid](theta, phi, g, m, n, k, *theta.stride(), *phi.stride(),
-                           DOT_PRECISION=space.dot_precision(theta.device))
+                           DOT_PRECISION=space.dot_precision(theta.device, tf32_ok=theta.dtype == torch.float32))
     return g.to(theta.dtype)

@@ -183,7 +183,7 @@ def projection_stats(x: torch.Tensor, shape, strides, weight: torch.Tensor, in_g
     grid = lambda meta: (space.n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_stats_kernel[grid](x, gate, weight, stats, p if keep_p else stats, cin, length, rows, cols, *strides,
                                    stride_gb, HAS_GATE=has_gate, STORE_P=keep_p, SPLIT=space.STAT_SPLIT,
-                                   DOT_PRECISION=space.dot_precision(x.device))
+                                   DOT_PRECISION=space.dot_precision(x.device, tf32_ok=weight.dtype == torch.float32))
     return stats, p
 
 
@@ -204,5 +204,5 @@ def projection_apply(x: torch.Tensor, shape, strides, weight: torch.Tensor, scal
     grid = lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), 2 * triton.cdiv(k, meta["BLOCK_K"]) + 1, batch)  # noqa: E731
     _projection_apply_kernel[grid](x, gate, weight, p if p is not None else tp, scale, shift, tp, gx_mean, cin,
                                    length, k, *strides, stride_gb, HAS_GATE=has_gate, P_IN=p is not None,
-                                   DOT_PRECISION=space.dot_precision(x.device))
+                                   DOT_PRECISION=space.dot_precision(x.device, tf32_ok=weight.dtype == torch.float32))
     return tp, gx_mean

@@ -29,6 +29,17 @@ from ...launch.tuned import tuned
 from ..batchnorm.stats import store_partials, welford_merge
 
 
+@triton.jit
+def _z_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot for Z's products (A, Z = A tp, the tiled G and Z), whose sums cancel: 3xTF32 where the
+    kernel's other dots run single TF32 (TF32 allowed, ``launch/space.dot_precision``), else theirs."""
+    if DOT_PRECISION == "tf32":
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
 # First config (pinned launches): 64 x 64 at 8 warps, which spills nothing on sm_90 and sm_80 and lowers to
 # wgmma on sm_90; 32 x 32 tiles at 4 warps spilled 128 B of their 3xTF32 products (docs/tuning.md).
 @tuned([dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
@@ -56,7 +67,7 @@ def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constex
                     mask=r_mask[:, None] & l_mask[None, :], other=0.0)
         t = tl.load(tp_ptr + b * 2 * K * L + src_rows[None, :] * L + offs_l[:, None],     # (BLOCK_L, BLOCK_K)
                     mask=l_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(w.to(tl.float32), t, acc, input_precision=DOT_PRECISION)
+        acc = _z_dot(w.to(tl.float32), t, acc, DOT_PRECISION)
     tl.store(a_ptr + b * R * 2 * K + offs_r[:, None] * 2 * K + half * K + offs_k[None, :], acc,
              mask=r_mask[:, None] & k_mask[None, :])
 
@@ -98,13 +109,13 @@ def _relation_z_tiled_kernel(tp_ptr, wg_ptr, z_ptr, R, K, L, DOT_PRECISION: tl.c
             phi_p = tl.load(tp + (K + offs_k[:, None]) * L + offs_p[None, :], mask=pk_mask, other=0.0)
             theta_c_t = tl.load(tp + offs_k[None, :] * L + offs_c[:, None], mask=ck_mask, other=0.0)
             phi_c_t = tl.load(tp + (K + offs_k[None, :]) * L + offs_c[:, None], mask=ck_mask, other=0.0)
-            g_pc_t = tl.dot(phi_c_t, theta_p, g_pc_t, input_precision=DOT_PRECISION)
-            g_cp = tl.dot(theta_c_t, phi_p, g_cp, input_precision=DOT_PRECISION)
+            g_pc_t = _z_dot(phi_c_t, theta_p, g_pc_t, DOT_PRECISION)
+            g_cp = _z_dot(theta_c_t, phi_p, g_cp, DOT_PRECISION)
         rc_mask = r_mask[:, None] & c_mask[None, :]
         w_in = tl.load(wg_ptr + offs_r[:, None] * 2 * L + offs_c[None, :], mask=rc_mask, other=0.0)
         w_out = tl.load(wg_ptr + offs_r[:, None] * 2 * L + L + offs_c[None, :], mask=rc_mask, other=0.0)
-        z = tl.dot(w_in.to(tl.float32), g_pc_t, z, input_precision=DOT_PRECISION)
-        z = tl.dot(w_out.to(tl.float32), g_cp, z, input_precision=DOT_PRECISION)
+        z = _z_dot(w_in.to(tl.float32), g_pc_t, z, DOT_PRECISION)
+        z = _z_dot(w_out.to(tl.float32), g_cp, z, DOT_PRECISION)
     tl.store(z_ptr + b * R * L + offs_r[:, None] * L + offs_p[None, :], z, mask=r_mask[:, None] & p_mask[None, :])
 
 
@@ -125,7 +136,7 @@ def _z_tile(a_ptr, tp_ptr, z_ptr, b, offs_r, r_mask, offs_l, l_mask, R, K2, L,
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             t = tl.load(tp_ptr + b * K2 * L + offs_k[:, None] * L + offs_l[None, :],
                         mask=k_mask[:, None] & l_mask[None, :], other=0.0)
-            z = tl.dot(a, t.to(tl.float32), z, input_precision=DOT_PRECISION)
+            z = _z_dot(a, t.to(tl.float32), z, DOT_PRECISION)
     return z
 
 
@@ -268,7 +279,8 @@ class RelationOperands:
         self.a = a if a is not None else gx_mean     # dummy pointer when unused
         self.z = z if z is not None else gx_mean
         self.batch, self.k2, self.length = tp.shape
-        self.precision = space.dot_precision(tp.device)
+        # the gate kernels' own dots (the hidden layer) may go TF32; their Z tiles keep 3xTF32 (_z_dot)
+        self.precision = space.dot_precision(tp.device, tf32_ok=True)
 
 
 def _block_h(hidden: int) -> int:
@@ -283,7 +295,8 @@ def z_stats(ops: RelationOperands) -> torch.Tensor:
     stats = torch.empty((2, ops.r, cols), device=ops.tp.device, dtype=torch.float32)
     grid = lambda meta: (space.n_splits(ops.length), triton.cdiv(ops.r, meta["BLOCK_R"]), ops.batch)  # noqa: E731
     _z_stats_kernel[grid](ops.a, ops.tp, ops.z, stats, ops.r, ops.k2, ops.length, cols,
-                          Z_IN_MEMORY=ops.z_in_memory, SPLIT=space.STAT_SPLIT, DOT_PRECISION=ops.precision)
+                          Z_IN_MEMORY=ops.z_in_memory, SPLIT=space.STAT_SPLIT,
+                          DOT_PRECISION=space.dot_precision(ops.tp.device))     # Z's products only
     return stats
 
 

@@ -232,7 +232,7 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp,
     grid = lambda meta: (space.n_splits(length), triton.cdiv(rows, meta["BLOCK_ROWS"]), batch)  # noqa: E731
     _projection_grad_kernel[grid](x, gate, weight, bn_rows, dtp, dgx_mean, dp, partials, cin, length, rows, cols,
                                   *strides, stride_gb, HAS_GATE=has_gate, STORE_DP=direct, SPLIT=space.STAT_SPLIT,
-                                  DOT_PRECISION=space.dot_precision(x.device))
+                                  DOT_PRECISION=space.dot_precision(x.device, tf32_ok=weight.dtype == torch.float32))
     sums = partials.sum(dim=2)
     if not direct:
         k = rows // 3
@@ -258,7 +258,7 @@ def input_grad(x, shape, strides, weight, dp, in_gate, dx, dx_strides, accumulat
     _input_grad_kernel[grid](weight, dp, x, gate, dx if dx is not None else x, dgate, cin, length, weight.shape[0],
                              n_cols, *strides, stride_gb, *(dx_strides if dx is not None else strides),
                              HAS_GATE=has_gate, WRITE_DX=dx is not None, ACCUMULATE=accumulate,
-                             DOT_PRECISION=space.dot_precision(x.device))
+                             DOT_PRECISION=space.dot_precision(x.device, tf32_ok=x.dtype == torch.float32))
     return dgate.sum(dim=2) if has_gate else None
 
 
@@ -278,5 +278,6 @@ def weight_grad(x, shape, strides, weight, dp, in_gate):
     gate, stride_gb, has_gate = _gate_args(in_gate, x)
     grid = lambda meta: (triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"]), groups)  # noqa: E731
     _weight_grad_kernel[grid](dp, x, gate, weight, dw, cin, length, rows, batch, *strides, stride_gb,
-                              HAS_GATE=has_gate, DOT_PRECISION=space.dot_precision(x.device))
+                              HAS_GATE=has_gate,
+                              DOT_PRECISION=space.dot_precision(x.device, tf32_ok=weight.dtype == torch.float32))
     return dw[0] if groups == 1 else dw.sum(dim=0)

@@ -10,14 +10,21 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
    bfloat16 under the interpreter or before Ampere; a GPU older than Turing; an attention-network
    hidden layer wider than ``MAX_HIDDEN``. A CPU tensor under ``"auto"`` always takes the torch
    path (the interpreter is for tests, asked for with ``backend="triton"``).
-2. **SyncBatchNorm**: a train-mode ``nn.SyncBatchNorm`` in a process group of several ranks
-   synchronises its statistics on the torch path only: ``"auto"`` warns once and takes it,
-   ``"triton"`` raises.
+2. **SyncBatchNorm** (:func:`sync_group`): train-mode ``nn.SyncBatchNorm`` layers in a process
+   group of several ranks synchronise on the Triton path too: each BatchNorm group's statistics
+   are gathered over the group's ranks in forward (one ``all_gather``) and its backward terms
+   summed (one ``all_reduce``), inside the ops (``ops/batchnorm/sync.py``), so eager calls and
+   torch.compile's graphs (which call the ops, opaque to it) both synchronise; the last
+   one-channel BatchNorm synchronises as the torch path does (``common/batchnorm.py``). A block
+   whose SyncBatchNorms span several process groups, or sit beside BatchNorms that normalise
+   with the rank's batch alone, takes the torch path: ``"auto"`` warns once, ``"triton"`` raises.
 3. **ONNX export**: while ``torch.onnx.export`` traces (``common/tracing.exporting_to_onnx``),
    every block takes the torch path, so the exported graph holds standard ops only (no
    ``rga_triton::*`` op, which ONNX cannot name) and is the same from every backend.
 4. **Empty input** (``x.numel() == 0``): the torch path (nothing to launch; BatchNorm
-   bookkeeping as nn.BatchNorm2d does it).
+   bookkeeping as nn.BatchNorm2d does it), except in a synchronised block, whose rank must
+   take part in the group's collectives as the others do: it runs the Triton path on its empty
+   batch and adds count 0, as ``nn.SyncBatchNorm`` does.
 5. **Route** of the Triton path (:func:`route`): ``"kernels"`` when no gradient is wanted in
    eager mode (the launchers themselves); ``"eager-ops"`` when one is (the
    custom ops' implementations and autograd formulas called without the dispatcher, x threaded
@@ -31,7 +38,21 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
    than :data:`RECOMPUTE_Z_MAX_K2`, else rebuilt tile by tile in every pass.
 
 Set elsewhere, read by the steps: the projection's backward (``RGA_TRITON_PROJECTION_BACKWARD``,
-``common/settings.py``) and each kernel's launch configuration (``launch/tuned.py``).
+``common/settings.py``), each kernel's launch configuration (``launch/tuned.py``), and the precision
+of float32 dots:
+
+**TF32.** float32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (also set by
+``torch.set_float32_matmul_precision("high")``), read at launch by ``launch/space.tf32_allowed`` (a
+graph constant under torch.compile). False (PyTorch's default): every float32 ``tl.dot`` on CUDA
+runs 3xTF32 and float32 meets 1e-5. True: the dots that do not cancel take a single TF32 product
+(``space.dot_precision(device, tf32_ok=True)``): a float32 block's projection P = W3 X (forward,
+its recomputation in backward, dX and dW3), the attention network's hidden layer (h = W1 rel and
+its backward), and the affinity G of float32 inputs. Z's products (A = [W_in phi^T | W_out theta^T],
+Z = A tp, the tiled G and Z) keep 3xTF32 (``ops/relation/kernels._z_dot``): their sums cancel
+before the relation BatchNorm. So does a half-precision block's projection backward, whose weight
+gradients are cancellation residues. With TF32 on, float32 stays within 5e-3 of the float64
+reference, or 4x the error of PyTorch's own TF32 run of the authors' module where that is larger
+(docs/numerics.md, "TF32 when asked").
 
 This module imports no Triton: the Triton path and its configuration store are imported when a
 call takes them.
@@ -48,7 +69,7 @@ from typing import NamedTuple
 import torch
 
 from .common import algorithm
-from .common.batchnorm import distributed, synchronised
+from .common.batchnorm import distributed, process_group_name, synchronised, uses_batch_stats
 from .common.checks import one_of
 from .common.frozen import TABLES as FROZEN_TABLES
 from .common.layout import compute_dtype, mergeable
@@ -206,16 +227,37 @@ def warn_once(reason: str) -> None:
         warnings.warn(f"rga_triton: using the 'torch' backend: {reason}", stacklevel=caller_stacklevel())
 
 
+def sync_group(module) -> str | None:
+    """The name of the process group that ``module``'s train-mode SyncBatchNorms synchronise over
+    (``common.batchnorm.synchronised``), "" when none does, or None when the Triton path cannot
+    synchronise them: they span several process groups, or BatchNorms that normalise with this
+    rank's batch alone sit beside them (the ops take one group per call)."""
+    # SyncBatchNorm only synchronises in training, in a process group: other calls skip the submodule walk.
+    if not (module.training and distributed()):
+        return ""
+    names, local = set(), False
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if synchronised(m):
+                names.add(process_group_name(m))
+            else:
+                local = local or uses_batch_stats(m)
+    if not names:
+        return ""
+    return names.pop() if len(names) == 1 and not local else None
+
+
 def backend_for(module, x: torch.Tensor) -> str:
     """``"torch"`` or ``"triton"``: the backend that runs ``module(x)`` (steps 1 to 3 of the rule)."""
     backend = module.backend
-    # SyncBatchNorm only synchronises in training, in a process group: other calls skip the submodule walk.
-    if backend != "torch" and module.training and distributed() and any(synchronised(m) for m in module.modules()):
-        # SyncBatchNorm all-reduces its statistics on the torch path; the kernels do not.
+    if backend != "torch" and sync_group(module) is None:
         if backend == "triton":
-            raise ValueError("backend='triton' cannot run this module: it holds train-mode SyncBatchNorm "
-                             "layers in a process group of several ranks (use backend='torch' or 'auto')")
-        warn_once("train-mode SyncBatchNorm synchronises its statistics on the torch path")
+            raise ValueError("backend='triton' cannot run this module: its train-mode SyncBatchNorm layers span "
+                             "several process groups, or sit beside BatchNorms that normalise with this rank's "
+                             "batch alone (convert every BatchNorm of the block with one process_group, or use "
+                             "backend='torch' or 'auto')")
+        warn_once("the block's train-mode SyncBatchNorms span several process groups or sit beside unsynchronised "
+                  "BatchNorms, which the torch path synchronises one by one")
         backend = "torch"
     if backend != "torch" and exporting_to_onnx():
         return "torch"
@@ -235,6 +277,7 @@ class Plan(NamedTuple):
     algorithms: dict        # branch name -> "reassociated" or "tiled"
     keep_z: dict            # branch name -> whether Z (B, R, L) stays in memory for backward
     frozen: dict | None     # the block's derived constants under rga_triton.frozen() (route "kernels"), else None
+    sync_group: str         # the process group the BatchNorms synchronise over, by name ("" for none: sync_group)
 
 
 def route(x: torch.Tensor, wants_grad: bool) -> str:
@@ -274,10 +317,11 @@ def keeps_z(k2: int) -> bool:
     return k2 > RECOMPUTE_Z_MAX_K2
 
 
-def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bool | None = None) -> Plan:
+def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bool | None = None,
+         group: str = "") -> Plan:
     """The :class:`Plan` of a Triton-path call on ``branches`` (``RGAModule.branches()``). ``threaded``
     (default: when a gradient is wanted in eager mode; torch.compile traces the ops' own formulas)
-    chains x through the projections."""
+    chains x through the projections; ``group``: :func:`sync_group`'s answer."""
     taken = route(x, wants_grad)
     if threaded is None:
         threaded = wants_grad and not torch.compiler.is_compiling()
@@ -290,7 +334,7 @@ def plan(module, x: torch.Tensor, branches: dict, wants_grad: bool, threaded: bo
     if held and module.training:
         held.clear()            # a train-mode call on any route moves running statistics: folded ones are stale
     return Plan(branches, dtype, taken, wants_grad, threaded, algorithms, keep_z,
-                held if taken == "kernels" else None)
+                held if taken == "kernels" else None, group)
 
 
 # ---- running it -------------------------------------------------------------------------------------------
@@ -316,13 +360,14 @@ def wants_grad(module, x: torch.Tensor) -> bool:
 
 def run_triton(module, x: torch.Tensor, branches: dict, threaded: bool | None = None) -> torch.Tensor:
     """The block's output on the Triton path (steps 4 to 7 of the rule)."""
-    if x.numel() == 0:
+    group = sync_group(module)
+    if x.numel() == 0 and not group:        # a synchronised rank takes part in the collectives, images or not
         return torch_forward(module, x, branches)
     from . import triton_path
 
     with on_device_of(x), interpreter_serialised():
         x = mergeable(x)        # once per call: every step reads x with its H and W merged
-        return triton_path.forward(module, x, plan(module, x, branches, wants_grad(module, x), threaded))
+        return triton_path.forward(module, x, plan(module, x, branches, wants_grad(module, x), threaded, group))
 
 
 def forward(module, x: torch.Tensor, branches: dict) -> torch.Tensor:

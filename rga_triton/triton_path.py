@@ -55,6 +55,7 @@ from .ops.batchnorm.norm import (
     folded,
     one_channel_affine,
 )
+from .ops.batchnorm.sync import SyncedBatchNorm
 from .ops.gating.kernels import apply_gates
 from .ops.gating.op import eager_apply_gates
 from .ops.projection.kernels import projection_apply, projection_stats
@@ -102,7 +103,7 @@ def forward(module, x: torch.Tensor, plan) -> torch.Tensor:
         def gate(name, in_gate=None):       # in_gate: the other branch's gate, applied where x is read
             held = plan.frozen.setdefault((name, plan.dtype), {}) if plan.frozen is not None else None
             return branch_gate_kernels(plan.branches[name], x, *views[name], in_gate, plan.algorithms[name],
-                                       plan.dtype, held)
+                                       plan.dtype, held, plan.sync_group)
 
         return apply_gates(x, *compose_gates(module, gate))
 
@@ -154,11 +155,12 @@ def derive(branch, dtype) -> Derived:
 
 
 def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algorithm: str, dtype,
-                        held: dict | None = None) -> torch.Tensor:
+                        held: dict | None = None, group: str = "") -> torch.Tensor:
     """Sigmoid gate (B, L), float32, of one branch reading X (shape (B, Cin, L), ``strides`` into x),
     products in ``dtype``. Each BatchNorm in straight lines: check the batch, measure, finalize
     (train), or the folded running statistics (eval); then the pass that applies it. ``held``: the
-    branch's table under ``rga_triton.frozen()``, where an eval call's :class:`Derived` is kept."""
+    branch's table under ``rga_triton.frozen()``, where an eval call's :class:`Derived` is kept; ``group``:
+    the process group train-mode BatchNorms synchronise over, by name ("" for none)."""
     batch, _, length = shape
     count = batch * length
     if held is not None and "derived" in held:
@@ -172,9 +174,9 @@ def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algori
     p = None            # P = W3 X, kept by the statistics pass for the apply pass
     embed = d.embed
     if embed is None:
-        check_batch(embed_bns, count, (batch, k, length))
+        check_batch(embed_bns, count, (batch, k, length), group)
         stats, p = projection_stats(x, shape, strides, d.w3, in_gate, keep_p=True)
-        embed = finalized(embed_bns, stats, length)
+        embed = finalized(embed_bns, stats, length, group)
     tp, gx_mean = projection_apply(x, shape, strides, d.w3, embed.scale, embed.shift, in_gate, p)
     del p
 
@@ -185,19 +187,19 @@ def branch_gate_kernels(branch, x: torch.Tensor, shape, strides, in_gate, algori
         operands = RelationOperands(tp, gx_mean, relation_a(tp, d.wg), None, r)
     z_norm = d.z
     if z_norm is None:
-        check_batch([branch.gg[1]], count, (batch, r, length))
-        z_norm = finalized([branch.gg[1]], z_stats(operands), length)
+        check_batch([branch.gg[1]], count, (batch, r, length), group)
+        z_norm = finalized([branch.gg[1]], z_stats(operands), length, group)
 
     _, bn1, _, _, bn2 = branch.W
     h_norm = d.hidden
     if h_norm is None:
-        check_batch([bn1], count, (batch, d.w1.shape[0], length))
-        h_norm = finalized([bn1], hidden_stats(operands, d.w1, z_norm.scale, z_norm.shift), length)
+        check_batch([bn1], count, (batch, d.w1.shape[0], length), group)
+        h_norm = finalized([bn1], hidden_stats(operands, d.w1, z_norm.scale, z_norm.shift), length, group)
     if d.out is not None:    # eval: the kernel applies the last BN and the sigmoid itself
         return gate_logit(operands, d.w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, d.w2,
                           d.out.scale, d.out.shift)
     logit = gate_logit(operands, d.w1, z_norm.scale, z_norm.shift, h_norm.scale, h_norm.shift, d.w2)
-    out = one_channel_affine(bn2, logit, count)
+    out = one_channel_affine(bn2, logit, count, group)
     return torch.sigmoid(logit * out.scale + out.shift)
 
 
@@ -207,42 +209,44 @@ def _detached(t):
     return t.detach() if t is not None else None
 
 
-def projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype) -> tuple:
+def projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype, group: str = "") -> tuple:
     """The arguments of the ``projection`` op for the ``view`` branch reading x (scaled by in_gate (B, Cin)
     where given) through w3 (3K, Cin) and the affine rows bn_weight, bn_bias (3K,) of ``bns`` (theta's,
     phi's and gx's BatchNorm): the ``projection_norm`` op measures the batch statistics first where one
     of them uses them (moving its running statistics in train mode) and keeps P for the projection;
-    else the running statistics fold here, mutating nothing."""
+    else the running statistics fold here, mutating nothing. ``group``: the process group the batch
+    statistics are measured over, by name ("" for this rank's batch)."""
     p = None
     if batch_normalised(bns):
         norm, p = ops.projection_norm(x.detach(), _detached(in_gate), w3.detach(), view, dtype,
-                                      **batchnorm_args(bns))
+                                      **batchnorm_args(bns, group))
     else:
         norm = torch.stack(folded(bns))
-    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], p
+    return x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, [uses_batch_stats(bn) for bn in bns], p, group
 
 
-def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype, ops=None):
+def project(x, in_gate, w3, bn_weight, bn_bias, bns, view: str, dtype, ops=None, group: str = ""):
     """tp = [theta; phi] float32 (B, 2K, L), gx_mean float32 (B, L) (:func:`projection_inputs`);
     differentiable in x, in_gate, w3, bn_weight and bn_bias."""
     ops = ops or _ops_for(x)
-    return ops.projection(*projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view, dtype))
+    return ops.projection(*projection_inputs(ops, x, in_gate, w3, bn_weight, bn_bias, bns, view, dtype, group))
 
 
 def relation_gate(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, bns, tiled: bool, dtype, wants_grad: bool = True,
-                  keep_z: bool = False, ops=None):
+                  keep_z: bool = False, ops=None, group: str = ""):
     """The logit (B, L) before the last BatchNorm, from tp (B, 2K, L) and gx_mean (B, L), differentiable in
     both, in the weights wg, w1, w2 and in the affine rows bn_weight, bn_bias (R + Hd,) of ``bns`` (the
     relation and the hidden BatchNorm, whose running statistics move in train mode). ``wants_grad=False``
-    keeps neither A nor Z for backward; ``keep_z`` keeps Z (``dispatch.keeps_z``)."""
+    keeps neither A nor Z for backward; ``keep_z`` keeps Z (``dispatch.keeps_z``); ``group``: the process
+    group the batch statistics are measured over, by name ("" for this rank's batch)."""
     ops = ops or _ops_for(tp)
     a, z = ops.relation(tp.detach(), wg.detach(), tiled, wants_grad, wants_grad and keep_z, dtype)
     if batch_normalised(bns):
-        norm = ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), **batchnorm_args(bns))
+        norm = ops.relation_norm(tp.detach(), gx_mean.detach(), a, z, w1.detach(), **batchnorm_args(bns, group))
     else:
         norm = torch.stack(folded(bns))
     return ops.gate_logit(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm,
-                          [uses_batch_stats(bn) for bn in bns], dtype)
+                          [uses_batch_stats(bn) for bn in bns], dtype, group)
 
 
 def _ops_for(t: torch.Tensor):
@@ -260,12 +264,17 @@ def branch_gate_ops(ops, branch, x: torch.Tensor, view: str, in_gate, plan):
     w3 = torch.cat([seq[0].weight.flatten(1) for seq in embeds])         # (3K, Cin)
     affine = affine_rows(embed_bns, x)
     if plan.threaded:
-        inputs = projection_inputs(ops, x, in_gate, w3, *affine, embed_bns, view, dtype)
+        inputs = projection_inputs(ops, x, in_gate, w3, *affine, embed_bns, view, dtype, plan.sync_group)
         tp, gx_mean, x = ThreadedProjection.apply(ops is REGISTERED, *inputs)
     else:
-        tp, gx_mean = project(x, in_gate, w3, *affine, embed_bns, view, dtype, ops)
+        tp, gx_mean = project(x, in_gate, w3, *affine, embed_bns, view, dtype, ops, plan.sync_group)
     conv1, bn1, _, conv2, bn2 = branch.W
     gate_bns = [branch.gg[1], bn1]
     logit = relation_gate(tp, gx_mean, branch.gg[0].weight, conv1.weight, conv2.weight, *affine_rows(gate_bns, x),
-                          gate_bns, plan.algorithms[view] == "tiled", dtype, plan.wants_grad, plan.keep_z[view], ops)
-    return torch.sigmoid(batch_norm(logit.unsqueeze(1), bn2).squeeze(1)), x
+                          gate_bns, plan.algorithms[view] == "tiled", dtype, plan.wants_grad, plan.keep_z[view], ops,
+                          plan.sync_group)
+    if plan.sync_group and ops is EAGER:    # one collective per pass (compiled graphs trace batch_norm's formula)
+        out = SyncedBatchNorm.apply(logit.unsqueeze(1), bn2.weight, bn2.bias, bn2, plan.sync_group)
+    else:
+        out = batch_norm(logit.unsqueeze(1), bn2)
+    return torch.sigmoid(out.squeeze(1)), x

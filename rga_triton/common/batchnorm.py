@@ -74,6 +74,12 @@ def synchronised(bn: nn.BatchNorm2d) -> bool:
     return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
 
 
+def process_group_name(bn: nn.SyncBatchNorm) -> str:
+    """The name of the process group a synchronised ``bn`` reduces over (``ProcessGroup.group_name``)."""
+    import torch.distributed as dist
+    return (bn.process_group or dist.group.WORLD).group_name
+
+
 class _GroupSum(torch.autograd.Function):
     """Sum of ``tensor`` over the ranks of ``group``, differentiable (twice too): the gradient of
     a sum all-reduce is the sum all-reduce of the output gradients. The same function as the

@@ -467,22 +467,33 @@ def test_syncbatchnorm_inside_rga_synchronises(ddp_results):
         assert rel_err(sum(state[f"grad:{k}"] for state in states), p.grad) < 1e-8, k
 
 
-def test_synchronised_batchnorm_keeps_the_block_on_the_torch_path(monkeypatch):
-    """Train-mode SyncBatchNorm in a group of several ranks (faked here: one process) synchronises on the
-    torch path only: backend="triton" refuses with a ValueError, "auto" warns once and runs "torch"."""
+def test_synchronised_batchnorms_take_the_triton_path_unless_they_span_several_groups(monkeypatch):
+    """Train-mode SyncBatchNorms in one process group of several ranks (faked here: one process) run on the
+    Triton path (tests/ecosystem/test_distributed.py runs them on two); spread over two groups, or beside a
+    BatchNorm that normalises with the rank's batch alone, they take the torch path: backend="triton"
+    refuses with a ValueError, "auto" warns once and runs "torch"."""
     import rga_triton.dispatch as module_mod
     monkeypatch.setattr(module_mod, "distributed", lambda: True)
     monkeypatch.setattr(module_mod, "synchronised", lambda m: isinstance(m, nn.SyncBatchNorm) and m.training)
+    monkeypatch.setattr(module_mod, "process_group_name", lambda m: m.process_group or "world")
     monkeypatch.setattr(rga_triton.dispatch, "_warned_reasons", set())
     block = nn.SyncBatchNorm.convert_sync_batchnorm(
         RGAModule(16, 8 * 4, cha_ratio=4, spa_ratio=2, down_ratio=2, backend="triton")).train()
     x = torch.randn(2, 16, 8, 4)
-    with pytest.raises(ValueError, match="train-mode SyncBatchNorm layers in a process group of several ranks"):
+    assert module_mod.sync_group(block) == "world"
+    assert module_mod.sync_group(block.eval()) == ""
+    assert module_mod.backend_for(block.train(), x) == "triton"
+    block.gg_spatial[1].process_group = "another"
+    assert module_mod.sync_group(block) is None
+    with pytest.raises(ValueError, match="SyncBatchNorm layers span several process groups"):
         block(x)
+    block.gg_spatial[1].process_group = None
+    block.W_channel[4] = nn.BatchNorm2d(1)
+    assert module_mod.sync_group(block) is None
     block.backend = "auto"
     ran = []
     monkeypatch.setattr(module_mod, "torch_forward", lambda m, x, branches: ran.append("torch") or x)
-    with pytest.warns(UserWarning, match="train-mode SyncBatchNorm synchronises its statistics on the torch path"):
+    with pytest.warns(UserWarning, match="train-mode SyncBatchNorms span several process groups or sit beside"):
         block(x)
     assert ran == ["torch"]
 

@@ -5,6 +5,7 @@ them: bn(z) = z * scale + shift, plus the mean and 1/std it normalised with (bac
 A call site normalises in straight lines: in eval the running statistics fold (:func:`folded`); in
 train it checks the batch (:func:`check_batch`), a kernel measures per-split (mean, M2) partials,
 and :func:`finalized` merges them and moves the running statistics exactly as ``nn.BatchNorm2d`` does.
+A synchronised group (``group``: its process group's name, ``sync.py``) merges them over the group's ranks.
 
 Inside a custom op the BatchNorm modules are rebuilt from the op's arguments as
 :class:`BatchNormView` objects (:func:`batchnorm_args` / :func:`batchnorm_views`), which every
@@ -26,6 +27,7 @@ from ...common.batchnorm import (
     update_running_stats,
     uses_batch_stats,
 )
+from . import sync
 from .kernels import bn_finalize, finalize_groups
 
 
@@ -55,28 +57,37 @@ def batch_normalised(bns) -> bool:
     return any(uses_batch_stats(bn) for bn in bns)
 
 
-def check_batch(bns, count: int, shape) -> None:
+def check_batch(bns, count: int, shape, group: str = "") -> None:
     """Refuse a batch of ``count`` values per channel as nn.BatchNorm2d does, before anything is
-    measured; like it, count the batch first (``num_batches_tracked``) for a group that tracks."""
+    measured; like it, count the batch first (``num_batches_tracked``) for a group that tracks.
+    A synchronised group (``group`` named) is checked on the group's count, once gathered."""
+    if group:
+        return
     if count <= 1 and tracks_running_stats(bns[0]):
         step_momentum(bns[0])       # nn.BatchNorm2d counts the batch before F.batch_norm refuses it
     check_batch_size(count, shape)
 
 
-def finalized(bns, stats: Tensor, length: int) -> Norm:
+def finalized(bns, stats: Tensor, length: int, group: str = "") -> Norm:
     """The :class:`Norm` of the rows of ``bns`` (concatenated in order), from the per-split (mean, M2)
     partials ``stats`` a kernel measured over them: ``bn_finalize`` (one launch per run of up to three
     alike BatchNorms, ``finalize_groups``) merges them and moves the running statistics as
     nn.BatchNorm2d does; rows of a BatchNorm in eval fold its running statistics. Call
-    :func:`check_batch` before measuring."""
+    :func:`check_batch` before measuring. ``group``: the process group a synchronised group of
+    BatchNorms merges over, by name (``sync.py``: one all_gather), or "" for this rank's batch alone."""
+    if group:
+        count, mean, m2 = sync.local_moments(stats, length)
+        batch = stats.shape[2] // sync.n_splits(length)
+        total, mean, var = sync.gathered_moments(bns, count, mean, m2, group, (batch, stats.shape[1], length))
+        return _affines(bns, mean, var, total)
     starts = [0]
     for bn in bns:
         starts.append(starts[-1] + bn.num_features)
     table = torch.empty((4, starts[-1]), device=stats.device, dtype=torch.float32)    # the Norm's rows
     batch = [(start, bn) for start, bn in zip(starts, bns) if uses_batch_stats(bn)]
-    for start, group in finalize_groups(batch):
-        factors = [step_momentum(bn) if tracks_running_stats(bn) else 0.0 for bn in group]
-        bn_finalize(stats, start, group, length, factors, table[0], table[1], table[2], table[3])
+    for start, alike in finalize_groups(batch):
+        factors = [step_momentum(bn) if tracks_running_stats(bn) else 0.0 for bn in alike]
+        bn_finalize(stats, start, alike, length, factors, table[0], table[1], table[2], table[3])
     with torch.no_grad():       # constants for the kernels, as the finalised rows are
         for start, bn in zip(starts, bns):
             if not uses_batch_stats(bn):
@@ -104,10 +115,18 @@ def _affines(bns, batch_mean, batch_var, count: int) -> Norm:
     return Norm(*(torch.cat(t).contiguous() for t in zip(*parts)))
 
 
-def one_channel_affine(bn, logit: Tensor, count: int) -> Norm:
+def one_channel_affine(bn, logit: Tensor, count: int, group: str = "") -> Norm:
     """The :class:`Norm` of a one-channel train-mode BatchNorm over ``logit`` (B, L), measured in
-    PyTorch (a single small reduction), its running statistics moved."""
-    check_batch_size(count, (logit.shape[0], 1, logit.shape[1]))
+    PyTorch (a single small reduction), its running statistics moved; over the ranks of ``group``
+    where it names one (``sync.py``)."""
+    shape = (logit.shape[0], 1, logit.shape[1])
+    if group:
+        mean = logit.double().mean().nan_to_num().view(1)       # an empty batch: 0, and count 0
+        m2 = ((logit.double() - mean) ** 2).sum().view(1)
+        total, mean, var = sync.gathered_moments([bn], logit.new_full((1,), count, dtype=torch.float64),
+                                                 mean, m2, group, shape)
+        return _affines([bn], mean, var, total)
+    check_batch_size(count, shape)
     var, mean = torch.var_mean(logit, unbiased=False)
     return _affines([bn], mean.view(1), var.view(1), count)
 
@@ -133,8 +152,8 @@ def bn_rows(weight: Tensor, bias: Tensor, norm: Norm) -> Tensor:
 CUMULATIVE = math.nan
 """``momentum`` in ``bn_settings`` for ``momentum=None`` (nn.BatchNorm2d's cumulative average)."""
 
-SCHEMA = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings"
-"""The three schema arguments that describe a BatchNorm group (:func:`batchnorm_args`)."""
+SCHEMA = "Tensor?[] bn_affine, Tensor(a!)?[] bn_buffers, float[] bn_settings, str bn_group"
+"""The four schema arguments that describe a BatchNorm group (:func:`batchnorm_args`)."""
 
 
 class BatchNormView(NamedTuple):
@@ -153,13 +172,14 @@ class BatchNormView(NamedTuple):
     num_features: int
 
 
-def batchnorm_args(bns) -> dict:
-    """The op keyword arguments that describe the BatchNorm modules ``bns``, three per group of BatchNorms
+def batchnorm_args(bns, group: str = "") -> dict:
+    """The op keyword arguments that describe the BatchNorm modules ``bns``, four per group of BatchNorms
     (few arguments: custom-op dispatch costs grow with their number):
 
     - bn_affine: weight, bias per BatchNorm (None where not affine), detached: the op does not differentiate;
     - bn_buffers: running_mean, running_var, num_batches_tracked per BatchNorm (None where absent), mutated;
-    - bn_settings: momentum (CUMULATIVE for None), eps, training, track_running_stats per BatchNorm.
+    - bn_settings: momentum (CUMULATIVE for None), eps, training, track_running_stats per BatchNorm;
+    - bn_group: the process group the group synchronises over, by name ("" for none: ``sync.py``).
     """
     def detached(t):
         return t.detach() if t is not None else None
@@ -167,7 +187,8 @@ def batchnorm_args(bns) -> dict:
     return dict(bn_affine=[detached(t) for bn in bns for t in (bn.weight, bn.bias)],
                 bn_buffers=[t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)],
                 bn_settings=[float(v) for bn in bns for v in (CUMULATIVE if bn.momentum is None else bn.momentum,
-                                                              bn.eps, bn.training, bn.track_running_stats)])
+                                                              bn.eps, bn.training, bn.track_running_stats)],
+                bn_group=group)
 
 
 def batchnorm_views(sizes, bn_affine, bn_buffers, bn_settings) -> list:

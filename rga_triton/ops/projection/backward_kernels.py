@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ...launch import space
 from ...launch.tuned import tuned
+from ..batchnorm import sync
 from ..batchnorm.stats import load_bn_rows
 from .kernels import _gate_args, _project_tile
 
@@ -213,14 +214,15 @@ DP_BLOCKS = dict(BLOCK_ROWS=32, BLOCK_L=128)
 DP_WARPS = 8     # at 4 warps, 32 x 128 spilled 84 B on sm_90
 """The ``_projection_dp_kernel`` launch (untuned): block sizes and num_warps (num_stages: Triton's default, 3)."""
 
-def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp, dgx_mean):
+def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp, dgx_mean, sync_group: str = ""):
     """dP float32 (B, 3K, L) and the sums float32 (2, 3K): sum dy, sum dy p_hat over images and positions.
 
     x, shape, strides: X as ``projection_stats`` reads it; weight: W3 (3K, Cin) contiguous in the compute
     dtype; in_gate: float32 (B, Cin) or None; bn_rows: float32 (6, 3K) (mean, inv_std, weight, bias, 0, 0),
     whose batch-statistics terms this fills in for the BatchNorms (K rows each) that ``batch_stats``
     (three flags: theta's, phi's, gx's) says normalised with the batch; dtp: float32 (B, 2K, L);
-    dgx_mean: float32 (B, L).
+    dgx_mean: float32 (B, L). ``sync_group``: the process group whose ranks' batch those BatchNorms
+    normalised with (by name; "" for this rank's): their terms are then the group's (one all_reduce).
     """
     batch, cin, length = shape
     rows = weight.shape[0]
@@ -236,8 +238,9 @@ def projection_dp(x, shape, strides, weight, in_gate, bn_rows, batch_stats, dtp,
     sums = partials.sum(dim=2)
     if not direct:
         k = rows // 3
+        terms = sync.group_means(sums, batch * length, sync_group) if sync_group else sums / (batch * length)
         for i in (i for i, used in enumerate(batch_stats) if used):
-            bn_rows[4:, i * k:(i + 1) * k] = sums[:, i * k:(i + 1) * k] / (batch * length)
+            bn_rows[4:, i * k:(i + 1) * k] = terms[:, i * k:(i + 1) * k]
         block_rows, block_l = DP_BLOCKS["BLOCK_ROWS"], DP_BLOCKS["BLOCK_L"]
         _projection_dp_kernel[(triton.cdiv(length, block_l), triton.cdiv(rows, block_rows), batch)](
             dp, bn_rows, dtp, dgx_mean, length, rows, BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=DP_WARPS)

@@ -26,14 +26,15 @@ from .pytorch import projection_grads_torch
 @custom_op("projection_norm", mutates_args=("bn_buffers",),
            schema=f"(Tensor x, Tensor? in_gate, Tensor w3, str view, ScalarType compute_dtype, {SCHEMA}) "
                   f"-> (Tensor, Tensor)")
-def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
+def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings, bn_group):
     """(norm (4, 3K) of the theta, phi and gx BatchNorms, P float32 (B, 3K, L)) for P = W3 (X * in_gate),
     called when one of them is in train mode (in eval the wrapper folds the running statistics in
     PyTorch, mutating nothing; P is then empty (0,)). ``projection`` reads P instead of multiplying again.
 
     x: (B, C, H, W), read as the ``view`` branch's X (B, Cin, L); in_gate: float32 (B, Cin)
     or None; w3: (3K, Cin[, 1, 1]). Train-mode BatchNorms measure P's batch statistics and
-    move their running statistics, as nn.BatchNorm2d does.
+    move their running statistics, as nn.BatchNorm2d does (over the ranks of ``bn_group`` where it
+    names a process group, as nn.SyncBatchNorm does: ``ops/batchnorm/sync.py``).
     """
     x = mergeable(x)
     shape, strides = input_views(x)[view]
@@ -44,13 +45,13 @@ def projection_norm(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, 
     if not batch_normalised(bns):
         return torch.stack(folded(bns)), x.new_empty((0,), dtype=torch.float32)
     batch, _, length = shape
-    check_batch(bns, batch * length, (batch, k, length))
+    check_batch(bns, batch * length, (batch, k, length), bn_group)
     stats, p = projection_stats(x, shape, strides, w3c, in_gate, keep_p=True)
-    return torch.stack(finalized(bns, stats, length)), p
+    return torch.stack(finalized(bns, stats, length, bn_group)), p
 
 
 @projection_norm.register_fake
-def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
+def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings, bn_group):
     rows = w3.shape[0]
     measured = batch_normalised(batchnorm_views([rows // 3] * 3, bn_affine, bn_buffers, bn_settings))
     p_shape = (x.shape[0], rows, branch_length(x, view)) if measured else (0,)
@@ -60,12 +61,13 @@ def _(x, in_gate, w3, view, compute_dtype, bn_affine, bn_buffers, bn_settings):
 @custom_op("projection", mutates_args=())
 def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
                view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
-               p: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               p: Optional[Tensor] = None, sync_group: str = "") -> tuple[Tensor, Tensor]:
     """tp = [theta; phi] float32 (B, 2K, L) and gx_mean float32 (B, L), normalised with ``norm``.
 
     bn_weight, bn_bias: (3K,) the three BatchNorms' affine rows (ones and zeros where not
     affine); batch_stats: per BatchNorm, whether ``norm`` holds batch statistics. Both
-    only matter to backward. p: P as ``projection_norm`` kept it, or None or empty (P is multiplied here).
+    only matter to backward, as does sync_group (the process group whose ranks' batch ``norm``
+    measured, by name, or ""). p: P as ``projection_norm`` kept it, or None or empty (P is multiplied here).
     """
     x = mergeable(x)
     shape, strides = input_views(x)[view]
@@ -76,24 +78,27 @@ def projection(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tens
 
 
 @projection.register_fake
-def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, p=None):
+def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, p=None, sync_group=""):
     batch, length, k = x.shape[0], branch_length(x, view), w3.shape[0] // 3
     return (x.new_empty((batch, 2 * k, length), dtype=torch.float32),
             x.new_empty((batch, length), dtype=torch.float32))
 
 
 def _projection_setup(ctx, inputs, output):
-    x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, _ = inputs
+    x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, _, sync_group = inputs
     ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
     ctx.view, ctx.compute_dtype, ctx.batch_stats, ctx.device_type = view, compute_dtype, batch_stats, x.device.type
+    ctx.sync_group = sync_group
 
 
 def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
-                     needs=(True, True, True), dx: Optional[Tensor] = None):
+                     needs=(True, True, True), dx: Optional[Tensor] = None, sync_group: str = ""):
     """The gradients of ``projection`` from its inputs and its outputs' gradients (dtp, dgx_mean):
     (dx, d_in_gate, dw3, d_bn_weight, d_bn_bias), with None for x, in_gate or w3 where ``needs``
     (three flags, in that order) says no. ``dx``: an x-shaped gradient to add x's gradient into,
     in place (the block's backward sums every branch's share in one buffer); else dx is new.
+    ``sync_group``: the process group over whose ranks the batch statistics were measured (by name):
+    their backward terms are then the group's sums (one all_reduce, ``ops/batchnorm/sync.py``).
 
     Kernels (see ``backward_kernels.py``): dP (B, 3K, L) is the one temporary of the projection's
     size; X is read through its strides (no transposed or gated copy of x). With
@@ -102,7 +107,7 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
     """
     if settings.projection_backward() == "torch":
         return projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats,
-                                      dtp, dgx_mean, needs, dx)
+                                      dtp, dgx_mean, needs, dx, sync_group)
     need_x, need_gate, need_w3 = needs
     x = mergeable(x)
     shape, strides = input_views(x)[view]
@@ -113,7 +118,8 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
     in_gate = in_gate.detach().contiguous() if in_gate is not None else None
     dtp = dtp.contiguous() if dtp is not None else x.new_zeros((batch, 2 * k, length), dtype=torch.float32)
     dgx_mean = dgx_mean.contiguous() if dgx_mean is not None else x.new_zeros((batch, length), dtype=torch.float32)
-    dp, sums = backward_kernels.projection_dp(x, shape, strides, wc, in_gate, rows, batch_stats, dtp, dgx_mean)
+    dp, sums = backward_kernels.projection_dp(x, shape, strides, wc, in_gate, rows, batch_stats, dtp, dgx_mean,
+                                              sync_group)
     del dtp, dgx_mean
     dw3 = None
     if need_w3:
@@ -135,11 +141,12 @@ def projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dty
 def projection_backward(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                         norm: Tensor, view: str, compute_dtype: torch.dtype, batch_stats: list[bool],
                         dtp: Optional[Tensor], dgx_mean: Optional[Tensor],
-                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        needs: list[bool], sync_group: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`projection_grads` with the kernels, as an op (torch.compile traces the backward formula):
     (dx, d_in_gate, dw3, d_bn_weight, d_bn_bias), each empty (0,) where ``needs`` says no."""
     dx, d_gate, dw3, d_weight, d_bias = projection_grads(x, in_gate, w3, bn_weight, bn_bias, norm, view,
-                                                         compute_dtype, batch_stats, dtp, dgx_mean, needs)
+                                                         compute_dtype, batch_stats, dtp, dgx_mean, needs,
+                                                         sync_group=sync_group)
     empty = x.new_empty((0,))
     # d_weight and d_bias are rows of one tensor of sums, and an op's outputs may not alias each other
     return (dx if dx is not None else empty, d_gate if d_gate is not None else empty,
@@ -147,7 +154,8 @@ def projection_backward(x: Tensor, in_gate: Optional[Tensor], w3: Tensor, bn_wei
 
 
 @projection_backward.register_fake
-def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean, needs):
+def _(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean, needs,
+      sync_group=""):
     empty = x.new_empty((0,))
     need_x, need_gate, need_w3 = needs
     return (empty_like_merged(mergeable(x)) if need_x else empty,
@@ -161,13 +169,13 @@ def _projection_backward(ctx, dtp, dgx_mean):
     args = (x, in_gate, w3, bn_weight, bn_bias, norm, ctx.view, ctx.compute_dtype, ctx.batch_stats, dtp, dgx_mean,
             list(ctx.needs_input_grad[:3]))
     if settings.projection_backward() == "torch":      # PyTorch ops: traced into the compiled backward
-        grads = projection_grads_torch(*args)
+        grads = projection_grads_torch(*args, sync_group=ctx.sync_group)
     else:
-        dx, d_gate, dw3, d_weight, d_bias = backward_op(ctx, "projection_backward")(*args)
+        dx, d_gate, dw3, d_weight, d_bias = backward_op(ctx, "projection_backward")(*args, ctx.sync_group)
         need_x, need_gate, need_w3 = ctx.needs_input_grad[:3]
         grads = (dx if need_x else None, d_gate if need_gate and in_gate is not None else None,
                  dw3 if need_w3 else None, d_weight, d_bias)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 projection.register_autograd(_projection_backward, setup_context=_projection_setup)
@@ -188,12 +196,13 @@ class ThreadedProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, registered, x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p):
+    def forward(ctx, registered, x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p, sync_group):
         # no autograd here: the implementation itself, or the op where something intercepts the calls
         project = torch.ops.rga_triton.projection if registered else IMPLS["projection"]
-        tp, gx_mean = project(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p)
+        tp, gx_mean = project(x, in_gate, w3, bn_weight, bn_bias, norm, view, dtype, batch_stats, p, sync_group)
         ctx.save_for_backward(x, in_gate, w3, bn_weight, bn_bias, norm)
         ctx.settings = view, dtype, batch_stats
+        ctx.sync_group = sync_group
         ctx.device_type = x.device.type
         ctx.set_materialize_grads(False)
         return tp, gx_mean, x.view_as(x)
@@ -205,5 +214,5 @@ class ThreadedProjection(torch.autograd.Function):
         # dx: the later readers' gradient, a buffer only this chain holds (the next projection's or
         # apply_gates' new tensor), so adding into it in place is safe
         grads = projection_grads(*ctx.saved_tensors, *ctx.settings, dtp, dgx_mean,
-                                 needs=ctx.needs_input_grad[1:4], dx=dx)
-        return None, *grads, None, None, None, None, None
+                                 needs=ctx.needs_input_grad[1:4], dx=dx, sync_group=ctx.sync_group)
+        return None, *grads, None, None, None, None, None, None

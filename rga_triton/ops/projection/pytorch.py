@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ...common.batchnorm import batch_norm
 from ...common.layout import batch_slices, empty_like_merged, weight_matrix
+from ..batchnorm import sync
 
 
 def relation_inputs(branch, feats: torch.Tensor, update: bool = True):
@@ -51,7 +52,7 @@ def gated_input(x: Tensor, in_gate: Optional[Tensor], view: str, compute_dtype: 
 
 
 def projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compute_dtype, batch_stats, dtp, dgx_mean,
-                           needs=(True, True, True), dx: Optional[Tensor] = None):
+                           needs=(True, True, True), dx: Optional[Tensor] = None, sync_group: str = ""):
     """``op.projection_grads`` as PyTorch ops (``RGA_TRITON_PROJECTION_BACKWARD=torch``).
 
     Large matmuls and elementwise work, which the backend already does at bandwidth.
@@ -91,10 +92,13 @@ def projection_grads_torch(x, in_gate, w3, bn_weight, bn_bias, norm, view, compu
     del active
     sum_b = dy.sum(dim=(0, 2))
     sum_g = sum((dy[rows] * p_hat[rows]).sum(dim=(0, 2)) for rows in batch_slices(batch, 8))   # a slice's temporary
-    for i, batch_stats_i in enumerate(batch_stats):     # batch-statistics terms (eval rows have none)
+    # batch-statistics terms (eval rows have none): over the synchronised ranks' batch where there are several
+    mean_b, mean_g = sync.group_means(torch.stack([sum_b, sum_g]), count, sync_group) if sync_group else \
+        (sum_b / count, sum_g / count)
+    for i, batch_stats_i in enumerate(batch_stats):
         if batch_stats_i:
             rows = slice(i * k, (i + 1) * k)
-            dy[:, rows] -= p_hat[:, rows].mul_(sum_g[rows, None]).add_(sum_b[rows, None]).div_(count)
+            dy[:, rows] -= p_hat[:, rows].mul_(mean_g[rows, None]).add_(mean_b[rows, None])
     del p_hat, buf
     dp = dy.mul_(weight * inv_std[:, None])                             # dP (B, 3K, L)
     dw3 = None

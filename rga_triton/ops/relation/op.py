@@ -13,15 +13,22 @@ import torch
 from torch import Tensor
 
 from ...common.layout import batch_slices, weight_matrix
+from ..batchnorm import sync
 from ..batchnorm.norm import SCHEMA, as_norm, batch_normalised, batchnorm_views, bn_rows, check_batch, finalized, folded
 from ..registry import backward_op, custom_op, eager_function, float32_backward
 from . import kernels
 from .backward_kernels import hidden_backward, relation_backward
 
 
+def kept(t: Tensor) -> bool:
+    """Whether ``relation`` kept this one of (a, z): the placeholder of one not kept is (0,), while a kept one
+    is 3-D, empty too for an empty batch (a synchronised rank with no image)."""
+    return t.dim() == 3
+
+
 def _operands(tp, gx_mean, a, z) -> kernels.RelationOperands:
     """The gate kernels' operands: Z from memory when it was materialised, else A and tp."""
-    z = z if z.numel() else None
+    z = z if kept(z) else None
     r = z.shape[1] if z is not None else a.shape[1]
     return kernels.RelationOperands(tp.contiguous(), gx_mean.contiguous(), None if z is not None else a.contiguous(),
                                     z.contiguous() if z is not None else None, r)
@@ -62,24 +69,25 @@ def _(tp, wg, tiled, for_backward, keep_z, compute_dtype):
 
 @custom_op("relation_norm", mutates_args=("bn_buffers",),
            schema=f"(Tensor tp, Tensor gx_mean, Tensor a, Tensor z, Tensor w1, {SCHEMA}) -> Tensor")
-def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
+def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings, bn_group):
     """The norm (4, R + Hd) of the relation BatchNorm (rows of Z), then of the hidden one (rows of h).
 
     (a, z) as ``relation`` returned them; gx_mean: float32 (B, L); w1: (Hd, 1 + R[, 1, 1]).
-    Train-mode BatchNorms measure their batch statistics and move their running statistics.
+    Train-mode BatchNorms measure their batch statistics and move their running statistics (over
+    the ranks of ``bn_group`` where it names a process group: ``ops/batchnorm/sync.py``).
     """
     ops = _operands(tp, gx_mean, a, z)
     w1f = weight_matrix(w1, torch.float32)
     count, r, hidden = ops.batch * ops.length, ops.r, w1f.shape[0]
     bn_z, bn_h = batchnorm_views([r, hidden], bn_affine, bn_buffers, bn_settings)
     if batch_normalised([bn_z]):
-        check_batch([bn_z], count, (ops.batch, r, ops.length))
-        z_norm = finalized([bn_z], kernels.z_stats(ops), ops.length)
+        check_batch([bn_z], count, (ops.batch, r, ops.length), bn_group)
+        z_norm = finalized([bn_z], kernels.z_stats(ops), ops.length, bn_group)
     else:
         z_norm = folded([bn_z])
     if batch_normalised([bn_h]):
-        check_batch([bn_h], count, (ops.batch, hidden, ops.length))
-        h_norm = finalized([bn_h], kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift), ops.length)
+        check_batch([bn_h], count, (ops.batch, hidden, ops.length), bn_group)
+        h_norm = finalized([bn_h], kernels.hidden_stats(ops, w1f, z_norm.scale, z_norm.shift), ops.length, bn_group)
     else:
         h_norm = folded([bn_h])
     return torch.cat([torch.stack(z_norm), torch.stack(h_norm)], dim=1)
@@ -87,7 +95,7 @@ def relation_norm(tp, gx_mean, a, z, w1, bn_affine, bn_buffers, bn_settings):
 
 @relation_norm.register_fake
 def _(tp, gx_mean, a, z, w1, *rest):
-    r = z.shape[1] if z.numel() else a.shape[1]
+    r = z.shape[1] if kept(z) else a.shape[1]
     return tp.new_empty((4, r + w1.shape[0]))
 
 
@@ -98,13 +106,15 @@ def _split_norm(norm: Tensor, r: int):
 
 @custom_op("gate_logit", mutates_args=())
 def gate_logit(tp: Tensor, gx_mean: Tensor, wg: Tensor, w1: Tensor, w2: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-               a: Tensor, z: Tensor, norm: Tensor, batch_stats: list[bool], compute_dtype: torch.dtype) -> Tensor:
+               a: Tensor, z: Tensor, norm: Tensor, batch_stats: list[bool], compute_dtype: torch.dtype,
+               sync_group: str = "") -> Tensor:
     """The gate's logit before the last BatchNorm, float32 (B, L), from ``relation``'s (a, z) and the norm
     (4, R + Hd) of the relation and hidden BatchNorms.
 
     w2: (1, Hd[, 1, 1]). wg, bn_weight, bn_bias (R + Hd,) (the two BatchNorms' affine rows,
     ones and zeros where not affine) and batch_stats (per BatchNorm, whether ``norm`` holds
-    batch statistics) only matter to backward.
+    batch statistics) only matter to backward, as does sync_group (the process group whose ranks'
+    batch ``norm`` measured, by name, or "").
     """
     ops = _operands(tp, gx_mean, a, z)
     z_norm, h_norm = _split_norm(norm, ops.r)
@@ -125,8 +135,8 @@ would take at least this many bytes: at RGA-Net's stage 1 (spatial branch) and s
 
 @custom_op("gate_logit_backward", mutates_args=())
 def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, z: Tensor, w1: Tensor, w2: Tensor,
-                        bn_weight: Tensor, bn_bias: Tensor, norm: Tensor,
-                        batch_stats: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        bn_weight: Tensor, bn_bias: Tensor, norm: Tensor, batch_stats: list[bool],
+                        sync_group: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel part of ``gate_logit``'s backward, all float32: dA = dZ tp^T (B, R, 2K), A^T dZ
     (B, 2K, L) (tp's gradient through Z's right factor), dgx_mean (B, L), dw1 (Hd, 1 + R), and
     sums (3, R + Hd) over the BatchNorms' rows (relation, then hidden): sum dy, sum dy v_hat, and
@@ -136,7 +146,9 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     The attention network and the relation BatchNorm run per position tile in
     ``backward_kernels.py``; with batch statistics, a first pass measures the sums their
     correction terms need. dZ never leaves the op: it is written, and multiplied into dA and
-    A^T dZ, a slice of the batch at a time (:data:`DZ_SLICE_MIN_BYTES`).
+    A^T dZ, a slice of the batch at a time (:data:`DZ_SLICE_MIN_BYTES`). ``sync_group``: the process
+    group whose ranks' batch the BatchNorms normalised with (by name): their correction terms are then
+    the group's sums over its count (one all_reduce per BatchNorm, ``ops/batchnorm/sync.py``).
     """
     ops = _operands(tp, gx_mean, a, z)
     r, (z_batch, h_batch) = ops.r, batch_stats
@@ -149,13 +161,13 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     args = (ops, w1f, z_norm.scale, z_norm.shift)
     if h_batch:     # the batch-statistics terms need dy1's sums before dh
         h_sums = hidden_backward(*args, h_bn, w2f, dlogit, sums=True, write=False)[0]
-        h_bn[4:] = h_sums[:2] / count
+        h_bn[4:] = _terms(h_sums[:2], count, sync_group)
         _, dh, dgx_mean, dw1_pool = hidden_backward(*args, h_bn, w2f, dlogit, sums=False, write=True)
     else:
         h_sums, dh, dgx_mean, dw1_pool = hidden_backward(*args, h_bn, w2f, dlogit, sums=True, write=True)
     if z_batch:
         z_sums, dw1_rel, _ = relation_backward(ops, w1f, z_bn, dh, sums=True, write=False)
-        z_bn[4:] = z_sums / count
+        z_bn[4:] = _terms(z_sums, count, sync_group)
     a, tp = a.contiguous(), ops.tp
     da = tp.new_empty((ops.batch, r, ops.k2))
     dtp = torch.empty_like(tp)
@@ -163,7 +175,7 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     parts = []
     with torch.autocast(tp.device.type, enabled=False):        # the products stay float32
         for rows in batch_slices(ops.batch, 4 if dz_bytes >= DZ_SLICE_MIN_BYTES else 1):
-            part = _operands(tp[rows], gx_mean[rows], a[rows], z[rows] if z.numel() else z)
+            part = _operands(tp[rows], gx_mean[rows], a[rows], z[rows] if kept(z) else z)
             sums_part, dw1_part, dz = relation_backward(part, w1f, z_bn, dh[rows], sums=not z_batch, write=True)
             parts.append((sums_part, dw1_part))
             torch.bmm(dz, tp[rows].transpose(1, 2), out=da[rows])
@@ -175,32 +187,39 @@ def gate_logit_backward(dlogit: Tensor, tp: Tensor, gx_mean: Tensor, a: Tensor, 
     return da, dtp, dgx_mean, torch.cat([dw1_pool[:, None], dw1_rel], dim=1), sums
 
 
+def _terms(sums: Tensor, count: int, sync_group: str) -> Tensor:
+    """A BatchNorm's batch-statistics terms (c_b, c_g) from its sums (sum dy, sum dy v_hat) over ``count``
+    values: this rank's means, or the synchronised group's."""
+    return sync.group_means(sums, count, sync_group) if sync_group else sums / count
+
+
 @gate_logit_backward.register_fake
 def _(dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, *rest):
     new = lambda *shape: tp.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    hidden, r = w1.shape[0], (z.shape[1] if z.numel() else a.shape[1])
+    hidden, r = w1.shape[0], (z.shape[1] if kept(z) else a.shape[1])
     batch, k2, length = tp.shape
     return new(batch, r, k2), new(batch, k2, length), new(*gx_mean.shape), new(hidden, 1 + r), new(3, r + hidden)
 
 
 def _gate_logit_setup(ctx, inputs, output):
-    tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype = inputs
+    tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, sync_group = inputs
     ctx.save_for_backward(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm)
     ctx.batch_stats, ctx.compute_dtype, ctx.device_type = batch_stats, compute_dtype, tp.device.type
+    ctx.sync_group = sync_group
 
 
 def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, batch_stats, compute_dtype, dlogit,
-                     backward_kernels):
+                     backward_kernels, sync_group: str = ""):
     """The gradients of ``gate_logit`` from its inputs and the logit's gradient: (dtp, dgx_mean, dwg,
     dw1, dw2, d_bn_weight, d_bn_bias). The kernels for the attention network and the relation
     BatchNorm, and the products through Z = A tp (``gate_logit_backward``), then PyTorch through
     A = [W_in phi^T | W_out theta^T]: two batched matmuls into tp's gradient, two for W_in, W_out.
     ``backward_kernels``: what runs ``gate_logit_backward`` (its op, or its implementation:
-    ``registry.backward_op``)."""
-    if a.numel() == 0:
+    ``registry.backward_op``); ``sync_group``: as ``gate_logit_backward`` takes it."""
+    if not kept(a):
         raise RuntimeError("rga_triton::gate_logit: backward needs relation(for_backward=True)'s a")
     da, dtp, dgx_mean, dw1, sums = backward_kernels(
-        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats)
+        dlogit, tp, gx_mean, a, z, w1, w2, bn_weight, bn_bias, norm, batch_stats, sync_group)
     batch, k2, length = tp.shape
     k, r = k2 // 2, da.shape[1]
     wf = weight_matrix(wg, compute_dtype).float()
@@ -219,8 +238,8 @@ def gate_logit_grads(tp, gx_mean, wg, w1, w2, bn_weight, bn_bias, a, z, norm, ba
 @float32_backward
 def _gate_logit_backward(ctx, dlogit):
     return (*gate_logit_grads(*ctx.saved_tensors, ctx.batch_stats, ctx.compute_dtype, dlogit,
-                              backward_op(ctx, "gate_logit_backward")),
-            None, None, None, None, None)
+                              backward_op(ctx, "gate_logit_backward"), ctx.sync_group),
+            None, None, None, None, None, None)
 
 
 gate_logit.register_autograd(_gate_logit_backward, setup_context=_gate_logit_setup)

@@ -15,8 +15,8 @@ Read from the config:
   ``PRETRAIN`` / ``PRETRAIN_PATH`` (loaded by fast-reid before the blocks exist, so its files load
   without renaming; without a path it downloads its own ImageNet file for the depth, IBN and SE);
 - ``MODEL.BACKBONE.NORM``: ``"BN"`` or ``"syncBN"`` (the RGA blocks' BatchNorms are converted to
-  ``nn.SyncBatchNorm`` too, and synchronise their statistics on the torch path in multi-rank
-  training); other norms raise (the blocks' normalisation is BatchNorm);
+  ``nn.SyncBatchNorm`` too, and synchronise their statistics in multi-rank training, on the
+  Triton path as on the torch path); other norms raise (the blocks' normalisation is BatchNorm);
 - ``INPUT.SIZE_TRAIN`` (H, W): the input size the model trains at, which fixes the RGA blocks'
   ``in_spatial`` and so their weights' shapes (and the state_dict's);
 - ``INPUT.SIZE_TEST`` (H', W'): the input size it evaluates at. Where it differs from

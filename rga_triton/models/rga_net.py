@@ -6,14 +6,12 @@ The module tree and state_dict keys follow the authors' ``ResNet50_RGA_Model``
 :func:`rga_triton.load_checkpoint`; the ResNet-50 part of ``backbone`` has torchvision's
 ``resnet50`` keys, so ImageNet weights load with ``pretrained_backbone``.
 
-Distributed training: wrap the model in ``DistributedDataParallel`` as usual (tested with two
-CPU processes on gloo: parameters equal one process that runs each half batch and averages
-the gradients). As with ``nn.BatchNorm2d`` under DDP, every BatchNorm, the RGA blocks'
-included, normalises with its own replica's batch. ``nn.SyncBatchNorm.convert_sync_batchnorm``
-(CUDA only in PyTorch) also swaps the RGA blocks' BatchNorm submodules, and then the blocks
-synchronise too: in training with several ranks they run on the torch path, which
-all-reduces each BatchNorm's statistics as ``nn.SyncBatchNorm`` does (``backend="auto"``
-warns once; ``backend="triton"`` refuses, the kernels do not all-reduce).
+Distributed training: wrap the model in ``DistributedDataParallel`` or FSDP2's ``fully_shard`` as
+usual (``examples/train_distributed.py``, docs/distributed.md). As with ``nn.BatchNorm2d`` under
+DDP, every BatchNorm, the RGA blocks' included, normalises with its own replica's batch.
+``nn.SyncBatchNorm.convert_sync_batchnorm`` also swaps the RGA blocks' BatchNorm submodules, and
+then the blocks synchronise too, on the Triton path as on the torch path: one all_gather per
+BatchNorm group forward, one all_reduce backward (``ops/batchnorm/sync.py``).
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import rga_triton
+
 from helpers import allowance, grad_error, make_pair, rel_err, tolerance
 
 pytestmark = pytest.mark.needs_triton
@@ -36,6 +38,19 @@ def grad_out(batch: int) -> torch.Tensor:
     return torch.randn(batch, SHAPE["c"], SHAPE["h"], SHAPE["w"], generator=gen, dtype=torch.float64)
 
 
+def ddp_net(backend: str, dtype) -> nn.Module:
+    """A small model with an RGA block between a conv + BatchNorm and a classifier, the same weights each call."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         rga_triton.RGAModule(16, 8 * 4, cha_ratio=4, spa_ratio=2, down_ratio=2, backend=backend),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).to(dtype)
+
+
+def ddp_batch():
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(2 * WORLD, 3, 8, 4, generator=gen), torch.randint(0, 3, (2 * WORLD,), generator=gen)
+
+
 def snapshot(module) -> dict:
     """A copy of ``module``'s state (state_dict() holds the live buffers, which later calls move)."""
     return {k: v.clone() for k, v in module.state_dict().items()}
@@ -43,6 +58,7 @@ def snapshot(module) -> dict:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import rga_triton.dispatch as dispatch
 
@@ -80,6 +96,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 result["no_grad_state"] = snapshot(block)
                 result["eval_out"] = block.eval()(x_local.detach())
             results[case] = result
+        # DistributedDataParallel around a model whose block runs the kernels (plain BatchNorms: DDP refuses
+        # SyncBatchNorm modules on CPUs): the averaged gradients of one step
+        model = DDP(ddp_net("triton", torch.float32))
+        images, labels = ddp_batch()
+        mine = slice(2 * rank, 2 * rank + 2)
+        torch.nn.functional.cross_entropy(model(images[mine]), labels[mine]).backward()
+        results["ddp"] = {k: p.grad for k, p in model.module.named_parameters()}
     except Exception as err:                          # recorded for the test's message
         import traceback
         results = {"error": traceback.format_exc() + repr(err)}
@@ -179,3 +202,18 @@ def test_train_mode_without_a_gradient_and_eval(ranks):
             if "num_batches" not in k:
                 close(got["no_grad_state"][k], v, f"rank {rank} {k}")
         close(got["eval_out"], eval_out[rows], f"rank {rank} eval output")
+
+
+def test_ddp_around_the_kernels_averages_the_gradients_of_one_process(ranks):
+    """DDP with the block on the Triton path: each rank's gradients are the mean of the float64 torch path's
+    gradients on each half batch (what DDP computes, BatchNorms per replica)."""
+    images, labels = ddp_batch()
+    model = ddp_net("torch", torch.float64)
+    for rank in range(WORLD):
+        mine = slice(2 * rank, 2 * rank + 2)
+        (torch.nn.functional.cross_entropy(model(images[mine].double()), labels[mine]) / WORLD).backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    whole = torch.cat([g.flatten() for g in grads.values()])
+    for result in ranks:
+        for k, g in grads.items():
+            assert grad_error(result["ddp"][k], g, whole) <= tolerance(torch.float32), k

@@ -14,8 +14,10 @@ For ``RGAModule.forward(x)`` (and ``affinity``), in this order:
    group of several ranks synchronise on the Triton path too: each BatchNorm group's statistics
    are gathered over the group's ranks in forward (one ``all_gather``) and its backward terms
    summed (one ``all_reduce``), inside the ops (``ops/batchnorm/sync.py``), so eager calls and
-   torch.compile's graphs (which call the ops, opaque to it) both synchronise; the last
-   one-channel BatchNorm synchronises as the torch path does (``common/batchnorm.py``). A block
+   torch.compile's graphs (which call the ops, opaque to it) both synchronise. The last
+   one-channel BatchNorm gathers once too in eager mode (``sync.SyncedBatchNorm``); under
+   torch.compile it is the torch path's formula (``common/batchnorm.py``), whose count breaks the
+   graph (``fullgraph=True`` refuses a synchronised block; tested with two ranks). A block
    whose SyncBatchNorms span several process groups, or sit beside BatchNorms that normalise
    with the rank's batch alone, takes the torch path: ``"auto"`` warns once, ``"triton"`` raises.
 3. **ONNX export**: while ``torch.onnx.export`` traces (``common/tracing.exporting_to_onnx``),

@@ -96,6 +96,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 result["no_grad_state"] = snapshot(block)
                 result["eval_out"] = block.eval()(x_local.detach())
             results[case] = result
+        # torch.compile (aot_eager: dynamo and autograd tracing; inductor adds nothing to what synchronises)
+        _, block, x = pair(4, seed=11)
+        x_local = x[2 * rank:2 * rank + 2].float().requires_grad_(True)
+        out = torch.compile(block.train(), backend="aot_eager")(x_local)
+        out.backward(grad_out(4)[2 * rank:2 * rank + 2].float())
+        results["compiled"] = {"out": out.detach(), "grad:x": x_local.grad, "state": snapshot(block)}
         # DistributedDataParallel around a model whose block runs the kernels (plain BatchNorms: DDP refuses
         # SyncBatchNorm modules on CPUs): the averaged gradients of one step
         model = DDP(ddp_net("triton", torch.float32))
@@ -217,3 +223,19 @@ def test_ddp_around_the_kernels_averages_the_gradients_of_one_process(ranks):
     for result in ranks:
         for k, g in grads.items():
             assert grad_error(result["ddp"][k], g, whole) <= tolerance(torch.float32), k
+
+
+def test_compiled_block_synchronises(ranks):
+    """Under torch.compile the ops gather and reduce inside (opaque to the compiler); the last one-channel
+    BatchNorm's PyTorch formula synchronises too (a graph break at its count)."""
+    ref, _, x = pair(4, seed=11)
+    x = x.clone().requires_grad_(True)
+    out = ref.train()(x)
+    out.backward(grad_out(4))
+    for rank, result in enumerate(ranks):
+        rows = slice(2 * rank, 2 * rank + 2)
+        close(result["compiled"]["out"], out[rows], f"rank {rank} output")
+        close(result["compiled"]["grad:x"], x.grad[rows], f"rank {rank} grad x")
+        for k, v in ref.state_dict().items():
+            if "running" in k:
+                close(result["compiled"]["state"][k], v, f"rank {rank} {k}")

@@ -7,7 +7,6 @@ what it computed and which path ran, and the tests compare.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 
 import rga_triton
 
-from helpers import allowance, grad_error, make_pair, rel_err, tolerance
+from helpers import allowance, grad_error, leave_worker, make_pair, rel_err, spawn_ranks, tolerance
 
 pytestmark = pytest.mark.needs_triton
 
@@ -114,21 +113,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results = {"error": traceback.format_exc() + repr(err)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-    # gloo's threads sometimes abort the interpreter's finalisation (see test_ecosystem.py): skip it
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("syncbn")
-    mp.spawn(_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, out, WORLD)
     results = [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
     errors = [f"rank {rank}: {result['error']}" for rank, result in enumerate(results) if "error" in result]
     assert not errors, "\n".join(errors)

@@ -6,7 +6,6 @@ import argparse
 import copy
 import logging
 import os
-import sys
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import rga_triton
 from reference import RGA_Module
 from rga_triton import RGAModule
 
-from helpers import float32_tolerance, make_pair, rel_err
+from helpers import float32_tolerance, leave_worker, make_pair, rel_err, spawn_ranks
 from paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -395,23 +394,13 @@ def _ddp_worker(rank, init_file, out_dir):
         torch.save(result, os.path.join(out_dir, f"syncbn{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Every result is written. Skip interpreter finalisation: there, gloo's threads sometimes abort the
-    # process (SIGABRT, "terminate called without an active exception"; about 1 run in 20 on a 2-core
-    # CPU machine, after destroy_process_group returned). An exception above still reaches mp.spawn.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_ddp_worker, out, WORLD)
     return {name: torch.load(out / f"{name}.pt") for name in ("plain0", "plain1", "syncbn0", "syncbn1")}
 
 

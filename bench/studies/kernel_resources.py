@@ -21,6 +21,7 @@ The numbers are this Triton's and its ptxas's; a GPU machine's Triton may alloca
     python bench/studies/kernel_resources.py                      # sm_90, every kernel, CSV + per-kernel summary
     python bench/studies/kernel_resources.py --arch 80 --kernels _gate_logit_kernel --out /tmp/r.csv
     python bench/studies/kernel_resources.py --first --check      # first configs only; exit 1 on a spill
+    python bench/studies/kernel_resources.py --jobs 4             # four compiles at a time (about 800 rows)
 """
 from __future__ import annotations
 
@@ -140,12 +141,17 @@ def measure_one(name: str, variant: str, precision: str, constexprs: dict, warps
     return row
 
 
+def _measure_task(task: tuple) -> dict:
+    return measure_one(*task)
+
+
 def measure(names: list[str], arch: int, quiet: bool = False, first: bool = False,
-            precisions: list[str] | None = None, widest: bool = True) -> list[dict]:
+            precisions: list[str] | None = None, widest: bool = True, jobs: int = 1) -> list[dict]:
     """Rows for every (config, precision case) of each kernel; ``first``: the first config only (the one
-    pinned and interpreted launches use), at the usual constexprs and hidden width."""
+    pinned and interpreted launches use), at the usual constexprs and hidden width. ``jobs``: compiles run
+    in that many processes at once (rows in the same order)."""
     tool = ptxas(arch)
-    rows, start = [], time.perf_counter()
+    tasks = []
     for name in names:
         space_keys = set(compile_kernels.kernel(name)[1][0])
         cases = [p for p in precision_cases(name) if precisions is None or p in precisions]
@@ -159,14 +165,26 @@ def measure(names: list[str], arch: int, quiet: bool = False, first: bool = Fals
             settings = launch_settings(name, blocks)
             for precision in cases if "BLOCK_H=" not in variant else cases[:1]:
                 for warps, stages in settings[:1] if first else settings:
-                    row = measure_one(name, variant, precision, constexprs, warps, stages, arch, tool)
-                    rows.append(row)
-                    if not quiet:
-                        print(f"[{len(rows)}] {name} {row['variant']} {precision} w{warps} s{stages}: "
-                              + (f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, "
-                                 f"{row['shared_bytes']} B shared, {row['occupancy_warps']} warps/SM, "
-                                 f"{row['dot_instruction']}" if "error" not in row else row["error"])
-                              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+                    tasks.append((name, variant, precision, constexprs, warps, stages, arch, tool))
+    rows, start = [], time.perf_counter()
+    pool = None
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+    try:
+        for row in pool.map(_measure_task, tasks) if pool else map(_measure_task, tasks):
+            rows.append(row)
+            if not quiet:
+                print(f"[{len(rows)}/{len(tasks)}] {row['kernel']} {row['variant']} {row['precision']} "
+                      f"w{row['num_warps']} s{row['num_stages']}: "
+                      + (f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, "
+                         f"{row['shared_bytes']} B shared, {row['occupancy_warps']} warps/SM, "
+                         f"{row['dot_instruction']}" if "error" not in row else row["error"])
+                      + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    finally:
+        if pool:
+            pool.shutdown()
     return rows
 
 
@@ -198,6 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-widest", action="store_true",
                         help=f"skip the BLOCK_H={MAX_HIDDEN} (widest hidden layer) variants")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured config spills")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes at once (default 1)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] or None
@@ -208,7 +227,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    rows = measure(names, args.arch, args.quiet, args.first, precisions, widest=not args.no_widest)
+    rows = measure(names, args.arch, args.quiet, args.first, precisions, widest=not args.no_widest,
+                   jobs=args.jobs)
     import triton
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    f"kernel_resources_sm{args.arch}_triton{triton.__version__}.csv")

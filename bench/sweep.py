@@ -19,9 +19,10 @@ Implementations (same inputs, same parameters: one state_dict loaded into each):
 
 Every timed row is preceded by a correctness check against the reference run in float64
 on the same inputs (output, and grad of x in train mode). On a CPU the implementations of a case
-are timed interleaved and each speed-up is the median of paired ratios; a row whose median stays
-uncertain (its 95 % confidence interval spans more than 1.5x) is marked noisy and left out of the
-headline means. Results go to
+are timed interleaved and each speed-up is the median of paired ratios, less the rounds a load
+spike hit; a row whose median stays uncertain (its 95 % confidence interval spans more than 1.5x,
+it rests on fewer than 6 unspiked rounds, or their ratios' middle half spans more than 2x) is marked
+noisy and left out of the headline means. Results go to
 bench/results/<device>/ (sweep.csv, PNG plots, summary.md, errors.log if anything failed).
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "until the ratios settle, up to --case-budget")
     p.add_argument("--case-budget", type=float, default=timing.CASE_BUDGET_S, metavar="SECONDS",
                    help="CPU: seconds of interleaved rounds per implementation and case before an unsettled row "
-                        f"is left noisy (default {timing.CASE_BUDGET_S:g}; at least {timing.MIN_RUNS} rounds)")
+                        f"is left noisy (default {timing.CASE_BUDGET_S:g}; at least {timing.MIN_RUNS} rounds; a "
+                        f"case that would leave a row noisy goes on, up to {timing.BUDGET_STRETCH:g}x it)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU: torch.set_num_threads(N) for every implementation (default: PyTorch's own, one per "
                         "core or OMP_NUM_THREADS). On a busy machine 1 steadies the times and ratios (a single "
@@ -371,6 +373,9 @@ class Sweep:
                    ci_low=t.ci_low, ci_high=t.ci_high, noisy=t.noisy, status="ok")
         if t.ratio_median is not None:
             row.update(speedup_vs_reference=t.ratio_median, speedup_p20=t.ratio_p20, speedup_p80=t.ratio_p80)
+        if t.pairs is not None and t.pairs < t.runs:
+            row["note"] = "; ".join(filter(None, [row.get("note"), f"ratio from {t.pairs} of {t.runs} rounds, "
+                                                  "the others hit by a load spike"]))
         seconds = t.median_ms * 1e-3
         row["tflops"] = row["flops"] / seconds / 1e12
         row["gbps"] = row["min_bytes"] / seconds / 1e9
@@ -547,7 +552,7 @@ class Sweep:
             if row["correct"] is False:
                 text += f" WRONG (rel err {row['rel_err']:.2e}"
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"
-            if row.get("graphs_skipped"):
+            if row.get("graphs_skipped") or "load spike" in (row.get("note") or ""):
                 text += f" [{row['note']}]"
         elif row["status"] == "interpreted":
             verdict = {True: "correct", False: "WRONG", None: "not checked"}[row["correct"]]

@@ -129,7 +129,9 @@ def write_summary(csv_path: str, md_path: str) -> str:
         if noisy:
             lines.append(f"Noisy rows: {len(noisy)} (`(noisy)`: the 95 % confidence interval of the row's median "
                          "paired ratio, or of its median time where it has none (`ci_low`, `ci_high`), still spanned "
-                         "more than 1.5x when its time budget ran out; left out of the headline means).\n")
+                         "more than 1.5x when its time budget ran out, or its ratio rests on fewer than 6 rounds "
+                         "that no load spike hit, or the middle half of those rounds' ratios spans more than 2x; "
+                         "left out of the headline means).\n")
         if counts["interpreted"]:
             lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, it is not "
                          "timed and is left out of every ratio.\n")
@@ -178,9 +180,11 @@ def write_summary(csv_path: str, md_path: str) -> str:
                      "the GPU hides that. `(no graphs)`: torch.compile skipped CUDA graphs in this graphed row "
                      "(its `note` says why), so it timed the compiled step without them. `(vs wrong)`: a ratio "
                      "against a baseline that failed its correctness check. On a CPU, `vs reference` is the median of "
-                     "ratios paired round by round (interleaved timing), with the 20th-80th percentile of the "
-                     "single-round ratios in brackets; `(noisy)`: the median's 95 % confidence interval still spanned "
-                     "more than 1.5x, the ratio is not to be trusted.\n")
+                     "ratios paired round by round (interleaved timing; rounds a load spike hit, whose pair time is "
+                     "over twice the median, left out), with the 20th-80th percentile of the kept single-round "
+                     "ratios in brackets; `(noisy)`: the median's 95 % confidence interval still spanned more than "
+                     "1.5x, fewer than 6 rounds were kept, or their ratios' middle half spans more than 2x: the "
+                     "ratio is not to be trusted.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")

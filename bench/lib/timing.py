@@ -7,12 +7,14 @@ DO_BENCH_MAX_MS, CUDA events around each call.
 CPU: ``time.perf_counter``; peak memory from the live tensors (``live_memory.py``). The
 implementations of one case are timed interleaved (:func:`interleaved`): one call of each per
 round, so every implementation sees the same load, and each speed-up is the median of the
-per-round ratios, not a ratio of two medians taken minutes apart on a machine whose load moved.
+per-round ratios (less the rounds a load spike hit), not a ratio of two medians taken minutes
+apart on a machine whose load moved.
 """
 from __future__ import annotations
 
 import gc
 import inspect
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,14 +32,26 @@ MIN_RUNS = 3
 DO_BENCH_MAX_MS = 100.0
 
 
-# Interleaved CPU timing: rounds stop early once the 95 % confidence interval of every median
-# (ratio, or time without one) spans at most SETTLED_SPREAD (high / low); one still wider than
-# NOISY_SPREAD when the case's budget runs out marks its row noisy. Without samples (do_bench on
-# a GPU) the row's p80 / p20 stands in for the interval.
+# Interleaved CPU timing: each implementation's ratio comes from its rounds paired with the
+# baseline's, less the pairs a load spike hit (pair time above SPIKE_FACTOR x the median pair
+# time). Rounds stop early once the 95 % confidence interval of every median ratio (or time,
+# without one) spans at most SETTLED_SPREAD (high / low); one still wider than NOISY_SPREAD when
+# the case's budget runs out, or one left with fewer than MIN_PAIRS pairs (too few for a 95 %
+# interval), marks its row noisy. Without samples (do_bench on a GPU) the row's p80 / p20 stands in
+# for the interval.
 SETTLED_SPREAD = 1.1
 NOISY_SPREAD = 1.5
+SPIKE_FACTOR = 2.0
+MIN_PAIRS = 6
+# ...and a row whose kept pair ratios' middle half (p75 / p25) spans more than PAIRS_SPREAD is noisy
+# however narrow its median's interval: its pairs disagree (a ratio with two values, or load that
+# no spike filter removes), so the median depends on their mix, not on the code alone.
+PAIRS_SPREAD = 2.0
 CASE_BUDGET_S = BUDGET_S
 """Seconds of interleaved rounds per timed implementation of a case (3 implementations: 9 s)."""
+BUDGET_STRETCH = 4.0
+"""A case that would leave a row noisy when its budget ends (a busy machine: too few pairs, or too
+wide an interval or middle half) goes on until none would, up to this many times its budget."""
 
 
 @dataclass
@@ -54,6 +68,10 @@ class Timing:
     ci_low: float | None = None
     ci_high: float | None = None
     noisy: bool | None = None
+    # Paired timing only: the rounds the ratio comes from (``runs`` less those a load spike hit), and
+    # the p75 / p25 of their ratios.
+    pairs: int | None = None
+    pairs_spread: float | None = None
 
 
 def spread(p20: float | None, p80: float | None) -> float | None:
@@ -63,18 +81,54 @@ def spread(p20: float | None, p80: float | None) -> float | None:
 
 def median_ci(values: Sequence[float]) -> tuple[float, float]:
     """95 % confidence interval of the median of ``values`` (order statistics, no assumption on the
-    distribution): the sorted values at ranks n/2 -+ 0.98 sqrt(n). Narrows as runs accumulate, however
-    wide the spread of single runs on a busy machine."""
+    distribution): the sorted values a[k] and a[n-1-k] for the largest k whose interval holds the median
+    with probability 1 - 2 P(Binomial(n, 1/2) <= k) >= 95 %. Narrows as runs accumulate, however wide the
+    spread of single runs on a busy machine. Under 6 values no interval reaches 95 %: (min, max)."""
     a = sorted(values)
     n = len(a)
-    k = max(0, int((n - 1.96 * n ** 0.5) / 2))
+    k, tail = 0, 0.0
+    for j in range(n // 2):
+        tail += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) - n * math.log(2))
+        if 1 - 2 * tail < 0.95:
+            break
+        k = j
     return a[k], a[n - 1 - k]
+
+
+def paired_ratios(base_ms: Sequence[float], ms: Sequence[float]) -> list[float]:
+    """The baseline's time over the step's, round by round, less the rounds a load spike hit: those whose
+    pair time (baseline + step) exceeds SPIKE_FACTOR x the median pair time. A paired ratio is about the
+    code, so a pair the machine stalled says nothing about it; a spike that hits most rounds is no spike,
+    and its rounds stay (the median pair is then a hit one)."""
+    totals = [b + t for b, t in zip(base_ms, ms)]
+    if not totals:
+        return []
+    limit = SPIKE_FACTOR * float(np.median(totals))
+    return [b / t for b, t, total in zip(base_ms, ms, totals) if t > 0 and total <= limit]
+
+
+def quartile_spread(values: Sequence[float]) -> float:
+    """p75 / p25 of positive ``values``: how far the middle half of the pairs' ratios spreads."""
+    return float(np.percentile(values, 75) / np.percentile(values, 25))
+
+
+def log_ratio_ci(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """(median, low, high) of ``ratios``: the median and its 95 % interval (:func:`median_ci`), taken on
+    log-ratios (the same order statistics; logs make x2 and x0.5 equally far from x1)."""
+    logs = [math.log(r) for r in ratios]
+    low, high = median_ci(logs)
+    return math.exp(float(np.median(logs))), math.exp(low), math.exp(high)
 
 
 def is_noisy(t: Timing) -> bool:
     """A row whose median stayed uncertain: the confidence interval of its paired ratio's (or time's) median
-    spans more than NOISY_SPREAD (the ratio is known to no better than about +-20 %); without samples, its
-    p80 / p20 does."""
+    spans more than NOISY_SPREAD (the ratio is known to no better than about +-20 %), or its ratio rests on
+    fewer than MIN_PAIRS unspiked pairs (too few for a 95 % interval), or the middle half of those pairs'
+    ratios spans more than PAIRS_SPREAD; without samples, its p80 / p20 decides."""
+    if t.pairs is not None and t.pairs < MIN_PAIRS:
+        return True
+    if t.pairs_spread is not None and t.pairs_spread > PAIRS_SPREAD:
+        return True
     s = spread(t.ci_low, t.ci_high) if t.ci_low is not None else spread(t.p20_ms, t.p80_ms)
     return s is not None and s > NOISY_SPREAD
 
@@ -138,11 +192,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeat: int,
     return _summary(times)
 
 
-def _percentiles(values: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80))
-
-
 def interleaved(steps: dict[str, tuple[Callable[[], object], Sequence[torch.Tensor] | None]],
                 baseline: str | None, min_rounds: int, budget_s: float, max_rounds: int = 1000,
                 clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, Timing], dict[str, BaseException]]:
@@ -150,13 +199,15 @@ def interleaved(steps: dict[str, tuple[Callable[[], object], Sequence[torch.Tens
 
     One untimed call of each, then rounds of one timed call of each, in forward order and
     reversed order on alternate rounds (no step always runs right after the same one). Each
-    round gives every step a ratio: the ``baseline``'s time in that round over the step's. Rounds
-    go on until at least ``min_rounds`` (and MIN_RUNS) are done and the confidence interval of every
-    median ratio spans at most SETTLED_SPREAD, or until ``budget_s`` seconds have passed (never under
-    MIN_RUNS rounds), or ``max_rounds``. Without a baseline (or for the baseline itself) the interval
-    of the median time decides. Returns ({name: Timing with the ratio's median, p20, p80, interval
-    and ``noisy``},
-    {name: exception} for steps that raised; those leave the rotation).
+    round pairs every step with the ``baseline``; its ratio is the median of the baseline's time over
+    the step's in the pairs no load spike hit (:func:`paired_ratios`), with its 95 % interval
+    (:func:`log_ratio_ci`). Rounds go on until at least ``min_rounds`` (and MIN_RUNS) are done and every
+    ratio rests on MIN_PAIRS pairs with an interval spanning at most SETTLED_SPREAD, or until
+    ``budget_s`` seconds have passed (never under MIN_RUNS rounds; while a row would be noisy, rounds
+    go on up to BUDGET_STRETCH x ``budget_s``), or ``max_rounds``. Without a baseline (or for the
+    baseline itself) the interval of the median time decides. Returns ({name: Timing with the ratio's
+    median, p20, p80, interval, pairs and ``noisy``}, {name: exception} for steps that raised; those
+    leave the rotation).
     """
     names = list(steps)
     errors: dict[str, BaseException] = {}
@@ -176,17 +227,35 @@ def interleaved(steps: dict[str, tuple[Callable[[], object], Sequence[torch.Tens
 
     for name in list(names):      # warm-up
         call(name)
-    ratios: dict[str, list[float]] = {n: [] for n in names if n != baseline}
+    # name -> the rounds both it and the baseline ran: (baseline ms, its ms)
+    pairs: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names if n != baseline}
 
-    def spreads() -> list[float]:
-        out = []
+    def ratios(name: str) -> list[float]:
+        return paired_ratios(*pairs[name])
+
+    def settled() -> bool:
         paired = baseline in names and len(names) > 1
         for n in names:
             if paired and n == baseline:
                 continue          # its times carry the load; the pairs cancel it
-            values = ratios[n] if paired else times[n]
-            out.append(spread(*median_ci(values)) or 1.0)
-        return out
+            values = ratios(n) if paired else times[n]
+            if paired and (len(values) < MIN_PAIRS or quartile_spread(values) > PAIRS_SPREAD):
+                return False
+            if values and (spread(*median_ci(values)) or 1.0) > SETTLED_SPREAD:
+                return False
+        return True
+
+    def decided() -> bool:
+        """No row would be noisy now: the budget may end the rounds without a stretch."""
+        if baseline not in names:
+            return True
+        for n in names:
+            if n != baseline:
+                values = ratios(n)
+                if len(values) < MIN_PAIRS or (spread(*median_ci(values)) or 1.0) > NOISY_SPREAD \
+                        or quartile_spread(values) > PAIRS_SPREAD:
+                    return False
+        return True
 
     start, rounds = clock(), 0
     while names and rounds < max_rounds:
@@ -200,20 +269,25 @@ def interleaved(steps: dict[str, tuple[Callable[[], object], Sequence[torch.Tens
         rounds += 1
         if baseline in this:
             for n, ms in this.items():
-                if n != baseline and ms > 0:
-                    ratios[n].append(this[baseline] / ms)
-        if rounds >= max(min_rounds, MIN_RUNS) and max(spreads(), default=1.0) <= SETTLED_SPREAD:
+                if n != baseline:
+                    pairs[n][0].append(this[baseline])
+                    pairs[n][1].append(ms)
+        if rounds >= max(min_rounds, MIN_RUNS) and settled():
             break
-        if rounds >= MIN_RUNS and clock() - start > budget_s:
+        elapsed = clock() - start
+        if rounds >= MIN_RUNS and elapsed > budget_s and (decided() or elapsed > BUDGET_STRETCH * budget_s):
             break
     out = {}
     for n in list(times):
         if not times[n]:
             continue
         t = _summary(times[n])
-        if ratios.get(n):
-            t.ratio_median, t.ratio_p20, t.ratio_p80 = _percentiles(ratios[n])
-            t.ci_low, t.ci_high = median_ci(ratios[n])
+        kept = ratios(n) if n in pairs else []
+        if kept:
+            t.ratio_median, t.ci_low, t.ci_high = log_ratio_ci(kept)
+            t.ratio_p20, t.ratio_p80 = (float(np.percentile(kept, q)) for q in (20, 80))
+            t.pairs = len(kept)
+            t.pairs_spread = quartile_spread(kept)
         t.noisy = is_noisy(t)
         out[n] = t
     return out, errors

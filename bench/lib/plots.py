@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 from bench.lib.rows import ORDER, impls_in, load_rows, megabytes  # noqa: E402,F401  (load_rows: part of this module's API)
 
@@ -305,34 +305,45 @@ def plot_roofline(mode, dtype, rows, out_dir) -> str | None:
 
 
 def plot_time_vs_n(mode, dtype, branch, batch, rows, out_dir) -> str | None:
-    """Median time vs N = H x W, one panel per channel count C (RGA-Net stage), one line per impl."""
+    """Median time vs N = H x W, one panel per channel count C (RGA-Net stage), one line per impl.
+    The x ticks are the panel's N values; the title explains only the marks drawn."""
     channels = sorted({r["C"] for r in rows})
     cols = min(2, len(channels))
     nrows = math.ceil(len(channels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=FIGSIZE, squeeze=False)
+    drawn = set()       # which marks the figure holds: "wrong", "noisy", "oom"
     for ax, c in zip(axes.flat, channels):
         part = [r for r in rows if r["C"] == c]
         for impl in impls_in(part):
             for r in (r for r in part if r["impl"] == impl and r["status"] == "oom"):
                 ax.annotate("OOM", xy=(r["N"], 0.03), xycoords=("data", "axes fraction"), color=COLORS.get(impl),
                             fontsize=7, ha="center", fontweight="bold")
+                drawn.add("oom")
             pts = sorted((r for r in part if r["impl"] == impl and r["status"] == "ok"), key=lambda r: r["N"])
             if not pts:
                 continue
             ax.plot([r["N"] for r in pts], [r["time_ms_median"] for r in pts], "-", color=COLORS.get(impl),
                     label=impl, linewidth=1.2)
             for r in pts:
+                wrong = r["correct"] is False
+                drawn.update(k for k, on in (("wrong", wrong), ("noisy", r.get("noisy"))) if on)
                 ax.errorbar(r["N"], r["time_ms_median"],
                             yerr=[[r["time_ms_median"] - (r["time_ms_p20"] or r["time_ms_median"])],
                                   [(r["time_ms_p80"] or r["time_ms_median"]) - r["time_ms_median"]]],
                             marker=MARKERS.get(impl, "o"), color=COLORS.get(impl),
-                            mfc=COLORS.get(impl) if r["correct"] is not False else "none", capsize=2)
+                            mfc="none" if wrong else COLORS.get(impl), capsize=2,
+                            alpha=0.35 if r.get("noisy") else 1.0)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ok = [r for r in part if r["status"] == "ok"]
         if ok:
-            _plain_log_labels(ax.xaxis, min(r["N"] for r in ok), max(r["N"] for r in ok))
             _plain_log_labels(ax.yaxis, min(r["time_ms_median"] for r in ok), max(r["time_ms_median"] for r in ok))
+        # a tick at every N measured (a log axis's own ticks can miss all of them)
+        ns = sorted({r["N"] for r in part if r["status"] in ("ok", "oom")})
+        ax.set_xticks(ns, [f"{n:g}" for n in ns])
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(ns) == 1:
+            ax.set_xlim(ns[0] / 1.5, ns[0] * 1.5)
         ax.set_title(f"C = {c}", fontsize=10)
         ax.set_xlabel("N = H x W (positions)")
         ax.set_ylabel("median time (ms)")
@@ -340,8 +351,11 @@ def plot_time_vs_n(mode, dtype, branch, batch, rows, out_dir) -> str | None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(channels):]:
         ax.set_axis_off()
-    fig.suptitle(f"RGA time vs resolution: {branch}, {mode}, {dtype}, batch {batch} "
-                 f"(bars: 20th-80th percentile; hollow: failed correctness)", fontsize=11)
+    marks = ["bars: 20th-80th percentile"] + [text for key, text in (
+        ("wrong", "hollow: failed correctness"), ("noisy", "pale: noisy"), ("oom", "OOM: out of memory"))
+        if key in drawn]
+    fig.suptitle(f"RGA time vs resolution: {branch}, {mode}, {dtype}, batch {batch} ({'; '.join(marks)})",
+                 fontsize=11)
     return _save(fig, out_dir, f"time_vs_n_{mode}_{dtype}.png")
 
 

@@ -632,3 +632,21 @@ def test_a_skip_reason_is_printed_once(capsys):
         sweep.Sweep.progress(stub, row, case, 1, 3, time.perf_counter())
     out = capsys.readouterr().out
     assert out.count(reason) == 1 and out.count("skipped (as above)") == 2 and "((" not in out
+
+
+def test_time_vs_n_ticks_its_data_and_explains_only_the_marks_drawn(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out_dir, name: figures.append(fig) or name)
+
+    def row(impl, n, correct=True, noisy=False):
+        return {"impl": impl, "C": 64, "N": n, "status": "ok", "correct": correct, "noisy": noisy,
+                "time_ms_median": n / 100, "time_ms_p20": n / 110, "time_ms_p80": n / 90}
+    rows = [row(impl, n) for impl in ("reference", "torch") for n in (128, 512)]
+    plots.plot_time_vs_n("eval", "float32", "RGA-SC", 2, rows, str(tmp_path))
+    ax, title = figures[-1].axes[0], figures[-1]._suptitle.get_text()
+    assert list(ax.get_xticks()) == [128, 512] and [t.get_text() for t in ax.get_xticklabels()] == ["128", "512"]
+    assert "20th-80th" in title and "hollow" not in title and "noisy" not in title
+    rows[-1] = row("torch", 512, correct=False, noisy=True)     # now a hollow and a pale marker are drawn
+    plots.plot_time_vs_n("eval", "float32", "RGA-SC", 2, rows, str(tmp_path))
+    title = figures[-1]._suptitle.get_text()
+    assert "hollow: failed correctness" in title and "pale: noisy" in title and "OOM" not in title

@@ -231,11 +231,17 @@ def report(name: str, dev: dict) -> str:
 # ---- the tests -------------------------------------------------------------------------------------------
 
 def test_training_learns(runs, stream):
-    """The setting is a real training run: retrieval after training beats the initial weights' (mAP)."""
+    """The setting is a real training run: the loss falls, and retrieval along training beats the initial
+    weights' (mAP, averaged over the snapshots from step 5 on). One snapshot alone is no evidence: with
+    four queries its mAP moves by a query's worth from one step to the next, and which way differs between
+    CPUs (the float64 truth's rounding, and so its chaotic path, depends on the machine's kernels; one
+    run here read 0.60 at step 1, 0.82 at step 20 and 0.54 at step 30)."""
     _, _, split = stream
-    before = metrics(probe_for(split)(runs["model"]), split)
-    after = metrics(runs["truth"]["snapshots"][STEPS]["probe"], split)
-    assert after[1] > before[1], (before, after)
+    truth = runs["truth"]
+    before = metrics(probe_for(split)(runs["model"]), split)[1]
+    along = [metrics(truth["snapshots"][step]["probe"], split)[1] for step in SNAPSHOTS if step >= 5]
+    assert sum(along) / len(along) > before, (before, along)
+    assert sum(truth["losses"][-10:]) / 10 < truth["losses"][0], truth["losses"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

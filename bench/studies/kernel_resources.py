@@ -22,6 +22,7 @@ The numbers are this Triton's and its ptxas's; a GPU machine's Triton may alloca
     python bench/studies/kernel_resources.py --arch 80 --kernels _gate_logit_kernel --out /tmp/r.csv
     python bench/studies/kernel_resources.py --first --check      # first configs only; exit 1 on a spill
     python bench/studies/kernel_resources.py --jobs 4             # four compiles at a time (about 800 rows)
+    python bench/studies/kernel_resources.py --summary bench/results/kernel_resources_sm90_triton3.9.0.csv
 """
 from __future__ import annotations
 
@@ -188,19 +189,45 @@ def measure(names: list[str], arch: int, quiet: bool = False, first: bool = Fals
     return rows
 
 
+def tile_size(row: dict) -> int:
+    """Elements of one program's block sizes multiplied: the work of one step of its inner loop."""
+    size = 1
+    for part in row["blocks"].split():
+        size *= int(part.split("=")[1])
+    return size
+
+
+def best_spill_free(rows: list[dict]) -> dict | None:
+    """The spill-free row a GPU is likeliest to pick, as far as registers tell: the largest tile, then wgmma
+    over mma, then more resident warps, then fewer registers. Only a GPU's timing decides."""
+    free = [r for r in rows if not r.get("error") and int(r["spill_store_bytes"]) == 0]
+    return max(free, key=lambda r: (tile_size(r), r["dot_instruction"] == "wgmma", int(r["occupancy_warps"]),
+                                    -int(r["registers"])), default=None)
+
+
 def summary(rows: list[dict]) -> list[str]:
-    """Per kernel and precision case: configs that spill nothing, the worst spill, and the first config
-    (the one a pinned launch takes): its registers, spill, occupancy and dot instruction."""
+    """Per kernel and precision case (the widest hidden layer apart): configs that spill nothing, the worst
+    spill, the first config (the one a pinned launch takes) and the best spill-free one
+    (:func:`best_spill_free`): blocks, warps, stages, registers, warps/SM and dot instruction. Rows may come
+    from :func:`measure` or from a CSV it wrote."""
     lines = ["| kernel | precision | configs spilling nothing | most spilled (B) | first config: registers, "
-             "spilled (B), warps/SM, dot |", "|---|---|---|---|---|"]
+             "spilled (B), warps/SM, dot | best spill-free: blocks, warps, stages, registers, warps/SM, dot |",
+             "|---|---|---|---|---|---|"]
+
+    def case(r):
+        return r["precision"] + (f", BLOCK_H={MAX_HIDDEN}" if "BLOCK_H=" in r["variant"] else "")
+
     for name in dict.fromkeys(r["kernel"] for r in rows):
-        for precision in dict.fromkeys(r["precision"] for r in rows if r["kernel"] == name):
-            mine = [r for r in rows if r["kernel"] == name and r["precision"] == precision and "error" not in r]
-            free = sum(r["spill_store_bytes"] == 0 for r in mine)
-            worst = max((r["spill_store_bytes"] for r in mine), default=0)
+        for label in dict.fromkeys(case(r) for r in rows if r["kernel"] == name):
+            mine = [r for r in rows if r["kernel"] == name and case(r) == label and not r.get("error")]
+            free = sum(int(r["spill_store_bytes"]) == 0 for r in mine)
+            worst = max((int(r["spill_store_bytes"]) for r in mine), default=0)
             first = (f"{mine[0]['registers']}, {mine[0]['spill_store_bytes']}, {mine[0]['occupancy_warps']}, "
                      f"{mine[0]['dot_instruction']}" if mine else "-")
-            lines.append(f"| {name} | {precision} | {free} / {len(mine)} | {worst} | {first} |")
+            best = best_spill_free(mine)
+            best = (f"{best['blocks']}, {best['num_warps']}, {best['num_stages']}, {best['registers']}, "
+                    f"{best['occupancy_warps']}, {best['dot_instruction']}" if best else "-")
+            lines.append(f"| {name} | {label} | {free} / {len(mine)} | {worst} | {first} | {best} |")
     return lines
 
 
@@ -217,8 +244,14 @@ def main(argv=None) -> int:
                         help=f"skip the BLOCK_H={MAX_HIDDEN} (widest hidden layer) variants")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured config spills")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes at once (default 1)")
+    parser.add_argument("--summary", metavar="CSV", default=None,
+                        help="print the summary of a CSV this study wrote, compiling nothing")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.summary:
+        with open(args.summary, newline="") as f:
+            print("\n".join(summary(list(csv.DictReader(f)))))
+        return 0
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] or None
     if precisions and set(precisions) - set(PRECISIONS):
         parser.error(f"--precisions: choose from {', '.join(PRECISIONS)}")

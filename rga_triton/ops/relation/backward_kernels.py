@@ -46,10 +46,13 @@ whatever the batch and resolution, and GROUPS times the R blocks keeps a GPU bus
 
 
 # First (pinned) config: 16 x 32 x 32 at 8 warps, the one that spills nothing on sm_90 and sm_80 with room to
-# spare (225 / 230 registers); 32 x 32 x 64 at 4 warps spilled 476 B (docs/tuning.md).
-_HIDDEN_SPACE = [dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
-                 dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128),
-                 dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32)]
+# spare (225 / 230 registers); 32 x 32 x 64 at 4 warps spilled 476 B (docs/tuning.md). Beside h and the Z tile
+# this kernel holds dh, the BatchNorm rows and four sums: 32 x 32 x 64, 64 x 32 x 64 and 32 x 64 x 128 spilled in
+# every num_warps x num_stages on sm_90 (16 to 4208 B, 3xTF32), so the other tiles take A 16 columns at a time.
+# 64-row tiles (whose Z product lowers to wgmma) fit only at 32 positions: 64 x 16 x 64 spilled 24 B at 8 warps.
+_HIDDEN_SPACE = [dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=64),
+                 dict(BLOCK_R=16, BLOCK_K=16, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=32),
+                 dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=32)]
 
 
 @tuned(_HIDDEN_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"], warps=(8, 4))
@@ -107,13 +110,16 @@ def _hidden_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_p
         tl.store(pool_ptr + offs_h * n_cols + col, sum_pool, mask=h_mask)
 
 
-# The last, small config fits the 99 KiB of shared memory per block of sm_86/sm_89 (RTX 30xx/40xx,
-# A10, L4, L40) at BLOCK_H=128 with Z in memory (51 KiB under Triton 3.6), where the others all need
-# 104 KiB or more.
-# First (pinned) config: 16 x 32 x 32 at 8 warps, the only tile that spills nothing on sm_90 (docs/tuning.md).
-@tuned([dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
-        dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128),
-        dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32)],
+# First (pinned) config: 16 x 32 x 32 at 8 warps, which spills nothing on sm_90 (docs/tuning.md). Every tile
+# takes 32 positions at a time: beside the Z tile and its 3xTF32 halves it holds dh (BLOCK_H x BLOCK_L), W1's
+# columns, dW1's accumulator and the BatchNorm rows, and every BLOCK_L=64 or 128 tile spilled on sm_90, in every
+# num_warps x num_stages (60 to 3724 B, 3xTF32). 64 x 16 x 32 lowers Z's product to wgmma without spilling.
+# At BLOCK_H=128 with Z in memory, the 16- and 32-row tiles fit the 99 KiB of shared memory per block of
+# sm_86/sm_89 (RTX 30xx/40xx, A10, L4, L40; 50 to 72 KiB under Triton 3.9), the 64- and 128-row ones (104 and
+# 176 KiB) only sm_80/sm_90: the tuner's pruning drops them where they do not fit (docs/tuning.md).
+@tuned([dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=32),
+        dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=32),
+        dict(BLOCK_R=128, BLOCK_K=16, BLOCK_L=32)],
        key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "SUMS", "WRITE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_backward_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_bn_ptr, dh_ptr, dz_ptr, sums_ptr, dw1_ptr,

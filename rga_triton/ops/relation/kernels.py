@@ -74,12 +74,13 @@ def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constex
 
 # It holds three accumulators (two G tiles and Z), each a 3xTF32 product: every config spilled at 4 warps.
 # First (pinned) config: 64 x 64 outputs, G taken 16 columns and 16 channels at a time, at 8 warps: no spill on
-# sm_90 or sm_80, and its products lower to wgmma on sm_90 (docs/tuning.md). 32 x 32 x 32 x 16 is the
-# fallback with an M tile under 64 (mma.sync), also spill-free at 8 warps.
-@tuned([dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=16, BLOCK_K=16), dict(BLOCK_R=32, BLOCK_L=32, BLOCK_C=32, BLOCK_K=16),
-        dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=16, BLOCK_K=32),
-        dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=32, BLOCK_K=32), dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=64, BLOCK_K=32),
-        dict(BLOCK_R=32, BLOCK_L=128, BLOCK_C=32, BLOCK_K=32)],
+# sm_90 or sm_80, and its products lower to wgmma on sm_90 (docs/tuning.md). Every tile takes G 16 x 16 at a
+# time: with 32 channels (BLOCK_K) or 32 columns (BLOCK_C) the operands' TF32 halves of the same outputs spilled
+# at 4 warps, or at 3 stages, or everywhere (64 x 64 x 64 x 32: 716 B at 8 warps). 64 x 128 and 128 x 64 are the
+# widest tiles that fit at 8 warps (2 stages); 32-row tiles are the mma.sync fallback.
+@tuned([dict(BLOCK_R=64, BLOCK_L=64, BLOCK_C=16, BLOCK_K=16), dict(BLOCK_R=32, BLOCK_L=32, BLOCK_C=16, BLOCK_K=16),
+        dict(BLOCK_R=32, BLOCK_L=64, BLOCK_C=16, BLOCK_K=16), dict(BLOCK_R=64, BLOCK_L=32, BLOCK_C=16, BLOCK_K=16),
+        dict(BLOCK_R=64, BLOCK_L=128, BLOCK_C=16, BLOCK_K=16), dict(BLOCK_R=128, BLOCK_L=64, BLOCK_C=16, BLOCK_K=16)],
        key=["R", "K", "L", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_z_tiled_kernel(tp_ptr, wg_ptr, z_ptr, R, K, L, DOT_PRECISION: tl.constexpr,
@@ -173,6 +174,12 @@ def _hidden_tile(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean
 _GATE_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
                dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
                dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64)]
+# The hidden statistics hold h (BLOCK_H x BLOCK_L) beside the Z tile and its 3xTF32 operand halves: _GATE_SPACE's
+# 64 x 32 x 64 and 32 x 64 x 128 spilled in every num_warps x num_stages on sm_90 (52 to 3688 B). Here they give way
+# to tiles taking A 16 columns at a time (32 x 16 x 64, and 64 x 16 x 32, which lowers to wgmma) and 16 x 32 x 64.
+_HIDDEN_STATS_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=64),
+                       dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
+                       dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=32)]
 
 
 # warps=(8, 4): the first config at 8 warps, under the register file's limit (docs/tuning.md)
@@ -199,7 +206,7 @@ def _z_stats_kernel(a_ptr, tp_ptr, z_ptr, stats_ptr, R, K2, L, n_cols,
     store_partials(stats_ptr, offs_r, r_mask, R, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@tuned(_GATE_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "DOT_PRECISION"], warps=(8, 4))
+@tuned(_HIDDEN_STATS_SPACE, key=["R", "K2", "L", "HIDDEN", "Z_IN_MEMORY", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _hidden_stats_kernel(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean_ptr, stats_ptr,
                          R, K2, L, HIDDEN, n_cols, Z_IN_MEMORY: tl.constexpr, SPLIT: tl.constexpr,

@@ -27,6 +27,7 @@ from ...common.batchnorm import (
     update_running_stats,
     uses_batch_stats,
 )
+from ...launch.space import n_splits
 from . import sync
 from .kernels import bn_finalize, finalize_groups
 
@@ -77,7 +78,7 @@ def finalized(bns, stats: Tensor, length: int, group: str = "") -> Norm:
     BatchNorms merges over, by name (``sync.py``: one all_gather), or "" for this rank's batch alone."""
     if group:
         count, mean, m2 = sync.local_moments(stats, length)
-        batch = stats.shape[2] // sync.n_splits(length)
+        batch = stats.shape[2] // n_splits(length)
         total, mean, var = sync.gathered_moments(bns, count, mean, m2, group, (batch, stats.shape[1], length))
         return _affines(bns, mean, var, total)
     starts = [0]

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ...common.batchnorm import check_batch_size, step_momentum, tracks_running_stats
-from ...launch.space import STAT_SPLIT, n_splits
 
 
 def process_group(name: str):
@@ -38,6 +37,8 @@ def local_moments(stats: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count (1,), mean (rows,), M2 (rows,)), float64, of one rank's rows from a kernel's per-split
     (mean, M2) partials ``stats`` (2, rows, B * splits) over positions of ``length`` (Chan's formula;
     mean and M2 are 0 for an empty batch)."""
+    from ...launch.space import STAT_SPLIT, n_splits  # imports Triton: the torch path imports this module too
+
     splits = n_splits(length)
     cols = torch.arange(stats.shape[2], device=stats.device)
     counts = torch.clamp(length - (cols % splits) * STAT_SPLIT, max=STAT_SPLIT).double()     # (B * splits,)

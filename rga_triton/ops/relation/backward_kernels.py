@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch.space import STAT_SPLIT, n_splits
+from ...launch import space
 from ...launch.tuned import tuned
 from ..batchnorm.stats import load_bn_rows
 from .kernels import RelationOperands, _block_h, _hidden_tile, _z_tile
@@ -184,16 +184,16 @@ def hidden_backward(ops: RelationOperands, w1, z_scale, z_shift, h_bn, w2, dlogi
     The outputs of the part not asked for are None.
     """
     hidden = w1.shape[0]
-    cols = ops.batch * n_splits(ops.length)
+    cols = ops.batch * space.n_splits(ops.length)
     new = lambda *shape: torch.empty(shape, device=ops.tp.device, dtype=torch.float32)  # noqa: E731
     partial_sums = new(3, hidden, cols) if sums else dlogit
     dh = new(ops.batch, hidden, ops.length) if write else dlogit
     dgx = new(ops.batch, ops.length) if write else dlogit
     pool = new(hidden, cols) if write else dlogit
-    grid = (n_splits(ops.length), ops.batch)
+    grid = (space.n_splits(ops.length), ops.batch)
     _hidden_backward_kernel[grid](ops.a, ops.tp, ops.z, w1, z_scale, z_shift, ops.gx_mean, h_bn, w2, dlogit,
                                   partial_sums, dh, dgx, pool, ops.r, ops.k2, ops.length, hidden, cols,
-                                  Z_IN_MEMORY=ops.z_in_memory, SUMS=sums, WRITE=write, SPLIT=STAT_SPLIT,
+                                  Z_IN_MEMORY=ops.z_in_memory, SUMS=sums, WRITE=write, SPLIT=space.STAT_SPLIT,
                                   DOT_PRECISION=ops.precision, BLOCK_H=_block_h(hidden))
     if not write:
         return partial_sums.sum(dim=2), None, None, None

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"case that would leave a row noisy goes on, up to {timing.BUDGET_STRETCH:g}x it)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU: torch.set_num_threads(N) for every implementation (default: PyTorch's own, one per "
-                        "core or OMP_NUM_THREADS). On a busy machine 1 steadies the times and ratios (a single "
-                        "thread never waits for a descheduled sibling), but measures one core, not the machine")
+                        "core or OMP_NUM_THREADS). 1 measures one core, not the machine, and "
+                        "does not give a busy machine the idle one's ratios (measured: bench/README.md)")
     p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune')")
     p.add_argument("--tf32", choices=("default", "on", "off"), default="default",
                    help="float32 TF32 for cuBLAS and cuDNN: leave PyTorch's defaults, or force on/off")
@@ -272,8 +272,8 @@ class Sweep:
         if load is not None and load > cores:
             self.log(f"note: the machine is busy: load average {load:.1f} on {cores} cores. CPU times then measure "
                      f"the load as much as the code; the interleaved, paired ratios hold up better, and rows whose "
-                     f"median ratio stays uncertain are marked noisy. For clean CPU numbers use an idle machine; "
-                     f"--threads 1 (or OMP_NUM_THREADS=1) steadies them at one core's speed; see bench/README.md")
+                     f"median ratio stays uncertain are marked noisy. For clean CPU numbers use an idle machine "
+                     f"(bench/README.md says what --threads 1 does and does not fix)")
         self.log(f"device: {self.env['device']}; torch {self.env['torch']}, triton {self.env['triton']}, "
                  f"driver {self.env['driver'] or '-'}")
         self.log(f"measured ceilings: copy {self.ceilings['copy_gbps']:.0f} GB/s (read + write), "

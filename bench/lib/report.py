@@ -122,8 +122,8 @@ def write_summary(csv_path: str, md_path: str) -> str:
                          "much as the code; the speed-ups come from interleaved, paired runs, which hold up "
                          "better, and rows whose median ratio stayed uncertain are marked `(noisy)` and left out "
                          "of the "
-                         "headline. For clean numbers: an idle machine, or `--threads 1` / `OMP_NUM_THREADS=1` against "
-                         f"other jobs (bench/README.md). Threads per step here: "
+                         "headline. For clean numbers: an idle machine (bench/README.md: what `--threads 1` does and "
+                         f"does not fix). Threads per step here: "
                          f"{', '.join(sorted({str(int(r['threads'])) for r in rows if r.get('threads')})) or '-'}.\n")
         noisy = [r for r in rows if r.get("noisy")]
         if noisy:

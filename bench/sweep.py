@@ -41,7 +41,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import rga_triton  # noqa: E402
-from bench.lib import cost_model, hardware, impls, timing  # noqa: E402
+from bench.lib import cost_model, hardware, impls, report, timing  # noqa: E402
 from bench.lib.impls import Case  # noqa: E402
 from bench.lib.rows import megabytes  # noqa: E402
 from rga_triton.testing import rel_err  # noqa: E402
@@ -549,6 +549,8 @@ class Sweep:
                 interval = f"median's 95 % interval {row['ci_low']:.3g}-{row['ci_high']:.3g}; " \
                     if row["ci_low"] is not None else ""
                 text += f" NOISY ({interval}left out of the headline)"
+                if report.direction(row):       # the interval on one side of x1: which is faster is settled
+                    text += f", but {report.direction(row)} than the reference with 95 % confidence"
             if row["correct"] is False:
                 text += f" WRONG (rel err {row['rel_err']:.2e}"
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"
@@ -593,7 +595,7 @@ def _run(args, parser) -> int:
     out_dir = args.out or os.path.join(ROOT, "bench", "results", hardware.results_dir_name(device))
     sweep = Sweep(device, names, cases, args, out_dir)
     status = sweep.run()
-    from bench.lib import plots, report
+    from bench.lib import plots
     if not args.no_plots:
         for path in plots.plot_all(sweep.csv_path, out_dir):
             sweep.log(f"wrote {path}")

@@ -23,6 +23,23 @@ def _steady(row) -> bool:
     return _good(row) and not row.get("noisy")
 
 
+def direction(row) -> str | None:
+    """For a row timed against the reference in pairs: "faster" or "slower" where the whole 95 % interval of its
+    median paired ratio lies on one side of x1, else None. A noisy row can still say which is faster, with
+    95 % confidence, when the load leaves only its size unsettled."""
+    if row is None or row.get("impl") == "reference" or row.get("speedup_p20") is None or row.get("ci_low") is None:
+        return None
+    if row["ci_low"] > 1.0:
+        return "faster"
+    return "slower" if row["ci_high"] < 1.0 else None
+
+
+def _noisy_mark(row) -> str:
+    if not row.get("noisy"):
+        return ""
+    return f" (noisy, {direction(row)})" if direction(row) else " (noisy)"
+
+
 def _geomean(values) -> float | None:
     values = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
@@ -52,7 +69,7 @@ def _cell(row) -> str:
     if row["status"] == "ok":
         text = f"{row['time_ms_median']:.3g}" + (" (host)" if host_bound(row) else "") + \
             (" (no graphs)" if graphs_skipped(row) else "")
-        return text + (" (wrong)" if row["correct"] is False else "") + (" (noisy)" if row.get("noisy") else "")
+        return text + (" (wrong)" if row["correct"] is False else "") + _noisy_mark(row)
     return {"oom": "OOM", "skipped": "skip", "error": "ERR", "interpreted": "interp."}.get(row["status"], row["status"])
 
 
@@ -84,7 +101,9 @@ def _vs_baseline(baseline, best) -> str:
     paired = baseline["impl"] == "reference" and best.get("speedup_p20") is not None
     if paired:
         text += f" ({best['speedup_p20']:.3g}-{best['speedup_p80']:.3g})"
-    return text + (" (noisy)" if best.get("noisy") or (baseline.get("noisy") and not paired) else "")
+    if best.get("noisy"):       # the direction is that of the paired ratio against the reference only
+        return text + (_noisy_mark(best) if baseline["impl"] == "reference" else " (noisy)")
+    return text + (" (noisy)" if baseline.get("noisy") and not paired else "")
 
 
 def _mem_ratio(a, b) -> float | None:
@@ -131,7 +150,15 @@ def write_summary(csv_path: str, md_path: str) -> str:
                          "paired ratio, or of its median time where it has none (`ci_low`, `ci_high`), still spanned "
                          "more than 1.5x when its time budget ran out, or its ratio rests on fewer than 6 rounds "
                          "that no load spike hit, or the middle half of those rounds' ratios spans more than 2x; "
-                         "left out of the headline means).\n")
+                         "left out of the headline means). `(noisy, faster)`: the interval lies wholly above x1, so "
+                         "the row is faster than the reference with 95 % confidence, by an amount the load left "
+                         "unsettled.\n")
+            sure = [r for r in noisy if direction(r)]
+            if sure:
+                lines.append(f"Of the {len([r for r in noisy if r.get('speedup_p20') is not None])} noisy paired "
+                             f"rows, {len(sure)} still say which is faster: "
+                             + ", ".join(f"{r['impl']} {r['C']}x{r['H']}x{r['W']} {r['mode']} {direction(r)} "
+                                         f"(x{r['ci_low']:.3g}-x{r['ci_high']:.3g})" for r in sure) + ".\n")
         if counts["interpreted"]:
             lines.append("`interp.`: run by Triton's interpreter on the CPU; its correctness check counts, it is not "
                          "timed and is left out of every ratio.\n")

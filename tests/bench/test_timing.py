@@ -140,3 +140,14 @@ def test_median_interval_narrows_with_runs():
     values = [float(v % 10 + 1) for v in range(1000)]
     lo, hi = timing.median_ci(values)
     assert 5 <= lo <= hi <= 6
+
+
+def test_a_noisy_row_still_says_which_is_faster_when_its_interval_excludes_one():
+    """Under load a row's ratio may stay unsettled in size but not in sign: the summary says so (report.direction)."""
+    from bench.lib import report
+
+    row = dict(impl="torch", speedup_p20=1.2, ci_low=1.16, ci_high=3.38, noisy=True)
+    assert report.direction(row) == "faster"
+    assert report.direction({**row, "ci_low": 0.4, "ci_high": 0.9}) == "slower"
+    assert report.direction({**row, "ci_low": 0.9}) is None                 # spans x1: unsettled
+    assert report.direction({**row, "impl": "reference"}) is None           # its interval is of a time

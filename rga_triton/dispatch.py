@@ -249,10 +249,11 @@ def sync_group(module) -> str | None:
     return names.pop() if len(names) == 1 and not local else None
 
 
-def backend_for(module, x: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"``: the backend that runs ``module(x)`` (steps 1 to 3 of the rule)."""
+def backend_for(module, x: torch.Tensor, group: str | None = "") -> str:
+    """``"torch"`` or ``"triton"``: the backend that runs ``module(x)`` (steps 1 to 3 of the rule);
+    ``group``: :func:`sync_group`'s answer for ``module``."""
     backend = module.backend
-    if backend != "torch" and sync_group(module) is None:
+    if backend != "torch" and group is None:
         if backend == "triton":
             raise ValueError("backend='triton' cannot run this module: its train-mode SyncBatchNorm layers span "
                              "several process groups, or sit beside BatchNorms that normalise with this rank's "
@@ -360,9 +361,11 @@ def wants_grad(module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
-def run_triton(module, x: torch.Tensor, branches: dict, threaded: bool | None = None) -> torch.Tensor:
-    """The block's output on the Triton path (steps 4 to 7 of the rule)."""
-    group = sync_group(module)
+def run_triton(module, x: torch.Tensor, branches: dict, threaded: bool | None = None,
+               group: str | None = None) -> torch.Tensor:
+    """The block's output on the Triton path (steps 4 to 7 of the rule); ``group``: :func:`sync_group`'s
+    answer, asked here where not given."""
+    group = sync_group(module) if group is None else group
     if x.numel() == 0 and not group:        # a synchronised rank takes part in the collectives, images or not
         return torch_forward(module, x, branches)
     from . import triton_path
@@ -375,6 +378,7 @@ def run_triton(module, x: torch.Tensor, branches: dict, threaded: bool | None = 
 def forward(module, x: torch.Tensor, branches: dict) -> torch.Tensor:
     """``RGAModule.forward``'s dispatch: the whole rule of this module's docstring. ``branches``:
     ``module.branches()``, handed down to the path that runs."""
-    if backend_for(module, x) == "triton":
-        return run_triton(module, x, branches)
+    group = sync_group(module)         # one walk of the submodules per call, read by both steps
+    if backend_for(module, x, group) == "triton":
+        return run_triton(module, x, branches, group=group)
     return torch_forward(module, x, branches)

@@ -471,7 +471,7 @@ def test_synchronised_batchnorms_take_the_triton_path_unless_they_span_several_g
     x = torch.randn(2, 16, 8, 4)
     assert module_mod.sync_group(block) == "world"
     assert module_mod.sync_group(block.eval()) == ""
-    assert module_mod.backend_for(block.train(), x) == "triton"
+    assert module_mod.backend_for(block.train(), x, module_mod.sync_group(block)) == "triton"
     block.gg_spatial[1].process_group = "another"
     assert module_mod.sync_group(block) is None
     with pytest.raises(ValueError, match="SyncBatchNorm layers span several process groups"):

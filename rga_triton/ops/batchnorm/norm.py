@@ -122,10 +122,7 @@ def one_channel_affine(bn, logit: Tensor, count: int, group: str = "") -> Norm:
     where it names one (``sync.py``)."""
     shape = (logit.shape[0], 1, logit.shape[1])
     if group:
-        mean = logit.double().mean().nan_to_num().view(1)       # an empty batch: 0, and count 0
-        m2 = ((logit.double() - mean) ** 2).sum().view(1)
-        total, mean, var = sync.gathered_moments([bn], logit.new_full((1,), count, dtype=torch.float64),
-                                                 mean, m2, group, shape)
+        total, mean, var = sync.gathered_moments([bn], *sync.moments(logit.unsqueeze(1)), group, shape)
         return _affines([bn], mean, var, total)
     check_batch_size(count, shape)
     var, mean = torch.var_mean(logit, unbiased=False)

@@ -49,6 +49,15 @@ def local_moments(stats: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
     return count.view(1), mean, m2
 
 
+def moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count (1,), mean (C,), M2 (C,)), float64, of one rank's z (B, C, L) measured in PyTorch (mean and
+    M2 are 0 for an empty batch), for :func:`gathered_moments`."""
+    zd = z.detach().double()
+    count = zd.shape[0] * zd.shape[2]
+    mean = zd.sum(dim=(0, 2)) / max(count, 1)
+    return zd.new_full((1,), count), mean, ((zd - mean[:, None]) ** 2).sum(dim=(0, 2))
+
+
 def gathered_moments(bns, count: Tensor, mean: Tensor, m2: Tensor, group: str, shape) -> tuple[int, Tensor, Tensor]:
     """(the group's count, mean (rows,) and biased var (rows,), float32) of the rows of ``bns`` from
     each rank's (count, mean, M2) (:func:`local_moments`): one all_gather. Refuses a group batch of
@@ -94,16 +103,13 @@ class SyncedBatchNorm(torch.autograd.Function):
     def forward(ctx, z: Tensor, weight, bias, bn, group: str) -> Tensor:
         from ...common.batchnorm import update_running_stats
 
-        zd = z.detach().double()
-        count = zd.shape[0] * zd.shape[2]
-        mean = zd.sum(dim=(0, 2)) / max(count, 1)
-        m2 = ((zd - mean[:, None]) ** 2).sum(dim=(0, 2))
-        total, mean, var = gathered_moments([bn], zd.new_full((1,), count), mean, m2, group, z.shape)
+        count, mean, m2 = moments(z)
+        total, mean, var = gathered_moments([bn], count, mean, m2, group, z.shape)
         update_running_stats(bn, mean, var, total)
         inv_std = torch.rsqrt(var + bn.eps)
         z_hat = (z - mean[:, None]) * inv_std[:, None]
         ctx.save_for_backward(z_hat, inv_std, weight)
-        ctx.count, ctx.group = count, group
+        ctx.count, ctx.group = int(count), group
         if weight is None:
             return z_hat
         return z_hat * weight[:, None] + bias[:, None]

@@ -41,9 +41,12 @@ def _z_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 # First config (pinned launches): 64 x 64 at 8 warps, which spills nothing on sm_90 and sm_80 and lowers to
-# wgmma on sm_90; 32 x 32 tiles at 4 warps spilled 128 B of their 3xTF32 products (docs/tuning.md).
-@tuned([dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64),
-        dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128)],
+# wgmma on sm_90 (docs/tuning.md). Every tile reduces over 32 positions (BLOCK_L) at a time, or 16 for the widest:
+# the dot holds its whole BLOCK_L-long operands in registers, twice over for the 3xTF32 halves, and 32 x 32 x 64,
+# 64 x 32 x 64 and 32 x 64 x 128 spilled on sm_90 (at 4 warps, or in every setting: up to 5192 B in bfloat16).
+# 64- and 128-row tiles lower to wgmma; 32 x 32 is the mma.sync fallback with the most programs.
+@tuned([dict(BLOCK_R=64, BLOCK_K=64, BLOCK_L=32), dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=32),
+        dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=32), dict(BLOCK_R=128, BLOCK_K=64, BLOCK_L=16)],
        key=["R", "K", "L", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _relation_a_kernel(tp_ptr, wg_ptr, a_ptr, R, K, L, DOT_PRECISION: tl.constexpr,

@@ -208,10 +208,10 @@ def write_summary(csv_path: str, md_path: str) -> str:
                      "(its `note` says why), so it timed the compiled step without them. `(vs wrong)`: a ratio "
                      "against a baseline that failed its correctness check. On a CPU, `vs reference` is the median of "
                      "ratios paired round by round (interleaved timing; rounds a load spike hit, whose pair time is "
-                     "over twice the median, left out), with the 20th-80th percentile of the kept single-round "
-                     "ratios in brackets; `(noisy)`: the median's 95 % confidence interval still spanned more than "
-                     "1.5x, fewer than 6 rounds were kept, or their ratios' middle half spans more than 2x: the "
-                     "ratio is not to be trusted.\n")
+                     "over twice that of the fastest tenth of rounds, left out), with the 20th-80th percentile "
+                     "of the kept single-round ratios in brackets; `(noisy)`: the median's 95 % confidence interval "
+                     "still spanned more than 1.5x, fewer than 6 rounds were kept, or their ratios' middle half "
+                     "spans more than 2x: the ratio is not to be trusted.\n")
         head = ["shape CxHxW", "input", "B"] + [f"{n} ms" for n in names] + \
                ["rga_triton best", "vs reference", "vs compile", "vs torch", "memory vs reference"]
         lines.append("| " + " | ".join(head) + " |")

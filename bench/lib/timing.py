@@ -33,15 +33,16 @@ DO_BENCH_MAX_MS = 100.0
 
 
 # Interleaved CPU timing: each implementation's ratio comes from its rounds paired with the
-# baseline's, less the pairs a load spike hit (pair time above SPIKE_FACTOR x the median pair
-# time). Rounds stop early once the 95 % confidence interval of every median ratio (or time,
-# without one) spans at most SETTLED_SPREAD (high / low); one still wider than NOISY_SPREAD when
+# baseline's, less the pairs a load spike hit (pair time above SPIKE_FACTOR x the CLEAN_QUANTILE-th
+# percentile of pair times). Rounds stop early once the 95 % confidence interval of every median
+# ratio (or time, without one) spans at most SETTLED_SPREAD (high / low); one still wider than NOISY_SPREAD when
 # the case's budget runs out, or one left with fewer than MIN_PAIRS pairs (too few for a 95 %
 # interval), marks its row noisy. Without samples (do_bench on a GPU) the row's p80 / p20 stands in
 # for the interval.
 SETTLED_SPREAD = 1.1
 NOISY_SPREAD = 1.5
 SPIKE_FACTOR = 2.0
+CLEAN_QUANTILE = 10
 MIN_PAIRS = 6
 # ...and a row whose kept pair ratios' middle half (p75 / p25) spans more than PAIRS_SPREAD is noisy
 # however narrow its median's interval: its pairs disagree (a ratio with two values, or load that
@@ -97,13 +98,16 @@ def median_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def paired_ratios(base_ms: Sequence[float], ms: Sequence[float]) -> list[float]:
     """The baseline's time over the step's, round by round, less the rounds a load spike hit: those whose
-    pair time (baseline + step) exceeds SPIKE_FACTOR x the median pair time. A paired ratio is about the
-    code, so a pair the machine stalled says nothing about it; a spike that hits most rounds is no spike,
-    and its rounds stay (the median pair is then a hit one)."""
+    pair time (baseline + step) exceeds SPIKE_FACTOR x the CLEAN_QUANTILE-th percentile of the pair times.
+    A paired ratio is about the code, so a pair the machine stalled says nothing about it. The yardstick is
+    the fastest rounds, not the median one: on a busy machine most rounds are hit, the median pair is a hit
+    one, and a median yardstick keeps a mix of hit and clean pairs whose ratios disagree by up to the load
+    factor. The fastest tenth are the rounds the load left alone, when any were; when none were, few pairs
+    stay, and the row is noisy (:func:`is_noisy`)."""
     totals = [b + t for b, t in zip(base_ms, ms)]
     if not totals:
         return []
-    limit = SPIKE_FACTOR * float(np.median(totals))
+    limit = SPIKE_FACTOR * float(np.percentile(totals, CLEAN_QUANTILE))
     return [b / t for b, t, total in zip(base_ms, ms, totals) if t > 0 and total <= limit]
 
 

@@ -159,9 +159,9 @@ def test_an_error_while_tuning_leaves_the_loaded_table(fake_gpu, monkeypatch):
     assert tuned.STORE.algorithms == algorithms
 
 
-@pytest.mark.parametrize("entry", [{"BLOCK_K": 16.0, "BLOCK_C": 64, "BLOCK_L": 128},
-                                   {"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4.0},
-                                   {"BLOCK_K": True, "BLOCK_C": 64, "BLOCK_L": 128}],
+@pytest.mark.parametrize("entry", [{"BLOCK_K": 16.0, "BLOCK_C": 32, "BLOCK_L": 128},
+                                   {"BLOCK_K": 16, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 4.0},
+                                   {"BLOCK_K": True, "BLOCK_C": 32, "BLOCK_L": 128}],
                          ids=["float-block", "float-warps", "bool-block"])
 def test_a_block_size_that_is_no_int_is_refused_with_one_warning(store, entry):
     """16.0 == 16, so a float passed the space check and then failed inside Triton's compiler. Like any

@@ -36,7 +36,7 @@ def test_stored_config_is_loaded_and_launched(store):
     recorded = tuned.STORE.recorded
     assert "_projection_apply_kernel" in recorded
     # Store a config that is not the space's first (the one the interpreter pins) for every bucket.
-    chosen = {"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}
+    chosen = {"BLOCK_K": 16, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}
     table = {k: dict(v) for k, v in recorded.items()}
     table["_projection_apply_kernel"] = {b: chosen for b in recorded["_projection_apply_kernel"]}
     _device_file(tuned, tmp_path).write_text(json.dumps({"device": "x", "kernels": table}))
@@ -57,7 +57,7 @@ def test_stored_config_is_loaded_and_launched(store):
     kernel.fn, real_fn = Spy(), kernel.fn
     kernel.fn.arg_names = real_fn.arg_names
     # Launches memoise their lookup; a new table (as tune() sets one) must be seen at once.
-    other = dict(chosen, BLOCK_K=32, num_warps=8)
+    other = dict(chosen, BLOCK_K=32, BLOCK_C=16, num_warps=8)
     try:
         assert _run_eval() <= TOLERANCE[torch.float32]
         assert kernel.last_source == "file"
@@ -190,8 +190,8 @@ def test_saved_file_merges_and_is_read_back(store):
     ({"BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 4, "num_stages": 2}, "differ from the kernel's"),
     ({"BLOCK_K": "x", "BLOCK_C": 64, "BLOCK_L": 128}, "must be ints"),
     ({"BLOCK_K": 8, "BLOCK_C": 64, "BLOCK_L": 128}, "not a config of the kernel's space"),   # a dot under 16
-    ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_warps": 3}, "not a config of the kernel's space"),
-    ({"BLOCK_K": 16, "BLOCK_C": 64, "BLOCK_L": 128, "num_stages": 5}, "not a config of the kernel's space"),
+    ({"BLOCK_K": 16, "BLOCK_C": 32, "BLOCK_L": 128, "num_warps": 3}, "not a config of the kernel's space"),
+    ({"BLOCK_K": 16, "BLOCK_C": 32, "BLOCK_L": 128, "num_stages": 5}, "not a config of the kernel's space"),
     ([16, 64, 128], "expected a dict"),
 ], ids=["missing-block", "string", "dot-under-16", "warps", "stages", "list"])
 def test_stale_entry_autotunes_with_one_warning(store, entry, words):

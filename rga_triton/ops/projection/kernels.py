@@ -78,10 +78,14 @@ def _embed_tile(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, b, rows, ro
     return tl.maximum(acc * scale[:, None] + shift[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
-# The BLOCK_C=16 tiles: as wide as the others, and at 8 warps the only wide ones whose 3xTF32 products
-# fit in registers on sm_90 (bench/studies/kernel_resources.py; the others spill).
-@tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
-        dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
+# Rows x C x L. The 3xTF32 product holds both operands' TF32 halves beside the accumulator: 64 x 32 x 128,
+# 32 x 64 x 128 and 64 x 64 x 64 spilled in every num_warps x num_stages on sm_90 with 3xTF32 (44 to
+# 2080 B; bench/studies/kernel_resources.py). They give way to 64 x 16 x 64 (wgmma, spilling nothing in any setting
+# or precision), 32 x 16 x 128 and 64 x 32 x 64 (wgmma, at 8 warps). The 16-wide reductions keep the operand tiles
+# small; the 64- and 128-row tiles lower to Hopper's wgmma, the 32-row ones stay mma.sync. Every BLOCK_L divides
+# STAT_SPLIT.
+@tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=64),
+        dict(BLOCK_ROWS=32, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=64),
         dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_ROWS=128, BLOCK_C=16, BLOCK_L=64)],
        key=["Cin", "L", "ROWS", "STORE_P", "DOT_PRECISION"], warps=(8, 4))     # first config: 8 warps, no spill
 @triton.jit
@@ -116,10 +120,15 @@ def _projection_stats_kernel(x_ptr, gate_ptr, w_ptr, stats_ptr, p_ptr, Cin, L, R
     store_partials(stats_ptr, rows, row_mask, ROWS, n_cols, b * tl.num_programs(0) + pid_s, mean, m2)
 
 
-@tuned([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=64, BLOCK_L=128),
-        dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=64, BLOCK_L=64),
-        dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=16, BLOCK_C=64, BLOCK_L=128),
-        dict(BLOCK_K=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_K=128, BLOCK_C=16, BLOCK_L=64)],     # see above
+# K x C x L. As in the statistics pass: 32 x 64 x 128, 128 x 32 x 128, 16 x 64 x 128 and 64 x 64 x 64 spilled in
+# every setting but at most one on sm_90 with 3xTF32 (8 to 4144 B). Half as wide a reduction (32 x 16 x 128,
+# 16 x 32 x 128) or half as many positions (64 x 32 x 64, 128 x 32 x 64: wgmma) spill nothing in at least two of
+# their four settings in every precision case. 64 x 32 x 128 stays: at 8 warps and 2 stages the widest wgmma tile
+# that spills nothing.
+@tuned([dict(BLOCK_K=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=32, BLOCK_C=16, BLOCK_L=128),
+        dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=128), dict(BLOCK_K=64, BLOCK_C=32, BLOCK_L=64),
+        dict(BLOCK_K=128, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_K=16, BLOCK_C=32, BLOCK_L=128),
+        dict(BLOCK_K=64, BLOCK_C=16, BLOCK_L=128), dict(BLOCK_K=128, BLOCK_C=16, BLOCK_L=64)],
        key=["Cin", "L", "K", "P_IN", "DOT_PRECISION"], warps=(8, 4))     # first config: 8 warps, no spill
 @triton.jit
 def _projection_apply_kernel(x_ptr, gate_ptr, w_ptr, p_ptr, scale_ptr, shift_ptr, tp_ptr, gx_mean_ptr, Cin, L, K,

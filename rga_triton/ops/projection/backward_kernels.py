@@ -60,12 +60,16 @@ def _dy_tile(p, b, rows, row_mask, offs_l, l_mask, L, K, mean, inv_std, weight, 
     return p_hat, dy
 
 
-# BLOCK_C=16: the 64 x 64 tile that all but fits in registers at 8 warps on sm_90 (bench/studies/kernel_resources.py;
-# 8 B spilled with float32 operands). 64 x 16 x 32 is the 64-row tile (its product lowers to Hopper's wgmma) that
-# spills nothing at 8 warps in every precision case.
-@tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=128),
-        dict(BLOCK_ROWS=32, BLOCK_C=64, BLOCK_L=128), dict(BLOCK_ROWS=64, BLOCK_C=64, BLOCK_L=64),
-        dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=32)],
+# Rows x C x L. Beside the recomputed P tile and its 3xTF32 operand halves this kernel holds dy, p_hat and the
+# BatchNorm rows: on sm_90, 64 x 32 x 128 and 64 x 64 x 64 spilled in every num_warps x num_stages and precision
+# case (20 to 3964 B), 32 x 64 x 128 in all but bfloat16's at 8 warps and 2 stages, 64 x 16 x 64 with 3xTF32 even
+# at 8 warps (8 B; bench/studies/kernel_resources.py).
+# The space takes 32 or 64 positions at a time instead: 32 x 16 x 64 and 16 x 32 x 64, and the 64- and 128-row
+# tiles (their product lowers to Hopper's wgmma) at 32 positions, 64 x 16 x 32, 64 x 32 x 32 and 128 x 16 x 32,
+# which spill nothing at 8 warps in every precision case. Every BLOCK_L divides STAT_SPLIT.
+@tuned([dict(BLOCK_ROWS=32, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=32, BLOCK_C=16, BLOCK_L=64),
+        dict(BLOCK_ROWS=16, BLOCK_C=32, BLOCK_L=64), dict(BLOCK_ROWS=64, BLOCK_C=32, BLOCK_L=32),
+        dict(BLOCK_ROWS=128, BLOCK_C=16, BLOCK_L=32), dict(BLOCK_ROWS=64, BLOCK_C=16, BLOCK_L=32)],
        key=["Cin", "L", "ROWS", "HAS_GATE", "STORE_DP", "DOT_PRECISION"], warps=(8, 4))  # first: 8 warps, no spill
 @triton.jit
 def _projection_grad_kernel(x_ptr, gate_ptr, w_ptr, bn_ptr, dtp_ptr, dgx_ptr, p_ptr, sums_ptr,
@@ -168,11 +172,13 @@ def _input_grad_kernel(wf_ptr, dp_ptr, x_ptr, gate_ptr, dx_ptr, dgate_ptr, Cin, 
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-# First (pinned) config: 64 x 64 taking 16 positions at a time, at 8 warps: no spill on sm_80 (64 x 64 x 32
-# spilled 240 B there at 4 warps, 56 B at 8) and wgmma on sm_90 (docs/tuning.md).
+# R x C x L. First (pinned) config: 64 x 64 taking 16 positions at a time, at 8 warps: no spill on sm_80 (64 x 64 x 32
+# spilled 240 B there at 4 warps, 56 B at 8) and wgmma on sm_90 (docs/tuning.md). Every tile lowers to wgmma on
+# sm_90; with 3xTF32, 64 x 64 x 64 and 128 x 128 x 32 spilled in every setting (16 to 2432 B) and give way to
+# 128 x 64 x 16 and 128 x 128 x 16: the same outputs taking 16 positions at a time, which spill nothing at 8 warps.
 @tuned([dict(BLOCK_R=64, BLOCK_C=64, BLOCK_L=16), dict(BLOCK_R=64, BLOCK_C=64, BLOCK_L=32),
         dict(BLOCK_R=64, BLOCK_C=128, BLOCK_L=32), dict(BLOCK_R=128, BLOCK_C=64, BLOCK_L=32),
-        dict(BLOCK_R=64, BLOCK_C=64, BLOCK_L=64), dict(BLOCK_R=128, BLOCK_C=128, BLOCK_L=32)],
+        dict(BLOCK_R=128, BLOCK_C=64, BLOCK_L=16), dict(BLOCK_R=128, BLOCK_C=128, BLOCK_L=16)],
        key=["Cin", "L", "ROWS", "B", "HAS_GATE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit
 def _weight_grad_kernel(dp_ptr, x_ptr, gate_ptr, w_ptr, dw_ptr, Cin, L, ROWS, B,

@@ -174,15 +174,21 @@ def _hidden_tile(a_ptr, tp_ptr, z_ptr, w1_ptr, z_scale_ptr, z_shift_ptr, gx_mean
 # 64 x 16 x 64 does so without spilling at 8 warps in the hidden-layer kernels too (K taken 16 at a time), where
 # 64 x 32 x 64 spills. The BLOCK_R=32 and 16 tiles stay mma.sync. The hidden layer's product h = W1 rel cannot:
 # its M tile is the hidden width (BLOCK_H, 32 for most blocks), under wgmma's 64 (docs/tuning.md).
+# At the widest hidden layer (BLOCK_H=128) h is a 128 x BLOCK_L tile beside everything else: 4-warp configs spill
+# unless the tile is small. 32 x 64 x 128, which spilled in every setting at every width, gave way to 32 x 16 x 32,
+# which spills nothing in any setting, BLOCK_H=128 included.
 _GATE_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=32, BLOCK_L=64),
-               dict(BLOCK_R=32, BLOCK_K=64, BLOCK_L=128), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
+               dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=32), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
                dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64)]
 # The hidden statistics hold h (BLOCK_H x BLOCK_L) beside the Z tile and its 3xTF32 operand halves: _GATE_SPACE's
 # 64 x 32 x 64 and 32 x 64 x 128 spilled in every num_warps x num_stages on sm_90 (52 to 3688 B). Here they give way
 # to tiles taking A 16 columns at a time (32 x 16 x 64, and 64 x 16 x 32, which lowers to wgmma) and 16 x 32 x 64.
+# At BLOCK_H=128 only tiles of 32 positions spill nothing at 4 warps: 16 x 64 x 32 (spilling at 4 warps there) gave
+# way to 16 x 32 x 32, and 32 x 16 x 32 joined.
 _HIDDEN_STATS_SPACE = [dict(BLOCK_R=32, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=64),
-                       dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=16, BLOCK_K=64, BLOCK_L=32),
-                       dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=32)]
+                       dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=64), dict(BLOCK_R=16, BLOCK_K=32, BLOCK_L=32),
+                       dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=64), dict(BLOCK_R=64, BLOCK_K=16, BLOCK_L=32),
+                       dict(BLOCK_R=32, BLOCK_K=16, BLOCK_L=32)]
 
 
 # warps=(8, 4): the first config at 8 warps, under the register file's limit (docs/tuning.md)

@@ -214,8 +214,14 @@ def test_finetuning_the_resampled_block_beats_the_pooling_wrapper():
     """Marker task finer than the 8x8 trained grid: 300 steps at 16x16 from the resized weights reach a lower
     held-out loss than the pooling wrapper trained the same 300 steps on the same batches (docs/resize.md's
     run). At 150 + 150 steps the order was a matter of the CPU's rounding: 0.319 against 0.299 on one
-    machine where 300 + 300 gives 0.108 against 0.516."""
-    out = rc.finetune(pretrain_steps=300, steps=300)
+    machine where 300 + 300 gives 0.108 against 0.516. One thread: 900 steps of small ops, which on a busy
+    machine wait for a descheduled second thread at every op (10 s idle either way, 417 s under load at 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = rc.finetune(pretrain_steps=300, steps=300)
+    finally:
+        torch.set_num_threads(threads)
     resampled = out["fine-tuned 300 steps at 16x16: resampled"][1]
     pooled = out["fine-tuned 300 steps at 16x16: pooling"][1]
     assert resampled < pooled, out

@@ -146,7 +146,12 @@ def write_summary(csv_path: str, md_path: str) -> str:
                          f"{', '.join(sorted({str(int(r['threads'])) for r in rows if r.get('threads')})) or '-'}.\n")
         noisy = [r for r in rows if r.get("noisy")]
         if noisy:
-            lines.append(f"Noisy rows: {len(noisy)} (`(noisy)`: the 95 % confidence interval of the row's median "
+            # a ratio's noise and a baseline time's noise are different news: count them apart
+            timed_only = sum(1 for r in noisy if r.get("impl") == "reference")
+            ratios = len(noisy) - timed_only
+            count = (f"{ratios} speed-up{'s' * (ratios != 1)} and {timed_only} reference time{'s' * (timed_only != 1)}"
+                     if timed_only else str(len(noisy)))
+            lines.append(f"Noisy rows: {count} (`(noisy)`: the 95 % confidence interval of the row's median "
                          "paired ratio, or of its median time where it has none (`ci_low`, `ci_high`), still spanned "
                          "more than 1.5x when its time budget ran out, or its ratio rests on fewer than 6 rounds "
                          "that no load spike hit, or the middle half of those rounds' ratios spans more than 2x; "

@@ -176,10 +176,10 @@ def _input_grad_kernel(wf_ptr, dp_ptr, x_ptr, gate_ptr, dx_ptr, dgate_ptr, Cin, 
 # spilled 240 B there at 4 warps, 56 B at 8) and wgmma on sm_90 (docs/tuning.md). Every tile lowers to wgmma on
 # sm_90; with 3xTF32, 64 x 64 x 64 and 128 x 128 x 32 spilled in every setting (16 to 2432 B) and give way to
 # 128 x 64 x 16 and 128 x 128 x 16: the same outputs taking 16 positions at a time, which spill nothing at 8 warps.
-# 128 x 64 x 32 gave way to 64 x 128 x 16, which also spills nothing at 4 warps (2 stages) under Triton 3.9 and at
-# 8 warps under 3.6, the GPU machines' (128 x 64 x 32 spilled at 8 warps and 3 stages there): half the space on both.
+# 128 x 64 x 32 and 64 x 128 x 32 gave way to 64 x 128 x 16 and 128 x 32 x 32, which spill nothing at 8 warps under
+# Triton 3.6 too, the GPU machines' (there the two spilled at 8 warps in 3xTF32 or bfloat16): half the space on both.
 @tuned([dict(BLOCK_R=64, BLOCK_C=64, BLOCK_L=16), dict(BLOCK_R=64, BLOCK_C=64, BLOCK_L=32),
-        dict(BLOCK_R=64, BLOCK_C=128, BLOCK_L=32), dict(BLOCK_R=64, BLOCK_C=128, BLOCK_L=16),
+        dict(BLOCK_R=128, BLOCK_C=32, BLOCK_L=32), dict(BLOCK_R=64, BLOCK_C=128, BLOCK_L=16),
         dict(BLOCK_R=128, BLOCK_C=64, BLOCK_L=16), dict(BLOCK_R=128, BLOCK_C=128, BLOCK_L=16)],
        key=["Cin", "L", "ROWS", "B", "HAS_GATE", "DOT_PRECISION"], warps=(8, 4))
 @triton.jit

@@ -549,8 +549,9 @@ class Sweep:
                 interval = f"median's 95 % interval {row['ci_low']:.3g}-{row['ci_high']:.3g}; " \
                     if row["ci_low"] is not None else ""
                 text += f" NOISY ({interval}left out of the headline)"
-                if report.direction(row):       # the interval on one side of x1: which is faster is settled
-                    text += f", but {report.direction(row)} than the reference with 95 % confidence"
+                way = report.direction(row)
+                if way:         # the interval on one side of x1: which is faster is settled
+                    text += f", but {way} than the reference with 95 % confidence"
             if row["correct"] is False:
                 text += f" WRONG (rel err {row['rel_err']:.2e}"
                 text += f", grad x {row['rel_err_grad_x']:.2e})" if row["rel_err_grad_x"] is not None else ")"

@@ -1,6 +1,7 @@
 """Shared test helpers: module pairs with identical parameters, the error metric, comparisons."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -14,6 +15,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the tests run: the GPU when there is one, else the CPU (kernels through Triton's interpreter)."""
 TRITON_RUNS = DEVICE == "cuda" or interpreting()
 """Whether the Triton kernels can run here; ``@pytest.mark.needs_triton`` skips a test where they cannot."""
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models take many small ops; on a busy machine each waits for a descheduled second thread, so one
+    thread is far faster there (~50x for the convergence runs) and no slower when idle."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def float32_tolerance(device) -> float:

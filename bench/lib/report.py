@@ -37,7 +37,8 @@ def direction(row) -> str | None:
 def _noisy_mark(row) -> str:
     if not row.get("noisy"):
         return ""
-    return f" (noisy, {direction(row)})" if direction(row) else " (noisy)"
+    way = direction(row)
+    return f" (noisy, {way})" if way else " (noisy)"
 
 
 def _geomean(values) -> float | None:

@@ -92,15 +92,23 @@ def test_a_machine_busy_most_of_the_time_still_settles_on_its_clean_rounds():
     rng = random.Random(5)
     factors = [rng.uniform(5.0, 30.0) if rng.random() < 0.5 else 1.0 for _ in range(10_000)]
     m = FakeMachine(lambda call: factors[call])
-    steps = {"reference": m.step(0.010), "torch": m.step(0.004)}
+    ms = {"reference": [], "torch": []}          # every call's time, the warm-up first
+
+    def timed(name, seconds):
+        fn, _ = m.step(seconds)
+
+        def run():
+            start = m.now
+            fn()
+            ms[name].append((m.now - start) * 1e3)
+        return run, None
+    steps = {"reference": timed("reference", 0.010), "torch": timed("torch", 0.004)}
     out, _ = timing.interleaved(steps, "reference", min_rounds=5, budget_s=100.0, clock=m.clock)
     t = out["torch"]
     assert not t.noisy and t.ratio_median == pytest.approx(2.5) and t.ci_high / t.ci_low == pytest.approx(1.0)
     # the median pair time's yardstick keeps hit pairs too: their ratios disagree, and the median lands anywhere
-    base, step = [], []
-    for r in range(t.runs):
-        base.append(10.0 * factors[2 * r + 2 if r % 2 == 0 else 2 * r + 3])
-        step.append(4.0 * factors[2 * r + 3 if r % 2 == 0 else 2 * r + 2])
+    base, step = ms["reference"][1:], ms["torch"][1:]
+    assert len(base) == len(step) == t.runs
     totals = [b + s for b, s in zip(base, step)]
     limit = timing.SPIKE_FACTOR * sorted(totals)[len(totals) // 2]
     mixed = [b / s for b, s, total in zip(base, step, totals) if total <= limit]

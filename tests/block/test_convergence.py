@@ -25,7 +25,6 @@ in one block, or one BatchNorm's epsilon dropped, fails it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -35,6 +34,8 @@ import torch
 from bench.lib import reid_train
 from bench.lib.reid_data import SyntheticReID
 from bench.lib.retrieval import rank1_map
+
+from helpers import one_thread
 
 SEED = int(os.environ.get("RGA_CONVERGENCE_SEED", "0"))   # another seed: a robustness check, as in docs/numerics.md
 SIZE = dict(height=32, width=16)          # stage maps 8x4, 4x2, 2x1, 2x1: every W network non-empty at ratio 2
@@ -49,17 +50,6 @@ NOISE_ORDERS = (-1, 1, 2)                 # the noise runs' image orders (see re
 LAG = 3                                   # steps by which one run's chaotic growth may lead another's
 FLOOR = {torch.float32: 1e-6, torch.float64: 1e-14}   # relative: the noise of a single rounding, below which
                                                         # a zero deviation of the noise run is not evidence
-
-
-@contextlib.contextmanager
-def one_thread():
-    """These models are tiny: on a busy machine one thread is ~50x faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def triton_runs_here() -> bool:

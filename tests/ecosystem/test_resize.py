@@ -19,7 +19,7 @@ from rga_triton.resize import (
     spatial_ratio,
 )
 
-from helpers import TOLERANCE, compare_steps, randomize_batchnorm
+from helpers import TOLERANCE, compare_steps, one_thread, randomize_batchnorm
 
 INTERPRETING = interpreting()
 BACKENDS = ["torch"] + (["triton"] if INTERPRETING or torch.cuda.is_available() else [])
@@ -216,12 +216,8 @@ def test_finetuning_the_resampled_block_beats_the_pooling_wrapper():
     run). At 150 + 150 steps the order was a matter of the CPU's rounding: 0.319 against 0.299 on one
     machine where 300 + 300 gives 0.108 against 0.516. One thread: 900 steps of small ops, which on a busy
     machine wait for a descheduled second thread at every op (10 s idle either way, 417 s under load at 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         out = rc.finetune(pretrain_steps=300, steps=300)
-    finally:
-        torch.set_num_threads(threads)
     resampled = out["fine-tuned 300 steps at 16x16: resampled"][1]
     pooled = out["fine-tuned 300 steps at 16x16: pooling"][1]
     assert resampled < pooled, out
